@@ -1,0 +1,127 @@
+"""Speed of one training step: pyro_vae's ``fit`` against a hand-written PyTorch VAE with the very
+same networks and maths, side by side in one process, and a plain Pyro SVI loop for reference.
+
+All three use 784 inputs, one hidden layer of 400, latent 50, Bernoulli likelihood on binary data,
+one z sample per example with the Monte-Carlo KL (log q − log p at that z), and Adam. Each variant
+runs one epoch of ``--steps`` steps; the variants take turns, ``--repeats`` times, and the median
+time per step is reported with the ratios to hand-written PyTorch.
+
+    python benchmarks/bench_step.py                 # batch 128 and 1024 on the CPU
+    python benchmarks/bench_step.py --fashion-mnist # also the epoch time on full Fashion-MNIST
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch.nn import functional as F
+
+import pyro_vae as pv
+
+DATA_DIM, HIDDEN, LATENT = 784, 400, 50
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def handwritten_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float) -> None:
+    """The same VAE as plain PyTorch: the very modules of ``vae``, the same formulas, no Pyro."""
+    encoder, decoder = vae.encoder.net, vae.decoder
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    num_data = x.shape[0]
+    for indices in torch.randperm(num_data).split(batch_size):
+        batch = x[indices]
+        optimizer.zero_grad(set_to_none=True)
+        loc, raw_scale = encoder(batch).chunk(2, dim=-1)
+        scale = F.softplus(raw_scale) + vae.encoder.min_scale
+        z = loc + scale * torch.randn_like(loc)
+        logits = decoder(z)
+        log_px = -F.binary_cross_entropy_with_logits(logits, batch, reduction="none").sum(-1)
+        log_pz = (-0.5 * z.pow(2) - HALF_LOG_2PI).sum(-1)
+        log_qz = (-0.5 * ((z - loc) / scale).pow(2) - scale.log() - HALF_LOG_2PI).sum(-1)
+        loss = -(log_px + log_pz - log_qz).sum() * (num_data / batch.shape[0])
+        loss.backward()
+        optimizer.step()
+
+
+def pyro_vae_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float) -> None:
+    pv.fit(vae, x, num_epochs=1, batch_size=batch_size, learning_rate=lr, progress=False)
+
+
+def plain_svi_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float) -> None:
+    """What a Pyro user writes first: SVI with Pyro's Adam wrapper, validation on."""
+    pyro.clear_param_store()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    num_data = x.shape[0]
+    for indices in torch.randperm(num_data).split(batch_size):
+        svi.step(x[indices], num_data)
+
+
+VARIANTS = {
+    "hand-written PyTorch": handwritten_epoch,
+    "pyro_vae.fit": pyro_vae_epoch,
+    "plain Pyro SVI": plain_svi_epoch,
+}
+
+
+def time_steps(batch_size: int, steps: int, repeats: int, x_all: torch.Tensor) -> dict:
+    x = x_all[: batch_size * steps]
+    vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(HIDDEN,))
+    for run in VARIANTS.values():  # warm-up: allocator, first-call validation, caches
+        run(vae, x[: batch_size * 3], batch_size, 1e-4)
+    per_step: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(repeats):
+        for name, run in VARIANTS.items():
+            started = time.perf_counter()
+            run(vae, x, batch_size, 1e-4)
+            per_step[name].append((time.perf_counter() - started) / steps)
+    return {name: statistics.median(times) for name, times in per_step.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--fashion-mnist",
+        action="store_true",
+        help="also time one epoch of fit on full Fashion-MNIST",
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU"
+    )
+    x_all = torch.bernoulli(torch.full((max(args.batch_sizes) * args.steps, DATA_DIM), 0.3))
+    print(
+        "| batch | hand-written PyTorch (ms/step) | pyro_vae.fit (ms/step) | ratio "
+        "| plain Pyro SVI (ms/step) | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for batch_size in args.batch_sizes:
+        t = time_steps(batch_size, args.steps, args.repeats, x_all)
+        base = t["hand-written PyTorch"]
+        print(
+            f"| {batch_size} | {1e3 * base:.2f} | {1e3 * t['pyro_vae.fit']:.2f} | "
+            f"{t['pyro_vae.fit'] / base:.2f} | {1e3 * t['plain Pyro SVI']:.2f} | "
+            f"{t['plain Pyro SVI'] / base:.2f} |",
+            flush=True,
+        )
+    if args.fashion_mnist:
+        data = pv.load_dataset("fashion-mnist")
+        vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(HIDDEN,))
+        history = pv.fit(vae, data.x_train, num_epochs=1, batch_size=128, progress=False)
+        print(
+            f"full Fashion-MNIST (60000, dynamically binarized), batch 128: "
+            f"{history.epoch_seconds[0]:.1f} s per epoch"
+        )
+
+
+if __name__ == "__main__":
+    main()

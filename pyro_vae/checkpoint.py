@@ -1,0 +1,65 @@
+"""Checkpoints: a model's ``state_dict`` plus the plain arguments that rebuild it.
+
+No pickled user objects go in, so loading uses ``torch.load(weights_only=True)`` and cannot run
+code. Files are written to a temporary name and renamed, so a crash mid-write leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyro_vae.model import VAE
+
+FORMAT = "pyro_vae.checkpoint/1"
+
+
+def save_checkpoint(
+    path: str | os.PathLike, vae: VAE, config: dict[str, Any], **extra: Any
+) -> None:
+    """Write ``vae``'s weights with ``config``, the keyword arguments that rebuild it through
+    ``VAE(**config)``, and any plain ``extra`` entries (epoch, metrics, script arguments).
+
+    Everything must be tensors or plain Python values (no modules, no classes).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict(), **extra}
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        try:
+            torch.save(payload, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: torch.device | str = "cpu"
+) -> tuple[VAE, dict[str, Any]]:
+    """Rebuild the VAE saved at ``path``; return it with the whole checkpoint dictionary.
+
+    :raises ValueError: when the file is not a pyro_vae checkpoint or does not fit the model
+        its config describes; the message says which.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise ValueError(f"{path}: not a loadable checkpoint ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a pyro_vae checkpoint (no format {FORMAT!r})")
+    vae = VAE(**payload["config"])
+    try:
+        vae.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit the saved config: {error}") from error
+    return vae.to(map_location), payload

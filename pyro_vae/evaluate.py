@@ -1,0 +1,134 @@
+"""Per-example estimators of the ELBO and of log p(x), in nats.
+
+All of them read log-densities off Pyro traces of ``vae.guide`` replayed into ``vae.model``: the
+maths stays Pyro's, and the same code serves any prior, encoder or likelihood. They run the model
+with ``num_data=None``, so no minibatch scaling enters a log-density (DESIGN.md §4, trap 6), and
+with β ignored (``log_prob`` is unscaled): they measure the true ELBO of a β-VAE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pyro_vae._checks import check_positive_int
+from pyro_vae.model import VAE
+
+
+class ElboTerms(NamedTuple):
+    """Per-example terms of the ELBO = reconstruction − kl, each ``(N,)`` in nats.
+
+    ``reconstruction`` is E_q[log p(x | z)]; ``kl`` is the Monte-Carlo estimate of
+    KL(q(z | x) ‖ p(z)) = E_q[log q(z | x) − log p(z)], averaged over the particles.
+    """
+
+    reconstruction: Tensor
+    kl: Tensor
+
+    @property
+    def elbo(self) -> Tensor:
+        return self.reconstruction - self.kl
+
+
+def _local_log_prob(trace: poutine.Trace, batch_size: int, observed: bool) -> Tensor:
+    """Sum of the per-example log-densities of the observed (or latent) sites in a trace."""
+    trace = prune_subsample_sites(trace)
+    trace.compute_log_prob()
+    total = torch.zeros(())
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site["is_observed"] != observed:
+            continue
+        log_prob = site["log_prob"]
+        # Global latents (a Bayesian decoder's weights) have no per-example density: skip them.
+        if log_prob.shape[-1:] == (batch_size,):
+            total = total + log_prob
+    return total
+
+
+def _one_particle(vae: VAE, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(log p(x | z), log q(z | x) − log p(z)) for one z ~ q(z | x) per example."""
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    n = x.shape[0]
+    reconstruction = _local_log_prob(model_trace, n, observed=True)
+    log_prior = _local_log_prob(model_trace, n, observed=False)
+    log_posterior = _local_log_prob(guide_trace, n, observed=False)
+    return reconstruction, log_posterior - log_prior
+
+
+@torch.no_grad()
+def elbo_terms(vae: VAE, x: Tensor, num_particles: int = 1, batch_size: int = 1024) -> ElboTerms:
+    """The ELBO's reconstruction and KL terms per example, averaged over ``num_particles``
+    draws of z ~ q(z | x).
+
+    :param vae: a VAE.
+    :param x: data ``(N, data_dim)`` inside the likelihood's support.
+    :param num_particles: draws of z per example.
+    :param batch_size: examples per forward pass (bounds memory).
+    """
+    vae.validate_data(x)
+    check_positive_int("num_particles", num_particles)
+    check_positive_int("batch_size", batch_size)
+    reconstruction, kl = [], []
+    for batch in x.split(batch_size):
+        draws = [_one_particle(vae, batch) for _ in range(num_particles)]
+        reconstruction.append(torch.stack([r for r, _ in draws]).mean(0))
+        kl.append(torch.stack([k for _, k in draws]).mean(0))
+    return ElboTerms(torch.cat(reconstruction), torch.cat(kl))
+
+
+def elbo(vae: VAE, x: Tensor, num_particles: int = 1, batch_size: int = 1024) -> Tensor:
+    """Per-example ELBO in nats, ``(N,)``: E_q[log p(x | z)] − KL(q(z | x) ‖ p(z)), estimated
+    with ``num_particles`` draws per example. Arguments as :func:`elbo_terms`."""
+    return elbo_terms(vae, x, num_particles, batch_size).elbo
+
+
+@torch.no_grad()
+def log_likelihood(
+    vae: VAE,
+    x: Tensor,
+    num_samples: int = 1000,
+    max_rows: int = 32768,
+    progress: bool | None = False,
+) -> Tensor:
+    """Per-example importance-weighted lower bound on log p(x) (Burda et al. 2016), ``(N,)``:
+
+        log (1/K) Σ_k p(x, z_k) / q(z_k | x),   z_k ~ q(z | x),   K = ``num_samples``.
+
+    It is at least the ELBO in expectation, and tends to log p(x) as K grows. Work is done in
+    chunks of at most ``max_rows`` (example, sample) pairs, so memory stays bounded for any K;
+    the chunks are combined with a running log-sum-exp.
+
+    :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
+    """
+    vae.validate_data(x)
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("max_rows", max_rows)
+    examples_per_chunk = max(1, min(len(x), max_rows))
+    samples_per_chunk = max(1, max_rows // examples_per_chunk)
+    chunks = [
+        (batch, start, min(samples_per_chunk, num_samples - start))
+        for batch in x.split(examples_per_chunk)
+        for start in range(0, num_samples, samples_per_chunk)
+    ]
+    results: list[Tensor] = []
+    running: Tensor | None = None
+    for batch, start, count in tqdm(
+        chunks, desc="log p(x)", disable=None if progress is None else not progress
+    ):
+        n = batch.shape[0]
+        # One pass over `count` copies of the batch: row k * n + i is sample k of example i.
+        repeated = batch.repeat(count, 1)
+        reconstruction, kl = _one_particle(vae, repeated)
+        log_weights = (reconstruction - kl).reshape(count, n)
+        chunk_lse = torch.logsumexp(log_weights, dim=0)
+        running = chunk_lse if start == 0 else torch.logaddexp(running, chunk_lse)
+        if start + count == num_samples:
+            results.append(running - math.log(num_samples))
+    return torch.cat(results)

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Train a VAE, evaluate it, and write its results: the main job of pyro_vae.
+
+    python scripts/train.py                       # digits, offline, about a minute on 2 CPU cores
+    python scripts/train.py --dataset fashion-mnist --num-epochs 20 --latent-dim 50
+
+Writes into --out-dir: checkpoint.pt (weights plus the arguments that rebuild the model; loads
+with torch.load(weights_only=True)), metrics.json and metrics.csv (per epoch: train and test
+ELBO with its reconstruction and KL terms), and PNG figures: reconstructions.png, samples.png,
+latent_space.png, loss_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+import pyro_vae as pv
+from pyro_vae import plots
+
+PROG = "train.py"
+# Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
+MAX_TRAIN_EVAL = 10000
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _positive_int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _hidden_dims(text: str) -> list[int]:
+    try:
+        return [_positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive widths such as 512,256, got {text!r}"
+        ) from None
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, cpu, cuda or cuda:N, got {text!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here")
+    return str(device)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Train a VAE (Pyro model and guide, SVI with Trace_ELBO) and write its "
+        "checkpoint, metrics and figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=pv.DATASETS,
+        default="digits",
+        help="digits is bundled with scikit-learn and always offline",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory with the dataset's IDX files (gzipped or not); default: "
+        "Debian's files, then the cache ~/.cache/pyro_vae",
+    )
+    parser.add_argument(
+        "--num-epochs",
+        type=_positive_int,
+        default=None,
+        help="default: 200 for digits (1437 examples), 20 for the 60000-image datasets",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--learning-rate", type=_positive_float, default=1e-3)
+    parser.add_argument("--latent-dim", type=_positive_int, default=10)
+    parser.add_argument(
+        "--hidden-dims",
+        type=_hidden_dims,
+        default=[400],
+        help="hidden widths of the encoder MLP, comma-separated; the decoder mirrors them",
+    )
+    parser.add_argument(
+        "--num-iw-samples",
+        type=_non_negative_int,
+        default=100,
+        help="importance samples for the final test log-likelihood (0: skip)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="where results go; default runs/<dataset>"
+    )
+    parser.add_argument(
+        "--device", type=_device, default="auto", help="auto picks CUDA when present"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = Path("runs") / args.dataset
+    if args.num_epochs is None:
+        args.num_epochs = 200 if args.dataset == "digits" else 20
+    return args
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def _write_metrics(out_dir: Path, metrics: list[dict]) -> None:
+    _write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    with tempfile.NamedTemporaryFile(
+        "w", dir=out_dir, prefix=".metrics.csv.", delete=False, newline=""
+    ) as tmp:
+        writer = csv.DictWriter(tmp, fieldnames=list(metrics[0]))
+        writer.writeheader()
+        writer.writerows(metrics)
+    os.replace(tmp.name, out_dir / "metrics.csv")
+
+
+def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
+    terms = pv.elbo_terms(vae, x)
+    return {
+        f"{prefix}_elbo": terms.elbo.mean().item(),
+        f"{prefix}_reconstruction": terms.reconstruction.mean().item(),
+        f"{prefix}_kl": terms.kl.mean().item(),
+    }
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train, evaluate and write results; return the final metrics.
+
+    Everything that can fail on bad input (device, data, model) runs before the output
+    directory is touched.
+    """
+    pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
+    data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
+    config = {
+        "data_dim": data.data_dim,
+        "latent_dim": args.latent_dim,
+        "hidden_dims": list(args.hidden_dims),
+    }
+    vae = pv.VAE(**config).to(args.device)
+    # A Bernoulli likelihood needs binary data: training binarizes dynamically (fit's default),
+    # and evaluation uses one fixed, seeded binarization so every epoch sees the same test set.
+    binarize_eval = not pv.data.is_binary(data.x_train)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    x_test = pv.binarize(data.x_test, generator) if binarize_eval else data.x_test
+    x_train_eval = data.x_train[:MAX_TRAIN_EVAL]
+    if binarize_eval:
+        x_train_eval = pv.binarize(x_train_eval, generator)
+
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"output directory {out_dir} is not writable")
+    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    metrics: list[dict] = []
+    print(
+        f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
+        f"{data.data_dim} features; latent {args.latent_dim}, hidden {args.hidden_dims}, "
+        f"device {args.device}; writing to {out_dir}"
+    )
+
+    def after_epoch(epoch: int, history: pv.History) -> None:
+        row = {"epoch": epoch, "train_loss": history.loss[-1]}
+        row.update(_terms(vae, x_train_eval, "train"))
+        row.update(_terms(vae, x_test, "test"))
+        row["seconds"] = history.epoch_seconds[-1]
+        metrics.append(row)
+        _write_metrics(out_dir, metrics)
+        pv.save_checkpoint(
+            out_dir / "checkpoint.pt", vae, config, args=run_args, epoch=epoch, metrics=metrics
+        )
+        tqdm.write(
+            f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  "
+            f"train ELBO {row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} "
+            f"(reconstruction {row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f})  "
+            f"{row['seconds']:.2f}s"
+        )
+
+    started = time.perf_counter()
+    pv.fit(
+        vae,
+        data.x_train,
+        num_epochs=args.num_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        callback=after_epoch,
+        progress=False if args.no_progress else None,
+        generator=generator,
+    )
+
+    final = dict(metrics[-1])
+    final["train_seconds"] = time.perf_counter() - started
+    if args.num_iw_samples:
+        final["test_log_likelihood"] = (
+            pv.log_likelihood(
+                vae,
+                x_test,
+                num_samples=args.num_iw_samples,
+                progress=False if args.no_progress else None,
+            )
+            .mean()
+            .item()
+        )
+        final["num_iw_samples"] = args.num_iw_samples
+    _write_atomically(out_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+
+    with torch.no_grad():
+        shown = x_test[:10]
+        plots.plot_reconstructions(
+            shown, vae.reconstruct(shown), data.image_shape, out_dir / "reconstructions.png"
+        )
+        plots.plot_samples(vae.sample(64), data.image_shape, out_dir / "samples.png")
+        loc, _ = vae.encode(x_test)
+        plots.plot_latent_space(loc, data.y_test, data.class_names, out_dir / "latent_space.png")
+    plots.plot_loss_curves(metrics, out_dir / "loss_curves.png")
+
+    summary = f"done in {final['train_seconds']:.0f}s: test ELBO {final['test_elbo']:.2f} nats"
+    if "test_log_likelihood" in final:
+        summary += (
+            f", test log p(x) >= {final['test_log_likelihood']:.2f} nats (K={args.num_iw_samples})"
+        )
+    print(f"{summary}; results in {out_dir}")
+    return final
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except pv.TrainingDivergedError as error:
+        print(f"{PROG}: training diverged: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the last finished epoch is in checkpoint.pt", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
