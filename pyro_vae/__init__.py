@@ -13,18 +13,18 @@ from pyro_vae.train import History, TrainingDivergedError, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    "DATASETS",
-    "MLP",
-    "VAE",
     "BernoulliLikelihood",
+    "DATASETS",
     "DataSplits",
     "DataUnavailableError",
     "DiagonalNormalEncoder",
     "ElboTerms",
     "History",
+    "MLP",
     "NormalLikelihood",
     "StandardNormalPrior",
     "TrainingDivergedError",
+    "VAE",
     "binarize",
     "elbo",
     "elbo_terms",

@@ -163,8 +163,14 @@ def _load_torchvision(name: str, data_dir: Path | None) -> DataSplits:
                 )
                 + "the four files in a directory and pass it as data_dir (--data-dir)."
             ) from error
-    train = dataset_class(root, train=True, download=False)
-    test = dataset_class(root, train=False, download=False)
+    try:
+        train = dataset_class(root, train=True, download=False)
+        test = dataset_class(root, train=False, download=False)
+    except Exception as error:  # torchvision's IDX reader fails with bare asserts
+        raise ValueError(
+            f"{name}: the IDX files in {root / class_name / 'raw'} are corrupt or truncated "
+            f"({type(error).__name__}: {error or 'bad header'}); replace them"
+        ) from error
 
     def flat(images: Tensor) -> Tensor:
         return images.reshape(len(images), -1).float() / 255.0

@@ -2,8 +2,8 @@
 
 All of them read log-densities off Pyro traces of ``vae.guide`` replayed into ``vae.model``: the
 maths stays Pyro's, and the same code serves any prior, encoder or likelihood. They run the model
-with ``num_data=None``, so no minibatch scaling enters a log-density (DESIGN.md §4, trap 6), and
-with β ignored (``log_prob`` is unscaled): they measure the true ELBO of a β-VAE.
+with ``num_data=None`` and read each site's *unscaled* log-density, so neither minibatch scaling
+(DESIGN.md §4, trap 6) nor β enters: they measure the true ELBO of a β-VAE.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def _local_log_prob(trace: poutine.Trace, batch_size: int, observed: bool) -> Te
     for site in trace.nodes.values():
         if site["type"] != "sample" or site["is_observed"] != observed:
             continue
-        log_prob = site["log_prob"]
+        # Pyro's "log_prob" is multiplied by the site's scale (β, and N/B in minibatches);
+        # the unscaled density is the one the ELBO and log p(x) are made of.
+        log_prob = site["unscaled_log_prob"]
         # Global latents (a Bayesian decoder's weights) have no per-example density: skip them.
         if log_prob.shape[-1:] == (batch_size,):
             total = total + log_prob

@@ -1,0 +1,70 @@
+"""The public API: what pyro_vae exports, and the contract every exported component keeps."""
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+import pyro_vae as pv
+
+LATENT_DIM, DATA_DIM, BATCH = 3, 12, 5
+
+# Every exported component, with a factory and data in its support. A component exported
+# without an entry here fails test_every_exported_component_is_contract_tested.
+PRIORS = {"StandardNormalPrior": lambda: pv.StandardNormalPrior(LATENT_DIM)}
+ENCODERS = {"DiagonalNormalEncoder": lambda: pv.DiagonalNormalEncoder(DATA_DIM, LATENT_DIM, (8,))}
+LIKELIHOODS = {
+    "BernoulliLikelihood": (
+        pv.BernoulliLikelihood,
+        lambda: torch.bernoulli(torch.full((BATCH, DATA_DIM), 0.5)),
+    ),
+    "NormalLikelihood": (lambda: pv.NormalLikelihood(0.5), lambda: torch.randn(BATCH, DATA_DIM)),
+}
+
+
+def test_all_is_sorted_and_complete():
+    assert pv.__all__ == sorted(pv.__all__)
+    for name in pv.__all__:
+        assert hasattr(pv, name), name
+    assert isinstance(pv.__version__, str)
+
+
+def test_every_exported_component_is_contract_tested():
+    exported = {n for n in pv.__all__ if n.endswith(("Prior", "Encoder", "Likelihood"))}
+    assert exported == set(PRIORS) | set(ENCODERS) | set(LIKELIHOODS)
+
+
+@pytest.mark.parametrize("name", sorted(PRIORS))
+def test_prior_contract(name):
+    prior = PRIORS[name]()
+    p = prior()
+    assert p.batch_shape == () and p.event_shape == (LATENT_DIM,)
+    assert torch.isfinite(p.log_prob(p.sample((BATCH,)))).all()
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, prior=prior, hidden_dims=(8,))
+    trace = poutine.trace(vae.model).get_trace(torch.zeros(BATCH, DATA_DIM))
+    assert trace.nodes["z"]["fn"].batch_shape == (BATCH,)  # broadcast by the data plate
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_encoder_contract(name):
+    encoder = ENCODERS[name]()
+    q = encoder(torch.rand(BATCH, DATA_DIM))
+    assert q.batch_shape == (BATCH,) and q.event_shape == (LATENT_DIM,)
+    assert q.has_rsample
+    z = q.rsample()
+    assert torch.isfinite(q.log_prob(z)).all()
+    grads = torch.autograd.grad(z.sum(), list(encoder.parameters()), allow_unused=True)
+    assert all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_likelihood_contract(name):
+    factory, make_data = LIKELIHOODS[name]
+    likelihood = factory()
+    d = likelihood(torch.randn(BATCH, DATA_DIM))
+    assert d.batch_shape == (BATCH,) and d.event_shape == (DATA_DIM,)
+    x = make_data()
+    assert torch.isfinite(d.log_prob(x)).all()
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, likelihood=likelihood, hidden_dims=(8,))
+    svi_loss = pyro.infer.Trace_ELBO().loss(vae.model, vae.guide, x)
+    assert torch.isfinite(torch.tensor(svi_loss))

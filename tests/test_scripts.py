@@ -1,0 +1,106 @@
+"""scripts/train.py end to end, and its refusal of nonsense arguments."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyro_vae as pv
+
+TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_train_script_writes_checkpoint_metrics_and_figures(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(
+        "--num-epochs",
+        "2",
+        "--latent-dim",
+        "3",
+        "--hidden-dims",
+        "16,8",
+        "--num-iw-samples",
+        "10",
+        "--out-dir",
+        str(out),
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch   2/2" in result.stdout and "test log p(x) >=" in result.stdout
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics] == [1, 2]
+    for key in (
+        "train_elbo",
+        "train_reconstruction",
+        "train_kl",
+        "test_elbo",
+        "test_reconstruction",
+        "test_kl",
+    ):
+        assert all(isinstance(row[key], float) for row in metrics), key
+    assert (out / "metrics.csv").read_text().startswith("epoch,train_loss,")
+    for figure in ("reconstructions", "samples", "latent_space", "loss_curves"):
+        assert (out / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+
+    raw = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert raw["args"]["latent_dim"] == 3 and raw["epoch"] == 2
+    vae, _ = pv.load_checkpoint(out / "checkpoint.pt")
+    assert vae.latent_dim == 3 and vae.data_dim == 64
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["test_log_likelihood"] >= final["test_elbo"] - 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-epochs", "-3"], "--num-epochs: expected a positive integer"),
+        (["--latent-dim", "0"], "--latent-dim: expected a positive integer"),
+        (["--dataset", "cifar"], "--dataset: invalid choice: 'cifar'"),
+        (["--learning-rate", "nan"], "--learning-rate: expected a finite number > 0"),
+        (["--hidden-dims", "400,x"], "--hidden-dims: expected comma-separated"),
+        (["--batch-size", "1.5"], "--batch-size: expected a positive integer"),
+    ],
+)
+def test_nonsense_arguments_exit_with_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = run_train(*args, "--out-dir", str(out))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_cuda_exits_with_one_line(tmp_path):
+    result = run_train("--device", "cuda", "--out-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "CUDA is not available" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_errors_exit_with_one_line_before_writing(tmp_path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "train-images-idx3-ubyte").write_bytes(b"truncated")
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "files" / name).write_bytes(b"")
+    result = run_train(
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "files"),
+        "--out-dir",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
