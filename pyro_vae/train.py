@@ -41,7 +41,7 @@ class History:
     """Per-example loss of each step (an unbiased estimate for the whole dataset)."""
     epoch_seconds: list[float] = field(default_factory=list)
     binarized: bool = False
-    """Whether the training data were binarized dynamically (a fresh draw each epoch)."""
+    """Whether the training data were binarized dynamically (a fresh draw for every batch)."""
 
     @property
     def num_epochs(self) -> int:
