@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -157,13 +158,11 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _write_metrics(out_dir: Path, metrics: list[dict]) -> None:
     _write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    with tempfile.NamedTemporaryFile(
-        "w", dir=out_dir, prefix=".metrics.csv.", delete=False, newline=""
-    ) as tmp:
-        writer = csv.DictWriter(tmp, fieldnames=list(metrics[0]))
-        writer.writeheader()
-        writer.writerows(metrics)
-    os.replace(tmp.name, out_dir / "metrics.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(metrics[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(metrics)
+    _write_atomically(out_dir / "metrics.csv", table.getvalue())
 
 
 def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
