@@ -8,12 +8,12 @@ checkpoint intact.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pyro_vae._files import atomic_write
 from pyro_vae.model import VAE
 
 FORMAT = "pyro_vae.checkpoint/1"
@@ -30,15 +30,8 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict(), **extra}
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        try:
-            torch.save(payload, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    with atomic_write(path) as file:
+        torch.save(payload, file)
 
 
 def load_checkpoint(

@@ -12,13 +12,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pyro_vae._files import atomic_write
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 
@@ -208,9 +209,8 @@ def _find_idx_files(directories: list[Path]) -> dict[str, Path] | None:
 
 def _stage_raw_files(files: dict[str, Path], raw_dir: Path) -> None:
     """Put plain IDX files where torchvision reads them. torchvision's own download step
-    would reject Debian's gzip files (other md5 sums), so they are unpacked here instead.
-    Each file is written under a temporary name and renamed, so an interrupted copy never
-    leaves a half-written file behind."""
+    would reject Debian's gzip files (other md5 sums), so they are unpacked here instead,
+    atomically: an interrupted copy never leaves a half-written file behind."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     for stem, source in files.items():
         target = raw_dir / stem
@@ -219,12 +219,8 @@ def _stage_raw_files(files: dict[str, Path], raw_dir: Path) -> None:
         if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
             continue  # staged before
         opener = gzip.open if source.suffix == ".gz" else open
-        with (
-            opener(source, "rb") as src,
-            tempfile.NamedTemporaryFile(dir=raw_dir, delete=False) as tmp,
-        ):
-            shutil.copyfileobj(src, tmp)
-        os.replace(tmp.name, target)
+        with opener(source, "rb") as src, atomic_write(target) as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def to_tensor(data: Tensor | Dataset, data_dim: int) -> Tensor:

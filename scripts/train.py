@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 import pyro_vae as pv
 from pyro_vae import plots
+from pyro_vae._files import atomic_write
 
 PROG = "train.py"
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
@@ -148,21 +148,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as file:
+        file.write(text)
 
 
 def _write_metrics(out_dir: Path, metrics: list[dict]) -> None:
-    _write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(metrics[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(metrics)
-    _write_atomically(out_dir / "metrics.csv", table.getvalue())
+    _write_text(out_dir / "metrics.csv", table.getvalue())
 
 
 def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -252,7 +249,7 @@ def main(args: argparse.Namespace) -> dict:
             .item()
         )
         final["num_iw_samples"] = args.num_iw_samples
-    _write_atomically(out_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+    _write_text(out_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
 
     with torch.no_grad():
         shown = x_test[:10]
