@@ -1,34 +1,73 @@
 """pyro_vae: variational autoencoders written as a Pyro model and guide, fitted by SVI."""
 
+from pyro_vae.build import DECODERS, ENCODERS, LIKELIHOODS, PRIORS, build_vae
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.data import DATASETS, DataSplits, DataUnavailableError, binarize, load_dataset
-from pyro_vae.encoders import DiagonalNormalEncoder
+from pyro_vae.distributions import DiscretizedLogistic
+from pyro_vae.encoders import (
+    DeltaEncoder,
+    DiagonalNormalEncoder,
+    FullCovarianceNormalEncoder,
+    IAFEncoder,
+)
 from pyro_vae.evaluate import ElboTerms, elbo, elbo_terms, log_likelihood
-from pyro_vae.likelihoods import BernoulliLikelihood, NormalLikelihood
+from pyro_vae.kl import has_closed_form_kl  # importing it registers the closed-form KLs
+from pyro_vae.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    LaplaceLikelihood,
+    NormalLikelihood,
+)
 from pyro_vae.model import VAE
-from pyro_vae.networks import MLP
-from pyro_vae.priors import StandardNormalPrior
+from pyro_vae.networks import MLP, ConvNet, DeconvNet
+from pyro_vae.priors import (
+    DiagonalNormalPrior,
+    FlowPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    VampPrior,
+)
 from pyro_vae.train import History, TrainingDivergedError, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood",
+    "ConvNet",
     "DATASETS",
+    "DECODERS",
     "DataSplits",
     "DataUnavailableError",
+    "DeconvNet",
+    "DeltaEncoder",
     "DiagonalNormalEncoder",
+    "DiagonalNormalPrior",
+    "DiscretizedLogistic",
+    "DiscretizedLogisticLikelihood",
+    "ENCODERS",
     "ElboTerms",
+    "FlowPrior",
+    "FullCovarianceNormalEncoder",
     "History",
+    "IAFEncoder",
+    "LIKELIHOODS",
+    "LaplaceLikelihood",
     "MLP",
+    "MixtureOfGaussiansPrior",
     "NormalLikelihood",
+    "PRIORS",
     "StandardNormalPrior",
     "TrainingDivergedError",
     "VAE",
+    "VampPrior",
     "binarize",
+    "build_vae",
     "elbo",
     "elbo_terms",
     "fit",
+    "has_closed_form_kl",
     "load_checkpoint",
     "load_dataset",
     "log_likelihood",

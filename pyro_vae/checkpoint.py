@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pyro_vae._files import atomic_write
+from pyro_vae.build import build_vae
 from pyro_vae.model import VAE
 
 FORMAT = "pyro_vae.checkpoint/1"
@@ -23,7 +24,8 @@ def save_checkpoint(
     path: str | os.PathLike, vae: VAE, config: dict[str, Any], **extra: Any
 ) -> None:
     """Write ``vae``'s weights with ``config``, the keyword arguments that rebuild it through
-    ``VAE(**config)``, and any plain ``extra`` entries (epoch, metrics, script arguments).
+    :func:`~pyro_vae.build.build_vae` (component names, sizes), and any plain ``extra``
+    entries (epoch, metrics, script arguments).
 
     Everything must be tensors or plain Python values (no modules, no classes).
     """
@@ -50,7 +52,10 @@ def load_checkpoint(
         raise ValueError(f"{path}: not a loadable checkpoint ({error})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pyro_vae checkpoint (no format {FORMAT!r})")
-    vae = VAE(**payload["config"])
+    try:
+        vae = build_vae(**payload["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its config does not describe a model: {error}") from error
     try:
         vae.load_state_dict(payload["state_dict"])
     except RuntimeError as error:

@@ -9,6 +9,7 @@ to get it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -65,6 +66,8 @@ class DataSplits:
     y_test: Tensor
     image_shape: tuple[int, int]
     class_names: tuple[str, ...]
+    num_levels: int = 256
+    """Distinct pixel values k / (num_levels - 1): 17 for digits (0..16), 256 for 8-bit images."""
 
     @property
     def data_dim(self) -> int:
@@ -72,14 +75,12 @@ class DataSplits:
 
     def to(self, device: torch.device | str) -> DataSplits:
         """The same splits on another device."""
-        return DataSplits(
-            self.name,
-            self.x_train.to(device),
-            self.y_train.to(device),
-            self.x_test.to(device),
-            self.y_test.to(device),
-            self.image_shape,
-            self.class_names,
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device),
+            y_test=self.y_test.to(device),
         )
 
 
@@ -133,6 +134,7 @@ def _load_digits() -> DataSplits:
         y[test],
         (8, 8),
         tuple(str(d) for d in range(10)),
+        num_levels=17,
     )
 
 

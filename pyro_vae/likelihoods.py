@@ -1,13 +1,26 @@
 """Observation models p(x | z): modules whose ``forward(params)`` turns the decoder's output
-``(B, ...)`` into a distribution with ``batch_shape == (B,)`` and ``event_shape == (data_dim,)``.
+``(B, data_dim)`` (one value per feature) into a distribution with ``batch_shape == (B,)`` and
+``event_shape == (data_dim,)``. A scale, where a likelihood has one, is the likelihood's own
+(fixed, or a learnt parameter), not a decoder output.
 
 A likelihood states what data it accepts through its distribution's ``support``; the VAE checks
-data against it before any training or evaluation starts."""
+data against it before any training or evaluation starts.
+
+Which to use: binary data → Bernoulli; grayscale in [0, 1] → continuous Bernoulli, or Bernoulli
+with dynamic binarization; 8-bit pixel levels → discretized logistic (a proper probability for
+each of the 256 levels, so its log-likelihoods are comparable with those of discrete models);
+real values → Normal or Laplace.
+"""
 
 from __future__ import annotations
 
 import pyro.distributions as dist
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pyro_vae._checks import check_positive_float, check_positive_int
+from pyro_vae.distributions import DiscretizedLogistic
 
 
 class BernoulliLikelihood(nn.Module):
@@ -21,19 +34,103 @@ class BernoulliLikelihood(nn.Module):
         return dist.Bernoulli(logits=logits).to_event(1)
 
 
-class NormalLikelihood(nn.Module):
-    """p(x | z) = Π_d N(x_d; loc_d, scale²) with a fixed, shared observation scale.
+class ContinuousBernoulliLikelihood(nn.Module):
+    """p(x | z) = Π_d CB(x_d; sigmoid(logits_d)): the continuous Bernoulli (Loaiza-Ganem &
+    Cunningham 2019), a normalized density on [0, 1] for grayscale values. Unlike a Bernoulli
+    applied to grayscale pixels, its log-likelihood is a proper log-density.
 
-    With a linear decoder this is probabilistic PCA, whose log p(x) has a closed form.
-
-    :param float scale: the observation noise standard deviation, > 0.
+    Its mean is not sigmoid(logits): ``VAE.reconstruct`` and ``VAE.sample`` use the true mean.
     """
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def forward(self, logits: Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=logits).to_event(1)
+
+
+# softplus(raw) + _MIN_SCALE: the floor keeps a learnt scale from collapsing onto features that
+# never vary (image borders), where the density, and so the ELBO, would grow without bound.
+_MIN_SCALE = 1e-3
+
+
+class _LocationScaleLikelihood(nn.Module):
+    """p(x | z) = Π_d family(x_d; loc_d, scale); the scale fixed or learnt."""
+
+    family: type[dist.TorchDistribution]
+
+    def __init__(
+        self, scale: float = 1.0, *, learn_scale: bool = False, data_dim: int | None = None
+    ) -> None:
         super().__init__()
-        if not scale > 0:
-            raise ValueError(f"NormalLikelihood: scale must be > 0, got {scale}")
-        self.scale = float(scale)
+        name = type(self).__name__
+        check_positive_float(f"{name}: scale", scale)
+        self.learn_scale = bool(learn_scale)
+        if data_dim is not None and not self.learn_scale:
+            raise ValueError(
+                f"{name}: data_dim is for a learnt per-feature scale; pass learn_scale=True as well"
+            )
+        if self.learn_scale:
+            if scale <= _MIN_SCALE:
+                raise ValueError(f"{name}: a learnt scale must start above {_MIN_SCALE}")
+            shape = () if data_dim is None else (check_positive_int("data_dim", data_dim),)
+            raw = torch.log(torch.expm1(torch.tensor(scale - _MIN_SCALE)))
+            self.raw_scale = nn.Parameter(raw.expand(shape).clone())
+        else:
+            self.register_buffer("fixed_scale", torch.tensor(float(scale)))
+
+    @property
+    def scale(self) -> Tensor:
+        """The observation scale: ``()`` when shared, ``(data_dim,)`` per feature."""
+        if self.learn_scale:
+            return F.softplus(self.raw_scale) + _MIN_SCALE
+        return self.fixed_scale
 
     def forward(self, loc: Tensor) -> dist.TorchDistribution:
-        return dist.Normal(loc, self.scale).to_event(1)
+        return self.family(loc, self.scale.expand(loc.shape)).to_event(1)
+
+
+class NormalLikelihood(_LocationScaleLikelihood):
+    """p(x | z) = Π_d N(x_d; loc_d, scale²), for real-valued data.
+
+    With a linear decoder and a fixed scale this is probabilistic PCA, whose log p(x) has a
+    closed form.
+
+    :param float scale: the observation standard deviation (the starting value when learnt).
+    :param bool learn_scale: learn the scale with the rest of the model.
+    :param int data_dim: with ``learn_scale``, one scale per feature; ``None``: one shared.
+    """
+
+    family = dist.Normal
+
+
+class LaplaceLikelihood(_LocationScaleLikelihood):
+    """p(x | z) = Π_d Laplace(x_d; loc_d, scale): heavier tails than the Normal, so a few badly
+    reconstructed features cost less. Arguments as :class:`NormalLikelihood`."""
+
+    family = dist.Laplace
+
+
+class DiscretizedLogisticLikelihood(nn.Module):
+    """p(x | z) = Π_d DiscretizedLogistic(x_d; loc_d, scale_d, num_bins): a proper probability
+    for each of ``num_bins`` pixel levels k / (num_bins − 1) (data in [0, 1] on that grid, such
+    as 8-bit images divided by 255), with a learnt scale.
+
+    :param int num_bins: the number of pixel levels: 256 for 8-bit images, 17 for the digits.
+    :param float scale: the starting scale.
+    :param int data_dim: one learnt scale per feature; ``None``: one shared scale.
+    """
+
+    def __init__(self, num_bins: int = 256, scale: float = 0.1, data_dim: int | None = None):
+        super().__init__()
+        self.num_bins = check_positive_int("num_bins", num_bins)
+        if num_bins < 2:
+            raise ValueError(f"num_bins must be at least 2, got {num_bins}")
+        check_positive_float("scale", scale)
+        shape = () if data_dim is None else (check_positive_int("data_dim", data_dim),)
+        raw = torch.log(torch.expm1(torch.tensor(scale - _MIN_SCALE)))
+        self.raw_scale = nn.Parameter(raw.expand(shape).clone())
+
+    @property
+    def scale(self) -> Tensor:
+        return F.softplus(self.raw_scale) + _MIN_SCALE
+
+    def forward(self, loc: Tensor) -> dist.TorchDistribution:
+        return DiscretizedLogistic(loc, self.scale.expand(loc.shape), self.num_bins).to_event(1)

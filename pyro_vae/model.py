@@ -36,6 +36,9 @@ _instance_ids = itertools.count()
 # cannot pass the shape check by accident.
 _CHECK_BATCH = 2
 
+# Draws per example for the moments of a posterior that has no closed form (VAE.encode).
+ENCODE_SAMPLES = 128
+
 
 class VAE(PyroModule):
     """A variational autoencoder: prior p(z), likelihood p(x | z) with a decoder network, and an
@@ -92,6 +95,10 @@ class VAE(PyroModule):
             MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim) if decoder is None else decoder
         )
         self.likelihood = BernoulliLikelihood() if likelihood is None else likelihood
+        # A prior built from the encoder's posteriors (the VampPrior) is bound to this one.
+        bind_encoder = getattr(self.prior, "bind_encoder", None)
+        if callable(bind_encoder):
+            bind_encoder(self.encoder)
         self.data_support = self._check_components()
 
     # β is a property so that a KL warm-up schedule can change it and still be checked.
@@ -162,15 +169,20 @@ class VAE(PyroModule):
         """μ(x) and σ(x): the mean and standard deviation of q(z | x), ``(B, latent_dim)`` each.
 
         They are outputs of the encoder network for each example, not parameters: a different
-        pair for every x.
+        pair for every x. A posterior without closed-form moments (a flow) gets Monte-Carlo
+        estimates from :data:`ENCODE_SAMPLES` draws.
         """
         posterior = self.encoder(x)
-        return posterior.mean, posterior.stddev
+        try:
+            return posterior.mean, posterior.stddev
+        except NotImplementedError:
+            draws = posterior.rsample((ENCODE_SAMPLES,))
+            return draws.mean(0), draws.std(0)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """The likelihood's mean at z = μ(x): a tensor shaped like ``x``."""
-        return self.likelihood(self.decoder(self.encoder(x).mean)).mean
+        return self.likelihood(self.decoder(self.encode(x)[0])).mean
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> Tensor:
@@ -293,6 +305,8 @@ def _call_part(name: str, part: nn.Module, *args: Tensor) -> object:
         raise ValueError(f"{name}: must be a callable nn.Module, got {type(part).__name__}")
     try:
         return part(*args)
+    except ValueError as error:  # a part's own complaint: already says what is wrong
+        raise ValueError(f"{name}: {error}") from error
     except Exception as error:  # re-raised with the part's name, the cause kept
         shapes = ", ".join(str(tuple(a.shape)) for a in args) or "no arguments"
         raise ValueError(f"{name}: failed when called with {shapes}: {error}") from error

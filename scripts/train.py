@@ -3,6 +3,7 @@
 
     python scripts/train.py                       # digits, offline, about a minute on 2 CPU cores
     python scripts/train.py --dataset fashion-mnist --num-epochs 20 --latent-dim 50
+    python scripts/train.py --prior vamp --encoder iaf --elbo iwae --num-particles 5
 
 Writes into --out-dir: checkpoint.pt (weights plus the arguments that rebuild the model; loads
 with torch.load(weights_only=True)), metrics.json and metrics.csv (per epoch: train and test
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 import pyro_vae as pv
@@ -91,6 +93,25 @@ def _device(text: str) -> str:
     return str(device)
 
 
+def _likelihood_scale(text: str) -> float | str:
+    if text in ("learned", "learned-per-feature"):
+        return text
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number > 0, learned or learned-per-feature, got {text!r}"
+        ) from None
+
+
+# --elbo names → Pyro's estimators, given the number of particles.
+ELBOS = {
+    "trace": lambda k: Trace_ELBO(num_particles=k),
+    "meanfield": lambda k: TraceMeanField_ELBO(num_particles=k),
+    "iwae": lambda k: RenyiELBO(alpha=0, num_particles=k),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _OneLineParser(
         prog=PROG,
@@ -132,6 +153,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=100,
         help="importance samples for the final test log-likelihood (0: skip)",
     )
+    parts = parser.add_argument_group(
+        "model", "every part is one flag; the checkpoint records them all (pv.build_vae)"
+    )
+    parts.add_argument("--prior", choices=pv.PRIORS, default="standard-normal")
+    parts.add_argument("--encoder", choices=pv.ENCODERS, default="diagonal")
+    parts.add_argument(
+        "--likelihood",
+        choices=pv.LIKELIHOODS,
+        default="bernoulli",
+        help="bernoulli binarizes grayscale data dynamically; discretized-logistic uses the "
+        "dataset's pixel levels",
+    )
+    parts.add_argument(
+        "--decoder",
+        choices=pv.DECODERS,
+        default="mlp",
+        help="conv: a convolutional encoder network and decoder pair over the images",
+    )
+    parts.add_argument(
+        "--num-components",
+        type=_positive_int,
+        default=None,
+        help="mixture components (default 10) or VampPrior pseudo-inputs (default 100)",
+    )
+    parts.add_argument(
+        "--flow-depth", type=_positive_int, default=2, help="layers of the flow prior / IAF"
+    )
+    parts.add_argument(
+        "--likelihood-scale",
+        type=_likelihood_scale,
+        default="learned",
+        help="normal / laplace: a fixed number, learned (shared) or learned-per-feature",
+    )
+    objective = parser.add_argument_group("objective")
+    objective.add_argument(
+        "--elbo",
+        choices=tuple(ELBOS),
+        default="trace",
+        help="trace: Trace_ELBO (Monte-Carlo KL); meanfield: TraceMeanField_ELBO (closed-form "
+        "KL where registered); iwae: RenyiELBO(alpha=0), importance weighted",
+    )
+    objective.add_argument(
+        "--num-particles",
+        type=_positive_int,
+        default=None,
+        help="draws of z per example and step; default 1, or 5 for iwae",
+    )
+    objective.add_argument("--beta", type=_positive_float, default=1.0, help="KL weight (beta-VAE)")
+    objective.add_argument(
+        "--kl-warmup-epochs",
+        type=_non_negative_int,
+        default=0,
+        help="beta rises linearly from 0 to --beta over this many epochs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="where results go; default runs/<dataset>"
@@ -145,6 +220,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out_dir = Path("runs") / args.dataset
     if args.num_epochs is None:
         args.num_epochs = 200 if args.dataset == "digits" else 20
+    if args.num_particles is None:
+        args.num_particles = 5 if args.elbo == "iwae" else 1
+    if args.num_components is not None and args.prior not in ("mixture", "vamp"):
+        parser.error(f"--num-components is for --prior mixture or vamp, not {args.prior}")
     return args
 
 
@@ -171,6 +250,26 @@ def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
     }
 
 
+def model_config(args: argparse.Namespace, data: pv.DataSplits) -> dict:
+    """The keyword arguments of pv.build_vae for these arguments and data: plain values, saved
+    in the checkpoint so that the run rebuilds exactly."""
+    return {
+        "data_dim": data.data_dim,
+        "latent_dim": args.latent_dim,
+        "hidden_dims": list(args.hidden_dims),
+        "prior": args.prior,
+        "encoder": args.encoder,
+        "likelihood": args.likelihood,
+        "decoder": args.decoder,
+        "image_shape": list(data.image_shape),
+        "num_components": args.num_components,
+        "flow_depth": args.flow_depth,
+        "likelihood_scale": args.likelihood_scale,
+        "num_bins": data.num_levels,
+        "beta": args.beta,
+    }
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train, evaluate and write results; return the final metrics.
 
@@ -179,20 +278,22 @@ def main(args: argparse.Namespace) -> dict:
     """
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
-    config = {
-        "data_dim": data.data_dim,
-        "latent_dim": args.latent_dim,
-        "hidden_dims": list(args.hidden_dims),
-    }
-    vae = pv.VAE(**config).to(args.device)
+    config = model_config(args, data)
+    vae = pv.build_vae(**config).to(args.device)
+    loss = ELBOS[args.elbo](args.num_particles)
     # A Bernoulli likelihood needs binary data: training binarizes dynamically (fit's default),
     # and evaluation uses one fixed, seeded binarization so every epoch sees the same test set.
-    binarize_eval = not pv.data.is_binary(data.x_train)
+    binarize_eval = isinstance(vae.likelihood, pv.BernoulliLikelihood) and not pv.data.is_binary(
+        data.x_train
+    )
     generator = torch.Generator(args.device).manual_seed(args.seed)
     x_test = pv.binarize(data.x_test, generator) if binarize_eval else data.x_test
     x_train_eval = data.x_train[:MAX_TRAIN_EVAL]
     if binarize_eval:
         x_train_eval = pv.binarize(x_train_eval, generator)
+    # Data outside the likelihood's support fail here, before the output directory is touched.
+    vae.validate_data(x_test, "test data")
+    vae.validate_data(x_train_eval, "training data")
 
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,10 +301,16 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"output directory {out_dir} is not writable")
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metrics: list[dict] = []
+    kl_kind = "closed form" if pv.has_closed_form_kl(vae) else "Monte Carlo"
+    if args.elbo != "meanfield":
+        kl_kind = "Monte Carlo"
     print(
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
-        f"{data.data_dim} features; latent {args.latent_dim}, hidden {args.hidden_dims}, "
-        f"device {args.device}; writing to {out_dir}"
+        f"{data.data_dim} features; {pv.build.describe(config)}; latent {args.latent_dim}, "
+        f"hidden {args.hidden_dims}; {type(loss).__name__} with {args.num_particles} "
+        f"particle(s), KL by {kl_kind}, beta {args.beta}"
+        + (f" (warm-up {args.kl_warmup_epochs} epochs)" if args.kl_warmup_epochs else "")
+        + f"; device {args.device}; writing to {out_dir}"
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:
@@ -230,6 +337,8 @@ def main(args: argparse.Namespace) -> dict:
         num_epochs=args.num_epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        loss=loss,
+        kl_warmup_epochs=args.kl_warmup_epochs,
         callback=after_epoch,
         progress=False if args.no_progress else None,
         generator=generator,
@@ -237,7 +346,11 @@ def main(args: argparse.Namespace) -> dict:
 
     final = dict(metrics[-1])
     final["train_seconds"] = time.perf_counter() - started
-    if args.num_iw_samples:
+    # A deterministic encoder's q(z|x) has no density, so importance weights p(x, z) / q(z|x)
+    # make no bound on log p(x): report none rather than a wrong one.
+    if args.num_iw_samples and args.encoder == "delta":
+        print("no importance-weighted log p(x) for the delta encoder: q(z|x) has no density")
+    elif args.num_iw_samples:
         final["test_log_likelihood"] = (
             pv.log_likelihood(
                 vae,

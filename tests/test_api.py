@@ -11,14 +11,43 @@ LATENT_DIM, DATA_DIM, BATCH = 3, 12, 5
 
 # Every exported component, with a factory and data in its support. A component exported
 # without an entry here fails test_every_exported_component_is_contract_tested.
-PRIORS = {"StandardNormalPrior": lambda: pv.StandardNormalPrior(LATENT_DIM)}
-ENCODERS = {"DiagonalNormalEncoder": lambda: pv.DiagonalNormalEncoder(DATA_DIM, LATENT_DIM, (8,))}
+def _encoder() -> pv.DiagonalNormalEncoder:
+    return pv.DiagonalNormalEncoder(DATA_DIM, LATENT_DIM, (8,))
+
+
+PRIORS = {
+    "StandardNormalPrior": lambda: pv.StandardNormalPrior(LATENT_DIM),
+    "DiagonalNormalPrior": lambda: pv.DiagonalNormalPrior(LATENT_DIM),
+    "MixtureOfGaussiansPrior": lambda: pv.MixtureOfGaussiansPrior(LATENT_DIM, 4),
+    "VampPrior": lambda: pv.VampPrior(DATA_DIM, 4, encoder=_encoder()),
+    "FlowPrior": lambda: pv.FlowPrior(LATENT_DIM, 2),
+}
+ENCODERS = {
+    "DiagonalNormalEncoder": _encoder,
+    "FullCovarianceNormalEncoder": lambda: pv.FullCovarianceNormalEncoder(
+        DATA_DIM, LATENT_DIM, (8,)
+    ),
+    "IAFEncoder": lambda: pv.IAFEncoder(DATA_DIM, LATENT_DIM, (8,), flow_depth=2),
+    "DeltaEncoder": lambda: pv.DeltaEncoder(DATA_DIM, LATENT_DIM, (8,)),
+}
 LIKELIHOODS = {
     "BernoulliLikelihood": (
         pv.BernoulliLikelihood,
         lambda: torch.bernoulli(torch.full((BATCH, DATA_DIM), 0.5)),
     ),
+    "ContinuousBernoulliLikelihood": (
+        pv.ContinuousBernoulliLikelihood,
+        lambda: torch.rand(BATCH, DATA_DIM),
+    ),
     "NormalLikelihood": (lambda: pv.NormalLikelihood(0.5), lambda: torch.randn(BATCH, DATA_DIM)),
+    "LaplaceLikelihood": (
+        lambda: pv.LaplaceLikelihood(learn_scale=True, data_dim=DATA_DIM),
+        lambda: torch.randn(BATCH, DATA_DIM),
+    ),
+    "DiscretizedLogisticLikelihood": (
+        lambda: pv.DiscretizedLogisticLikelihood(256),
+        lambda: torch.randint(0, 256, (BATCH, DATA_DIM)) / 255.0,
+    ),
 }
 
 
@@ -40,9 +69,11 @@ def test_prior_contract(name):
     p = prior()
     assert p.batch_shape == () and p.event_shape == (LATENT_DIM,)
     assert torch.isfinite(p.log_prob(p.sample((BATCH,)))).all()
-    vae = pv.VAE(DATA_DIM, LATENT_DIM, prior=prior, hidden_dims=(8,))
+    encoder = getattr(prior, "_encoder", None)  # the VampPrior's, which the VAE must use
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, prior=prior, encoder=encoder, hidden_dims=(8,))
     trace = poutine.trace(vae.model).get_trace(torch.zeros(BATCH, DATA_DIM))
     assert trace.nodes["z"]["fn"].batch_shape == (BATCH,)  # broadcast by the data plate
+    assert trace.nodes["z"]["fn"].log_prob(trace.nodes["z"]["value"]).shape == (BATCH,)
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -55,6 +86,10 @@ def test_encoder_contract(name):
     assert torch.isfinite(q.log_prob(z)).all()
     grads = torch.autograd.grad(z.sum(), list(encoder.parameters()), allow_unused=True)
     assert all(g is not None for g in grads)
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, encoder=encoder, hidden_dims=(8,))
+    trace = poutine.trace(vae.guide).get_trace(torch.rand(BATCH, DATA_DIM))
+    site = trace.nodes["z"]
+    assert site["fn"].batch_shape == (BATCH,) and site["value"].shape == (BATCH, LATENT_DIM)
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
@@ -65,6 +100,9 @@ def test_likelihood_contract(name):
     assert d.batch_shape == (BATCH,) and d.event_shape == (DATA_DIM,)
     x = make_data()
     assert torch.isfinite(d.log_prob(x)).all()
+    assert d.support.check(x).all()
     vae = pv.VAE(DATA_DIM, LATENT_DIM, likelihood=likelihood, hidden_dims=(8,))
+    trace = poutine.trace(vae.model).get_trace(x)
+    assert trace.nodes["x"]["fn"].batch_shape == (BATCH,)
     svi_loss = pyro.infer.Trace_ELBO().loss(vae.model, vae.guide, x)
     assert torch.isfinite(torch.tensor(svi_loss))
