@@ -9,6 +9,7 @@ import pyro_vae as pv
 
 LATENT_DIM, DATA_DIM, BATCH = 3, 12, 5
 
+
 # Every exported component, with a factory and data in its support. A component exported
 # without an entry here fails test_every_exported_component_is_contract_tested.
 def _encoder() -> pv.DiagonalNormalEncoder:
