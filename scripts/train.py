@@ -57,7 +57,10 @@ def _positive_int(text: str) -> int:
 def _non_negative_int(text: str) -> int:
     if text.strip() == "0":
         return 0
-    return _positive_int(text)
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:

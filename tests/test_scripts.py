@@ -11,6 +11,8 @@ import torch
 import pyro_vae as pv
 
 TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+sys.path.insert(0, str(TRAIN.parent))
+from train import parse_args  # noqa: E402  (scripts/ is not a package)
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
@@ -69,9 +71,21 @@ def test_train_script_writes_checkpoint_metrics_and_figures(tmp_path):
         (["--learning-rate", "nan"], "--learning-rate: expected a finite number > 0"),
         (["--hidden-dims", "400,x"], "--hidden-dims: expected comma-separated"),
         (["--batch-size", "1.5"], "--batch-size: expected a positive integer"),
+        (["--prior", "gaussian"], "--prior: invalid choice: 'gaussian'"),
+        (["--elbo", "renyi"], "--elbo: invalid choice: 'renyi'"),
+        (["--num-components", "5"], "--num-components is for --prior mixture or vamp"),
+        (["--likelihood-scale", "wide"], "--likelihood-scale: expected a number > 0, learned"),
+        (["--beta", "0"], "--beta: expected a finite number > 0"),
+        (["--kl-warmup-epochs", "-1"], "--kl-warmup-epochs: expected an integer >= 0"),
+        (["--prior", "vamp", "--encoder", "iaf"], "prior: VampPrior needs posteriors"),
+        (["--likelihood", "normal", "--likelihood-scale", "0.1"], None),  # a valid pair
     ],
 )
 def test_nonsense_arguments_exit_with_one_line_and_write_nothing(tmp_path, args, message):
+    if message is None:  # the control: this pair parses, so the refusals above are specific
+        parsed = parse_args([*args, "--out-dir", str(tmp_path)])
+        assert parsed.likelihood_scale == 0.1
+        return
     out = tmp_path / "run"
     result = run_train(*args, "--out-dir", str(out))
     assert result.returncode == 2
@@ -104,3 +118,34 @@ def test_data_errors_exit_with_one_line_before_writing(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_component_flags_reach_the_model_and_the_checkpoint_rebuilds_it(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(
+        *("--num-epochs", "2", "--latent-dim", "3", "--hidden-dims", "16"),
+        *("--prior", "mixture", "--num-components", "3", "--encoder", "full-covariance"),
+        *("--likelihood", "discretized-logistic", "--decoder", "conv"),
+        *("--elbo", "iwae", "--num-particles", "2", "--beta", "0.5"),
+        *("--kl-warmup-epochs", "1", "--num-iw-samples", "5"),
+        *("--out-dir", str(out), "--no-progress"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "prior mixture, encoder full-covariance, likelihood discretized-logistic, decoder conv"
+        in (result.stdout)
+    )
+    assert "RenyiELBO with 2 particle(s), KL by Monte Carlo, beta 0.5 (warm-up 1 epochs)" in (
+        result.stdout
+    )
+    raw = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert raw["config"]["prior"] == "mixture" and raw["config"]["num_bins"] == 17
+    assert raw["args"]["elbo"] == "iwae" and raw["args"]["num_particles"] == 2
+    vae, _ = pv.load_checkpoint(out / "checkpoint.pt")
+    assert isinstance(vae.prior, pv.MixtureOfGaussiansPrior) and vae.prior.num_components == 3
+    assert isinstance(vae.encoder, pv.FullCovarianceNormalEncoder)
+    assert isinstance(vae.likelihood, pv.DiscretizedLogisticLikelihood)
+    assert isinstance(vae.decoder, pv.DeconvNet) and vae.beta == 0.5
+    # The digits' 17 grey levels are in the rebuilt likelihood's support.
+    data = pv.load_dataset("digits")
+    vae.validate_data(data.x_test)
