@@ -28,7 +28,26 @@ def _positive_scale(raw: Tensor, min_scale: float) -> Tensor:
     return F.softplus(raw) + min_scale
 
 
-class DiagonalNormalEncoder(nn.Module):
+class _NetworkEncoder(nn.Module):
+    """What every encoder here shares: x read through one network with ``num_outputs``
+    outputs, and the floor on its scales."""
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        num_outputs: int,
+        hidden_dims: Sequence[int],
+        image_shape: Sequence[int] | None,
+        min_scale: float,
+    ) -> None:
+        super().__init__()
+        self.latent_dim = check_positive_int("latent_dim", latent_dim)
+        self.min_scale = min_scale
+        self.net = feature_network(data_dim, num_outputs, hidden_dims, image_shape)
+
+
+class DiagonalNormalEncoder(_NetworkEncoder):
     """q(z | x) = N(μ(x), diag σ(x)²); μ and σ are the two halves of one network's output.
 
     σ(x) = softplus(raw) + ``min_scale``.
@@ -50,17 +69,15 @@ class DiagonalNormalEncoder(nn.Module):
         image_shape: Sequence[int] | None = None,
         min_scale: float = 1e-4,
     ) -> None:
-        super().__init__()
-        self.latent_dim = check_positive_int("latent_dim", latent_dim)
-        self.min_scale = min_scale
-        self.net = feature_network(data_dim, 2 * latent_dim, hidden_dims, image_shape)
+        check_positive_int("latent_dim", latent_dim)
+        super().__init__(data_dim, latent_dim, 2 * latent_dim, hidden_dims, image_shape, min_scale)
 
     def forward(self, x: Tensor) -> dist.TorchDistribution:
         loc, raw_scale = self.net(x).chunk(2, dim=-1)
         return dist.Normal(loc, _positive_scale(raw_scale, self.min_scale)).to_event(1)
 
 
-class FullCovarianceNormalEncoder(nn.Module):
+class FullCovarianceNormalEncoder(_NetworkEncoder):
     """q(z | x) = N(μ(x), L(x) L(x)ᵀ): a full covariance through its Cholesky factor L(x),
     a lower-triangular matrix with a positive diagonal (softplus + ``min_scale``) and free
     entries below it, all outputs of the network.
@@ -80,12 +97,15 @@ class FullCovarianceNormalEncoder(nn.Module):
         image_shape: Sequence[int] | None = None,
         min_scale: float = 1e-4,
     ) -> None:
-        super().__init__()
-        self.latent_dim = check_positive_int("latent_dim", latent_dim)
-        self.min_scale = min_scale
+        check_positive_int("latent_dim", latent_dim)
         num_off_diagonal = latent_dim * (latent_dim - 1) // 2
-        self.net = feature_network(
-            data_dim, 2 * latent_dim + num_off_diagonal, hidden_dims, image_shape
+        super().__init__(
+            data_dim,
+            latent_dim,
+            2 * latent_dim + num_off_diagonal,
+            hidden_dims,
+            image_shape,
+            min_scale,
         )
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         self.register_buffer("rows", rows, persistent=False)
@@ -103,7 +123,7 @@ class FullCovarianceNormalEncoder(nn.Module):
         return dist.MultivariateNormal(loc, scale_tril=scale_tril)
 
 
-class IAFEncoder(nn.Module):
+class IAFEncoder(_NetworkEncoder):
     """A normalizing-flow posterior (Kingma et al. 2016): z₀ ~ N(μ(x), diag σ(x)²), then
     ``flow_depth`` inverse autoregressive flow layers, each conditioned on a context vector
     h(x) from the same network, with the order of z reversed between layers:
@@ -135,14 +155,20 @@ class IAFEncoder(nn.Module):
         image_shape: Sequence[int] | None = None,
         min_scale: float = 1e-4,
     ) -> None:
-        super().__init__()
-        self.latent_dim = check_positive_int("latent_dim", latent_dim)
-        self.flow_depth = check_positive_int("flow_depth", flow_depth)
-        self.context_dim = check_positive_int("context_dim", context_dim)
+        check_positive_int("latent_dim", latent_dim)
+        check_positive_int("context_dim", context_dim)
         if latent_dim < 2:
             raise ValueError(f"IAFEncoder needs latent_dim >= 2, got {latent_dim}")
-        self.min_scale = min_scale
-        self.net = feature_network(data_dim, 2 * latent_dim + context_dim, hidden_dims, image_shape)
+        super().__init__(
+            data_dim,
+            latent_dim,
+            2 * latent_dim + context_dim,
+            hidden_dims,
+            image_shape,
+            min_scale,
+        )
+        self.flow_depth = check_positive_int("flow_depth", flow_depth)
+        self.context_dim = context_dim
         hidden = list(flow_hidden_dims or [4 * latent_dim])
         # stable=True is Kingma et al.'s gated update above, numerically safer than exp(log s).
         self.layers = nn.ModuleList(
@@ -164,7 +190,7 @@ class IAFEncoder(nn.Module):
         return dist.TransformedDistribution(base, transforms)
 
 
-class DeltaEncoder(nn.Module):
+class DeltaEncoder(_NetworkEncoder):
     """A deterministic encoder, q(z | x) = δ(z − μ(x)): a plain autoencoder whose code is a
     MAP estimate of z. log q = 0, so the "KL" term is −log p(μ(x)), a penalty that keeps codes
     where the prior puts mass; σ(x) is zero.
@@ -180,9 +206,8 @@ class DeltaEncoder(nn.Module):
         *,
         image_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
-        self.latent_dim = check_positive_int("latent_dim", latent_dim)
-        self.net = feature_network(data_dim, latent_dim, hidden_dims, image_shape)
+        check_positive_int("latent_dim", latent_dim)
+        super().__init__(data_dim, latent_dim, latent_dim, hidden_dims, image_shape, 0.0)
 
     def forward(self, x: Tensor) -> dist.TorchDistribution:
         return dist.Delta(self.net(x), event_dim=1)
