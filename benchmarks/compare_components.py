@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--num-iw-samples", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", default=None, help="row numbers to run (0-based)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/components-<dataset>.json"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
@@ -108,7 +111,7 @@ def main() -> None:
     x_test = pv.binarize(data.x_test, torch.Generator().manual_seed(12345))
     runs = [RUNS[int(i)] for i in args.only] if args.only else RUNS
     rows = []
-    out = Path(__file__).parent / "results" / f"components-{args.dataset}.json"
+    out = args.out or Path(__file__).parent / "results" / f"components-{args.dataset}.json"
     for label, options in runs:
         row = run_one(label, options, data, x_test, args)
         rows.append(row)
@@ -116,7 +119,10 @@ def main() -> None:
         out.write_text(
             json.dumps(
                 {
-                    "settings": vars(args) | {"torch_threads": torch.get_num_threads()},
+                    "settings": {
+                        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                    }
+                    | {"torch_threads": torch.get_num_threads()},
                     "rows": rows,
                 },
                 indent=2,
