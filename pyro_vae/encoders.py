@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.networks import feature_network
+from pyro_vae.networks import feature_network, output_layer
 
 
 def _positive_scale(raw: Tensor, min_scale: float) -> Tensor:
@@ -107,6 +107,13 @@ class FullCovarianceNormalEncoder(_NetworkEncoder):
             image_shape,
             min_scale,
         )
+        # The entries below the diagonal start at zero, so that training starts from the same
+        # posterior as the diagonal encoder's; with a default init they start around ±0.5 and
+        # the last of d latents would begin with a variance near 1 + d/6.
+        with torch.no_grad():
+            read_out = output_layer(self.net)
+            read_out.weight[2 * latent_dim :].zero_()
+            read_out.bias[2 * latent_dim :].zero_()
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)

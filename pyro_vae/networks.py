@@ -142,3 +142,12 @@ def feature_network(
     if net.in_dim != in_dim:
         raise ValueError(f"image_shape {tuple(image_shape)} has {net.in_dim} values, not {in_dim}")
     return net
+
+
+def output_layer(net: nn.Module) -> nn.Linear:
+    """The final linear layer of an :class:`MLP` or a :class:`ConvNet`: the read-out whose
+    rows produce the network's outputs."""
+    layer = net.linear if isinstance(net, ConvNet) else net[-1]
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{type(net).__name__} does not end in a linear layer")
+    return layer

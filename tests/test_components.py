@@ -174,3 +174,13 @@ def test_checkpoint_rebuilds_every_component_exactly(tmp_path, options):
     expected = pv.elbo(vae, x)
     pyro.set_rng_seed(1)
     torch.testing.assert_close(pv.elbo(loaded, x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("image_shape", [None, IMAGE_SHAPE])
+def test_full_covariance_encoder_starts_diagonal_and_learns_correlations(image_shape):
+    encoder = pv.FullCovarianceNormalEncoder(DATA_DIM, LATENT_DIM, (8,), image_shape=image_shape)
+    x = binary_data(40, DATA_DIM)
+    assert torch.equal(encoder(x).scale_tril.tril(-1), torch.zeros(40, LATENT_DIM, LATENT_DIM))
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, encoder=encoder, hidden_dims=(8,))
+    pv.fit(vae, x, num_epochs=3, batch_size=10, progress=False)
+    assert (encoder(x).scale_tril.tril(-1).abs() > 0).any()
