@@ -4,7 +4,7 @@ run is described by plain values and rebuilt exactly from them.
 In Python, pass component objects to :class:`~pyro_vae.model.VAE` directly (``prior=``,
 ``encoder=``, ...); :func:`build_vae` is the same with names, one keyword per swap::
 
-    build_vae(784, 50, prior="vamp", encoder="iaf", likelihood="discretized-logistic")
+    build_vae(784, 50, prior="flow", encoder="iaf", likelihood="discretized-logistic")
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
     python scripts/train.py                       # digits, offline, about a minute on 2 CPU cores
     python scripts/train.py --dataset fashion-mnist --num-epochs 20 --latent-dim 50
-    python scripts/train.py --prior vamp --encoder iaf --elbo iwae --num-particles 5
+    python scripts/train.py --prior vamp --encoder full-covariance --elbo iwae --num-particles 5
 
 Writes into --out-dir: checkpoint.pt (weights plus the arguments that rebuild the model; loads
 with torch.load(weights_only=True)), metrics.json and metrics.csv (per epoch: train and test
@@ -315,6 +315,13 @@ def main(args: argparse.Namespace) -> dict:
         + (f" (warm-up {args.kl_warmup_epochs} epochs)" if args.kl_warmup_epochs else "")
         + f"; device {args.device}; writing to {out_dir}"
     )
+
+    if args.kl_warmup_epochs > args.num_epochs:
+        reached = args.beta * args.num_epochs / args.kl_warmup_epochs
+        print(
+            f"note: the KL warm-up ({args.kl_warmup_epochs} epochs) outlasts training "
+            f"({args.num_epochs} epochs): beta reaches only {reached:.3g} of {args.beta}"
+        )
 
     def after_epoch(epoch: int, history: pv.History) -> None:
         row = {"epoch": epoch, "train_loss": history.loss[-1]}
