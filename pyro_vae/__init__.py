@@ -28,7 +28,7 @@ from pyro_vae.priors import (
     StandardNormalPrior,
     VampPrior,
 )
-from pyro_vae.train import History, TrainingDivergedError, fit
+from pyro_vae.train import History, TrainingDivergedError, TrainingState, fit
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "PRIORS",
     "StandardNormalPrior",
     "TrainingDivergedError",
+    "TrainingState",
     "VAE",
     "VampPrior",
     "binarize",

@@ -1,5 +1,7 @@
 """fit(): it trains every parameter, lowers the loss, and refuses bad input before any work."""
 
+import copy
+
 import pyro
 import pytest
 import torch
@@ -112,3 +114,100 @@ def test_bad_input_is_rejected_before_any_parameter_changes(data, kwargs, messag
         pv.fit(vae, data, **arguments)
     for name, p in vae.named_parameters():
         assert torch.equal(before[name], p)
+
+
+class _Killed(Exception):
+    """Stands in for a kill: raised from the checkpoint callback."""
+
+
+def _fit_with_checkpoints(weights=None, resume=None, kill_at=None, seed=0):
+    pyro.set_rng_seed(seed)
+    vae = pv.VAE(10, 2, hidden_dims=(8,))
+    if weights is not None:
+        vae.load_state_dict(weights)
+    saved = []
+
+    def checkpoint(state):
+        # What the script writes to disk: copies, taken at this instant.
+        saved.append((copy.deepcopy(state.to_dict()), copy.deepcopy(vae.state_dict())))
+        if len(saved) == kill_at:
+            raise _Killed
+
+    x = torch.rand(50, 10, generator=torch.Generator().manual_seed(5))  # binarized each batch
+    history = pv.fit(
+        vae,
+        x,
+        num_epochs=3,
+        batch_size=8,  # 7 steps per epoch
+        kl_warmup_epochs=2,
+        checkpoint=checkpoint,
+        checkpoint_every=3,
+        resume=resume,
+        generator=torch.Generator().manual_seed(seed + 1),
+        progress=False,
+    )
+    return vae, history, saved
+
+
+def test_resume_in_the_middle_of_an_epoch_ends_exactly_like_an_uninterrupted_fit():
+    reference, reference_history, _ = _fit_with_checkpoints()
+    with pytest.raises(_Killed):
+        _fit_with_checkpoints(kill_at=4)
+    _, _, saved = _fit_with_checkpoints(kill_at=None)
+    # The fourth checkpoint: global steps 3 and 6, the end of epoch 1, then step 2 of epoch 2.
+    state, weights = saved[3]
+    assert (state["epoch"], state["step"]) == (1, 2)
+    # Another seed and a fresh model: everything that matters must come from the checkpoint.
+    resumed, history, _ = _fit_with_checkpoints(
+        weights=weights, resume=pv.TrainingState.from_dict(state), seed=99
+    )
+    for (name, expected), actual in zip(
+        reference.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+    assert history.step_loss == reference_history.step_loss
+    assert history.loss == reference_history.loss
+
+
+def test_gradient_that_is_not_finite_stops_training_before_the_step(monkeypatch):
+    vae = pv.VAE(6, 2, hidden_dims=(8,))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    real = torch.nn.utils.get_total_norm
+    calls = []
+
+    def poisoned(grads, *args, **kwargs):  # the third step's gradient overflows
+        calls.append(1)
+        return torch.tensor(float("inf")) if len(calls) == 3 else real(grads, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", poisoned)
+    saved = []
+    with pytest.raises(pv.TrainingDivergedError, match="gradient norm is inf at epoch 1, step 3"):
+        pv.fit(
+            vae,
+            binary_data(40, 6),
+            num_epochs=1,
+            batch_size=10,
+            progress=False,
+            checkpoint=lambda state: saved.append(copy.deepcopy(vae.state_dict())),
+            checkpoint_every=1,
+        )
+    assert len(saved) == 2  # after steps 1 and 2; nothing of the diverged step 3
+    assert any(not torch.equal(before[k], v) for k, v in saved[-1].items())
+    for k, v in vae.state_dict().items():
+        assert torch.equal(saved[-1][k], v), k  # step 3 was not applied
+
+
+def test_clip_norm_bounds_the_gradient_norm(monkeypatch):
+    vae = pv.VAE(6, 2, hidden_dims=(8,))
+    norms = []
+    real_step = torch.optim.Adam.step
+
+    def record_then_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record_then_step)
+    pv.fit(vae, binary_data(40, 6), num_epochs=2, batch_size=10, clip_norm=0.5, progress=False)
+    assert len(norms) == 8 and max(norms) <= 0.5 + 1e-9
+    assert max(norms) > 0.49  # the clip was active: unclipped norms here are far above 0.5
