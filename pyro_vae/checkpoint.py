@@ -8,6 +8,8 @@ checkpoint intact.
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,26 @@ def load_checkpoint(
         its config describes; the message says which.
     """
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle draws a warning about its protocol before it is refused below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as error:
+        # weights_only refused something that is not a tensor or a plain value: unpickling it
+        # could run code. torch's message is many lines; keep the one that names the object.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+        raise ValueError(
+            f"{path}: not a loadable checkpoint: it holds objects that could run code when "
+            f"loaded, refused without loading them ({detail})"
+        ) from error
     except Exception as error:
-        raise ValueError(f"{path}: not a loadable checkpoint ({error})") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{path}: not a loadable checkpoint ({type(error).__name__}: {first_line})"
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pyro_vae checkpoint (no format {FORMAT!r})")
     try:

@@ -216,7 +216,10 @@ def fit(
         pyro.get_param_store().scope(),
         _restored_beta(vae),
         _sigint_flag(enabled=checkpoint is not None) as interrupted,
+        warnings.catch_warnings(),
     ):
+        # Pyro warns of a NaN loss; fit raises TrainingDivergedError instead, naming the step.
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
         for epoch in range(first_epoch, num_epochs + 1):
             started = time.perf_counter()
             if order is None:

@@ -33,6 +33,17 @@ from pyro_vae import plots
 from pyro_vae._files import atomic_write
 
 PROG = "train.py"
+# Everything a run writes into its directory.
+OUTPUT_FILES = (
+    "checkpoint.pt",
+    "metrics.json",
+    "metrics.csv",
+    "final_metrics.json",
+    "reconstructions.png",
+    "samples.png",
+    "latent_space.png",
+    "loss_curves.png",
+)
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 MAX_TRAIN_EVAL = 10000
 
@@ -106,6 +117,9 @@ def _likelihood_scale(text: str) -> float | str:
             f"expected a number > 0, learned or learned-per-feature, got {text!r}"
         ) from None
 
+
+# What may change when a run is resumed: nothing that alters the model or the maths.
+RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every")
 
 # --elbo names → Pyro's estimators, given the number of particles.
 ELBOS = {
@@ -218,7 +232,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", type=_device, default="auto", help="auto picks CUDA when present"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    faults = parser.add_argument_group("checkpoints and faults")
+    faults.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint, with its own arguments (only "
+        f"{', '.join(RESUME_OVERRIDES)} may change)",
+    )
+    faults.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out-dir"
+    )
+    faults.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        metavar="STEPS",
+        help="also checkpoint every this many steps (default: after each epoch only)",
+    )
+    faults.add_argument(
+        "--clip-norm", type=_positive_float, default=None, help="clip the gradient norm"
+    )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.resume is not None:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        fixed = sorted(given - {"--resume", *RESUME_OVERRIDES})
+        if fixed:
+            parser.error(
+                f"--resume continues a run with its own arguments; {', '.join(fixed)} cannot "
+                f"change (only {', '.join(RESUME_OVERRIDES)} can)"
+            )
+        if args.overwrite:
+            parser.error("--resume and --overwrite exclude each other")
+        args.explicit = given
+        return args
     if args.out_dir is None:
         args.out_dir = Path("runs") / args.dataset
     if args.num_epochs is None:
@@ -253,6 +302,49 @@ def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
     }
 
 
+def _load_run(run_dir: Path) -> tuple[pv.VAE, dict]:
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        raise ValueError(f"--resume {run_dir}: no checkpoint.pt there")
+    vae, payload = pv.load_checkpoint(path)
+    for key in ("args", "metrics", "training"):
+        if key not in payload:
+            raise ValueError(f"{path}: a checkpoint without {key!r} cannot be resumed")
+    return vae, payload
+
+
+def _resumed_args(saved: dict, given: argparse.Namespace) -> argparse.Namespace:
+    """The saved run's arguments, with the few a resume may change taken from the command."""
+    args = argparse.Namespace(**saved)
+    args.out_dir = given.resume  # the run's directory, wherever it is now
+    args.data_dir = None if saved["data_dir"] is None else Path(saved["data_dir"])
+    for flag in RESUME_OVERRIDES:
+        name = flag.removeprefix("--").replace("-", "_")
+        if flag in given.explicit:
+            setattr(args, name, getattr(given, name))
+    args.resume, args.overwrite = given.resume, False
+    return args
+
+
+def _prepare_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one's directory, or to write where we cannot."""
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output directory {out_dir} already holds a run; continue it with --resume "
+            f"{out_dir}, or replace it with --overwrite"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create output directory {out_dir}: {error}") from error
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"output directory {out_dir} is not writable")
+    if overwrite:
+        # The old run's files go now, so that none of them can pass for the new run's.
+        for name in OUTPUT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+
+
 def model_config(args: argparse.Namespace, data: pv.DataSplits) -> dict:
     """The keyword arguments of pv.build_vae for these arguments and data: plain values, saved
     in the checkpoint so that the run rebuilds exactly."""
@@ -279,10 +371,22 @@ def main(args: argparse.Namespace) -> dict:
     Everything that can fail on bad input (device, data, model) runs before the output
     directory is touched.
     """
+    resumed = None
+    if args.resume is not None:
+        saved_vae, resumed = _load_run(args.resume)
+        args = _resumed_args(resumed["args"], args)
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
     config = model_config(args, data)
-    vae = pv.build_vae(**config).to(args.device)
+    if resumed is None:
+        vae = pv.build_vae(**config).to(args.device)
+    elif config != resumed["config"]:
+        raise ValueError(
+            f"{args.resume}: the data no longer match the saved run's model "
+            f"({resumed['config']} against {config})"
+        )
+    else:
+        vae = saved_vae.to(args.device)
     loss = ELBOS[args.elbo](args.num_particles)
     # A Bernoulli likelihood needs binary data: training binarizes dynamically (fit's default),
     # and evaluation uses one fixed, seeded binarization so every epoch sees the same test set.
@@ -299,11 +403,14 @@ def main(args: argparse.Namespace) -> dict:
     vae.validate_data(x_train_eval, "training data")
 
     out_dir: Path = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"output directory {out_dir} is not writable")
-    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    metrics: list[dict] = []
+    _prepare_out_dir(out_dir, resume=resumed is not None, overwrite=args.overwrite)
+    run_args = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("resume", "overwrite", "explicit")
+    }
+    metrics: list[dict] = [] if resumed is None else list(resumed["metrics"])
+    state = None if resumed is None else pv.TrainingState.from_dict(resumed["training"])
     kl_kind = "closed form" if pv.has_closed_form_kl(vae) else "Monte Carlo"
     if args.elbo != "meanfield":
         kl_kind = "Monte Carlo"
@@ -330,9 +437,6 @@ def main(args: argparse.Namespace) -> dict:
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
         _write_metrics(out_dir, metrics)
-        pv.save_checkpoint(
-            out_dir / "checkpoint.pt", vae, config, args=run_args, epoch=epoch, metrics=metrics
-        )
         tqdm.write(
             f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  "
             f"train ELBO {row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} "
@@ -340,6 +444,21 @@ def main(args: argparse.Namespace) -> dict:
             f"{row['seconds']:.2f}s"
         )
 
+    def checkpoint(training: pv.TrainingState) -> None:
+        # Written atomically: a kill at any instant leaves the previous checkpoint whole.
+        pv.save_checkpoint(
+            out_dir / "checkpoint.pt",
+            vae,
+            config,
+            args=run_args,
+            epoch=training.epoch,
+            step=training.step,
+            metrics=metrics,
+            training=training.to_dict(),
+        )
+
+    if state is not None:
+        print(f"resuming after epoch {state.epoch}, step {state.step}")
     started = time.perf_counter()
     pv.fit(
         vae,
@@ -349,7 +468,11 @@ def main(args: argparse.Namespace) -> dict:
         learning_rate=args.learning_rate,
         loss=loss,
         kl_warmup_epochs=args.kl_warmup_epochs,
+        clip_norm=args.clip_norm,
         callback=after_epoch,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        resume=state,
         progress=False if args.no_progress else None,
         generator=generator,
     )
@@ -401,10 +524,17 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except pv.TrainingDivergedError as error:
-        print(f"{PROG}: training diverged: {error}", file=sys.stderr)
+        print(
+            f"{PROG}: training diverged: {error}; checkpoint.pt keeps the last good state",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the last finished epoch is in checkpoint.pt", file=sys.stderr)
+        print(
+            f"{PROG}: interrupted; checkpoint.pt holds the last finished step; continue with "
+            f"--resume {args.resume or args.out_dir}",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
