@@ -271,6 +271,8 @@ def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     does) makes grayscale images proper data for a Bernoulli likelihood; a fixed draw with a
     seeded ``generator`` gives a reproducible test set.
     """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"binarize needs a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point() or not bool(((x >= 0) & (x <= 1)).all()):
         raise ValueError("binarize needs floating values in [0, 1] (pixel intensities)")
     return torch.bernoulli(x, generator=generator)

@@ -172,7 +172,7 @@ class VAE(PyroModule):
         pair for every x. A posterior without closed-form moments (a flow) gets Monte-Carlo
         estimates from :data:`ENCODE_SAMPLES` draws.
         """
-        posterior = self.encoder(x)
+        posterior = self.encoder(self._check_batch(x))
         try:
             return posterior.mean, posterior.stddev
         except NotImplementedError:
@@ -204,6 +204,30 @@ class VAE(PyroModule):
                 return tensor
         return torch.empty(0)
 
+    def _check_batch(self, x: object) -> Tensor:
+        """The cheap part of :meth:`validate_data` (type, dtype, shape; not the values), for
+        calls such as :meth:`encode` that are also used inside the maths."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must have a floating dtype, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(
+                f"x must have shape (N, {self.data_dim}) (flatten images first), "
+                f"got {tuple(x.shape)}"
+            )
+        _check_finite(x, "x")
+        self._check_dtype_and_device(x, "x")
+        return x
+
+    def _check_dtype_and_device(self, x: Tensor, what: str) -> None:
+        reference = self._reference_tensor()
+        if reference.numel() and (x.dtype, x.device) != (reference.dtype, reference.device):
+            raise ValueError(
+                f"{what} is {x.dtype} on {x.device} but the model is {reference.dtype} on "
+                f"{reference.device}; convert one of them (x.to(...) or vae.to(...))"
+            )
+
     def validate_data(
         self, x: object, what: str = "data", *, probabilities: bool = False
     ) -> Tensor:
@@ -225,13 +249,7 @@ class VAE(PyroModule):
             )
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
-        # One sum is finite only if every value is (NaN and inf propagate), so the elementwise
-        # check runs only when the cheap one fails.
-        if not bool(torch.isfinite(x.sum())):
-            finite = torch.isfinite(x)
-            if not bool(finite.all()):
-                row = int((~finite).any(dim=1).nonzero()[0])
-                raise ValueError(f"{what} has NaN or infinite values (first in example {row})")
+        _check_finite(x, what)
         if probabilities:
             support = constraints.independent(constraints.unit_interval, 1)
             expected = "the probabilities in [0, 1] that dynamic binarization needs"
@@ -251,6 +269,7 @@ class VAE(PyroModule):
                 f"{what} has values outside {expected}, first in example {row}: "
                 f"{_offending_value(x[row], support)}{hint}"
             )
+        self._check_dtype_and_device(x, what)
         return x
 
     @torch.no_grad()
@@ -298,6 +317,16 @@ class VAE(PyroModule):
             given=f"decoder output of shape {tuple(params.shape)}",
         )
         return observation.support
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    # One sum is finite only if every value is (NaN and inf propagate), so the elementwise
+    # check runs only when the cheap one fails.
+    if not bool(torch.isfinite(x.sum())):
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            row = int((~finite).any(dim=1).nonzero()[0])
+            raise ValueError(f"{what} has NaN or infinite values (first in example {row})")
 
 
 def _call_part(name: str, part: nn.Module, *args: Tensor) -> object:

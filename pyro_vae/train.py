@@ -157,7 +157,10 @@ def fit(
     check_positive_int("batch_size", batch_size)
     check_positive_float("learning_rate", learning_rate)
     reference = vae._reference_tensor()
-    x = to_tensor(data, vae.data_dim).to(device=reference.device, dtype=reference.dtype)
+    x = to_tensor(data, vae.data_dim)
+    if not x.is_floating_point():  # checked before the cast below would hide it
+        raise ValueError(f"training data must have a floating dtype, got {x.dtype}")
+    x = x.to(device=reference.device, dtype=reference.dtype)
     if binarize is None:
         binarize = isinstance(vae.likelihood, BernoulliLikelihood) and not is_binary(x)
     vae.validate_data(x, "training data", probabilities=binarize)
