@@ -148,4 +148,4 @@ def test_component_flags_reach_the_model_and_the_checkpoint_rebuilds_it(tmp_path
     assert isinstance(vae.decoder, pv.DeconvNet) and vae.beta == 0.5
     # The digits' 17 grey levels are in the rebuilt likelihood's support.
     data = pv.load_dataset("digits")
-    vae.validate_data(data.x_test)
+    vae.validate_data(data.x_test.to(torch.get_default_dtype()))
