@@ -78,6 +78,9 @@ def test_train_script_writes_checkpoint_metrics_and_figures(tmp_path):
         (["--beta", "0"], "--beta: expected a finite number > 0"),
         (["--kl-warmup-epochs", "-1"], "--kl-warmup-epochs: expected an integer >= 0"),
         (["--prior", "vamp", "--encoder", "iaf"], "prior: VampPrior needs posteriors"),
+        (["--resume", "anywhere", "--latent-dim", "4"], "--resume continues a run with its own"),
+        (["--clip-norm", "-1"], "--clip-norm: expected a finite number > 0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive integer"),
         (["--likelihood", "normal", "--likelihood-scale", "0.1"], None),  # a valid pair
     ],
 )
