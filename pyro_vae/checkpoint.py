@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pyro_vae._files import atomic_write
-from pyro_vae.build import build_vae
+from pyro_vae.build import build_vae, describe
 from pyro_vae.model import VAE
 
 FORMAT = "pyro_vae.checkpoint/1"
@@ -76,5 +76,13 @@ def load_checkpoint(
     try:
         vae.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit the saved config: {error}") from error
+        # torch lists every mismatched tensor on its own line; one line says it all here.
+        problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        details = problems[0] if problems else str(error)
+        if len(problems) > 1:
+            details += f" (and {len(problems) - 1} more)"
+        raise ValueError(
+            f"{path}: weights do not fit the saved config (latent_dim {vae.latent_dim}, "
+            f"{describe(payload['config'])}): {details}"
+        ) from error
     return vae.to(map_location), payload

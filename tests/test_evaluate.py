@@ -77,5 +77,15 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path):
     vae = pv.VAE(12, 3, hidden_dims=(8,))
     mismatched = tmp_path / "mismatched.pt"
     pv.save_checkpoint(mismatched, vae, {"data_dim": 12, "latent_dim": 4, "hidden_dims": [8]})
-    with pytest.raises(ValueError, match="do not fit the saved config"):
+    with pytest.raises(ValueError, match="do not fit the saved config") as refused:
         pv.load_checkpoint(mismatched)
+    assert "\n" not in str(refused.value) and "size mismatch" in str(refused.value)
+    other_architecture = tmp_path / "other.pt"
+    pv.save_checkpoint(
+        other_architecture,
+        vae,
+        {"data_dim": 12, "latent_dim": 3, "hidden_dims": [8], "encoder": "delta"},
+    )
+    with pytest.raises(ValueError, match="do not fit the saved config") as refused:
+        pv.load_checkpoint(other_architecture)
+    assert "\n" not in str(refused.value)
