@@ -10,7 +10,17 @@ from pyro_vae.encoders import (
     FullCovarianceNormalEncoder,
     IAFEncoder,
 )
-from pyro_vae.evaluate import ElboTerms, elbo, elbo_terms, log_likelihood
+from pyro_vae.evaluate import (
+    ActiveUnits,
+    ElboTerms,
+    KLDecomposition,
+    active_units,
+    elbo,
+    elbo_terms,
+    kl_decomposition,
+    kl_per_dimension,
+    log_likelihood,
+)
 from pyro_vae.kl import has_closed_form_kl  # importing it registers the closed-form KLs
 from pyro_vae.likelihoods import (
     BernoulliLikelihood,
@@ -33,6 +43,7 @@ from pyro_vae.train import History, TrainingDivergedError, TrainingState, fit
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveUnits",
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "ConvNet",
@@ -52,6 +63,7 @@ __all__ = [
     "FullCovarianceNormalEncoder",
     "History",
     "IAFEncoder",
+    "KLDecomposition",
     "LIKELIHOODS",
     "LaplaceLikelihood",
     "MLP",
@@ -63,12 +75,15 @@ __all__ = [
     "TrainingState",
     "VAE",
     "VampPrior",
+    "active_units",
     "binarize",
     "build_vae",
     "elbo",
     "elbo_terms",
     "fit",
     "has_closed_form_kl",
+    "kl_decomposition",
+    "kl_per_dimension",
     "load_checkpoint",
     "load_dataset",
     "log_likelihood",

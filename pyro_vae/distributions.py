@@ -116,3 +116,19 @@ class DiscretizedLogistic(TorchDistribution):
         continuous = self.loc + self.scale * (u.log() - (-u).log1p())
         last = self.num_bins - 1
         return (continuous * last).round().clamp(0, last) / last
+
+
+def is_diagonal_normal(d: torch.distributions.Distribution) -> bool:
+    """Whether ``d`` is a Normal over a vector with independent coordinates."""
+    return (
+        isinstance(d, torch.distributions.Independent)
+        and isinstance(d.base_dist, torch.distributions.Normal)
+        and d.reinterpreted_batch_ndims == 1
+    )
+
+
+def has_density_everywhere(d: torch.distributions.Distribution) -> bool:
+    """Whether ``d`` has a closed-form density at any point (diagonal or full-covariance
+    Normal), as a mixture of posteriors (VampPrior) or an aggregate posterior needs. A Delta
+    has none, and a flow's needs an inversion per point."""
+    return is_diagonal_normal(d) or isinstance(d, torch.distributions.MultivariateNormal)

@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_int
+from pyro_vae.distributions import has_density_everywhere, is_diagonal_normal
 from pyro_vae.model import VAE
 
 
@@ -134,3 +135,122 @@ def log_likelihood(
         if start + count == num_samples:
             results.append(running - math.log(num_samples))
     return torch.cat(results)
+
+
+# ---------------------------------------------------------------- how the latent space is used
+
+
+class ActiveUnits(NamedTuple):
+    """Latent dimensions that carry information about x (Burda et al. 2016): dimension i is
+    active when Cov_x(E_q[z_i | x]) exceeds ``threshold``; collapsed dimensions have a mean
+    that ignores x (and a posterior equal to the prior)."""
+
+    count: int
+    variance: Tensor
+    """Cov_x(E_q[z_i | x]) for each dimension, ``(latent_dim,)``."""
+    threshold: float
+
+
+@torch.no_grad()
+def active_units(vae: VAE, x: Tensor, threshold: float = 0.01) -> ActiveUnits:
+    """Count the active latent dimensions over the examples ``x`` (at least two)."""
+    vae.validate_data(x)
+    if len(x) < 2:
+        raise ValueError("active_units needs at least two examples: it measures a variance")
+    loc, _ = vae.encode(x)
+    variance = loc.var(dim=0)
+    return ActiveUnits(int((variance > threshold).sum()), variance, float(threshold))
+
+
+@torch.no_grad()
+def kl_per_dimension(vae: VAE, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """KL(q(z_i | x) ‖ p(z_i)) per example and latent dimension, ``(N, latent_dim)``, in closed
+    form; the row sums are the examples' KL terms. It needs a factorized posterior and prior
+    (diagonal Normal encoder; standard or diagonal Normal prior): otherwise the KL does not
+    split into dimensions and a ``ValueError`` says so."""
+    vae.validate_data(x)
+    check_positive_int("batch_size", batch_size)
+    prior = vae.prior()
+    rows = []
+    for batch in x.split(batch_size):
+        posterior = vae.encoder(batch)
+        if not (is_diagonal_normal(posterior) and is_diagonal_normal(prior)):
+            raise ValueError(
+                "KL per dimension needs a diagonal Normal posterior and prior; this VAE has "
+                f"{type(posterior).__name__} and {type(prior).__name__}"
+            )
+        q, p = posterior.base_dist, prior.base_dist.expand(posterior.base_dist.batch_shape)
+        rows.append(torch.distributions.kl_divergence(q, p))
+    return torch.cat(rows)
+
+
+class KLDecomposition(NamedTuple):
+    """Hoffman & Johnson (2016): the average KL term splits into the information z carries
+    about x and the distance of the aggregate posterior from the prior,
+
+        (1/N) Σ_n KL(q(z|x_n) ‖ p(z)) = I(x; z) + KL(q(z) ‖ p(z)),  q(z) = (1/N) Σ_n q(z|x_n).
+
+    Monte-Carlo estimates in nats with their standard errors; the identity holds exactly for
+    the estimates, which share their draws."""
+
+    average_kl: float
+    mutual_information: float
+    marginal_kl: float
+    average_kl_se: float
+    mutual_information_se: float
+    marginal_kl_se: float
+
+
+@torch.no_grad()
+def kl_decomposition(
+    vae: VAE,
+    x: Tensor,
+    num_samples: int = 1,
+    max_elements: int = 2**24,
+    progress: bool | None = False,
+) -> KLDecomposition:
+    """Estimate :class:`KLDecomposition` over the examples ``x`` (the empirical data
+    distribution), drawing ``num_samples`` z ~ q(z | x_n) per example. log q(z) needs the
+    density of every posterior q(z | x_m) at every draw: N² work, done in chunks of at most
+    ``max_elements`` (draw, example) pairs. The encoder's posteriors must have a density at
+    any z (diagonal or full-covariance Normal).
+
+    The empirical q(z) includes each draw's own posterior, so I(x; z) is biased low and the
+    marginal KL high by about e^I / N; both are bounded by log N. The average KL is unbiased.
+    """
+    vae.validate_data(x)
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("max_elements", max_elements)
+    posteriors = vae.encoder(x)
+    if not has_density_everywhere(posteriors):
+        raise ValueError(
+            "kl_decomposition needs posteriors with a density at any z (diagonal or "
+            f"full-covariance Normal), not {type(posteriors).__name__}"
+        )
+    num_data = len(x)
+    prior = vae.prior()
+    chunk = max(1, max_elements // (num_data * num_samples))
+    mutual, marginal = [], []
+    for start in tqdm(
+        range(0, num_data, chunk),
+        desc="I(x; z)",
+        disable=None if progress is None else not progress,
+    ):
+        own = vae.encoder(x[start : start + chunk])
+        z = own.sample((num_samples,))  # (S, C, D)
+        log_q_own = own.log_prob(z)  # (S, C)
+        # log q(z) = log (1/N) Σ_m q(z | x_m): every draw against every example's posterior.
+        log_q_all = posteriors.log_prob(z.unsqueeze(-2))  # (S, C, N)
+        log_q_aggregate = torch.logsumexp(log_q_all, dim=-1) - math.log(num_data)
+        log_p = prior.log_prob(z)
+        mutual.append((log_q_own - log_q_aggregate).mean(0))
+        marginal.append((log_q_aggregate - log_p).mean(0))
+    mi, mk = torch.cat(mutual), torch.cat(marginal)
+    total = mi + mk
+
+    def se(values: Tensor) -> float:
+        return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+    return KLDecomposition(
+        float(total.mean()), float(mi.mean()), float(mk.mean()), se(total), se(mi), se(mk)
+    )

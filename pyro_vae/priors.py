@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
+from pyro_vae.distributions import has_density_everywhere
 
 # softplus(_SOFTPLUS_ONE) == 1: unconstrained scales start at a scale of one.
 _SOFTPLUS_ONE = float(torch.log(torch.expm1(torch.tensor(1.0))))
@@ -117,19 +118,13 @@ class VampPrior(nn.Module):
         if self._encoder is None:
             raise ValueError("VampPrior has no encoder: build it into a VAE, or pass encoder=")
         posteriors = self._encoder(self.pseudo_inputs)
-        if not _has_density(posteriors):
+        if not has_density_everywhere(posteriors):
             raise ValueError(
                 f"VampPrior needs posteriors with a density at every z (diagonal or "
                 f"full-covariance Normal); the encoder gives {_describe(posteriors)}"
             )
         weights = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.num_pseudo_inputs))
         return dist.MixtureSameFamily(weights, posteriors)
-
-
-def _has_density(d: dist.TorchDistribution) -> bool:
-    if isinstance(d, torch.distributions.Independent):
-        return isinstance(d.base_dist, torch.distributions.Normal)
-    return isinstance(d, torch.distributions.MultivariateNormal)
 
 
 def _describe(d: dist.TorchDistribution) -> str:
