@@ -302,6 +302,25 @@ def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
     }
 
 
+def evaluation_data(
+    vae: pv.VAE, data: pv.DataSplits, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test set and a training subset as the run evaluates them.
+
+    A Bernoulli likelihood needs binary data: training binarizes dynamically (fit's default),
+    and evaluation uses one fixed binarization drawn from the run's seeded ``generator``, so
+    that every epoch, and scripts/evaluate.py later, sees the same test set.
+    """
+    binarize = isinstance(vae.likelihood, pv.BernoulliLikelihood) and not pv.data.is_binary(
+        data.x_train
+    )
+    x_test = pv.binarize(data.x_test, generator) if binarize else data.x_test
+    x_train_eval = data.x_train[:MAX_TRAIN_EVAL]
+    if binarize:
+        x_train_eval = pv.binarize(x_train_eval, generator)
+    return x_test, x_train_eval
+
+
 def _load_run(run_dir: Path) -> tuple[pv.VAE, dict]:
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
@@ -388,16 +407,8 @@ def main(args: argparse.Namespace) -> dict:
     else:
         vae = saved_vae.to(args.device)
     loss = ELBOS[args.elbo](args.num_particles)
-    # A Bernoulli likelihood needs binary data: training binarizes dynamically (fit's default),
-    # and evaluation uses one fixed, seeded binarization so every epoch sees the same test set.
-    binarize_eval = isinstance(vae.likelihood, pv.BernoulliLikelihood) and not pv.data.is_binary(
-        data.x_train
-    )
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    x_test = pv.binarize(data.x_test, generator) if binarize_eval else data.x_test
-    x_train_eval = data.x_train[:MAX_TRAIN_EVAL]
-    if binarize_eval:
-        x_train_eval = pv.binarize(x_train_eval, generator)
+    x_test, x_train_eval = evaluation_data(vae, data, generator)
     # Data outside the likelihood's support fail here, before the output directory is touched.
     vae.validate_data(x_test, "test data")
     vae.validate_data(x_train_eval, "training data")
