@@ -21,6 +21,7 @@ from pyro_vae.evaluate import (
     kl_per_dimension,
     log_likelihood,
 )
+from pyro_vae.explain import explain
 from pyro_vae.kl import has_closed_form_kl  # importing it registers the closed-form KLs
 from pyro_vae.likelihoods import (
     BernoulliLikelihood,
@@ -80,6 +81,7 @@ __all__ = [
     "build_vae",
     "elbo",
     "elbo_terms",
+    "explain",
     "fit",
     "has_closed_form_kl",
     "kl_decomposition",

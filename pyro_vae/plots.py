@@ -110,3 +110,107 @@ def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> None:
     right.set_title("The two terms of the test ELBO")
     right.legend()
     _save(fig, path)
+
+
+def plot_point_cloud(
+    z: Tensor, loc: Tensor, scale: Tensor, dims: tuple[int, int], path: str | os.PathLike
+) -> None:
+    """Draws z = μ + σ·ε for one x in two latent dimensions, with μ and the 1σ and 2σ boxes."""
+    i, j = dims
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(
+        z[:, i].cpu().numpy(), z[:, j].cpu().numpy(), s=3, alpha=0.3, label="z = μ(x) + σ(x)·ε"
+    )
+    ax.plot(float(loc[i]), float(loc[j]), "r+", markersize=14, mew=2, label="μ(x)")
+    for k in (1, 2):
+        ax.add_patch(
+            plt.Rectangle(
+                (float(loc[i] - k * scale[i]), float(loc[j] - k * scale[j])),
+                float(2 * k * scale[i]),
+                float(2 * k * scale[j]),
+                fill=False,
+                ec="r",
+                ls="--" if k == 2 else "-",
+                label=f"μ ± {k}σ",
+            )
+        )
+    ax.set_xlabel(f"z[{i}]")
+    ax.set_ylabel(f"z[{j}]")
+    ax.set_title("The reparameterization cloud of one test input")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_aspect("equal", adjustable="datalim")
+    _save(fig, path)
+
+
+def plot_aggregate_posterior(
+    z: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    dims: tuple[int, int],
+    path: str | os.PathLike,
+) -> None:
+    """One z ~ q(z | x) per test input (the aggregate posterior), coloured by label, over the
+    contours of the N(0, I) prior in the same two dimensions."""
+    i, j = dims
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    grid = torch.linspace(-3.5, 3.5, 200)
+    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
+    density = torch.exp(-(gx**2 + gy**2) / 2) / (2 * torch.pi)
+    ax.contour(
+        gx.numpy(), gy.numpy(), density.numpy(), levels=6, colors="k", linewidths=0.6, alpha=0.6
+    )
+    colours = plt.get_cmap("tab10")
+    for k, name in enumerate(class_names):
+        mask = (labels == k).cpu()
+        ax.scatter(
+            z[mask, i].cpu().numpy(),
+            z[mask, j].cpu().numpy(),
+            s=5,
+            alpha=0.7,
+            color=colours(k % 10),
+            label=name,
+        )
+    ax.set_xlabel(f"z[{i}]")
+    ax.set_ylabel(f"z[{j}]")
+    ax.set_title("Aggregate posterior q(z) (one draw per test input) over N(0, I) contours")
+    ax.legend(markerscale=3, fontsize=7, title="label", loc="upper right")
+    _save(fig, path)
+
+
+def plot_traversal(
+    images: Tensor,
+    dims: Sequence[int],
+    values: Tensor,
+    image_shape: Sequence[int],
+    path: str | os.PathLike,
+) -> None:
+    """Rows: one latent dimension each, varied over ``values`` with the others at 0."""
+    rows, cols = len(dims), len(values)
+    fig, ax = plt.subplots(figsize=(cols * 0.8, rows * 0.9))
+    ax.imshow(_image_grid(images, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
+    h = image_shape[0]
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
+    ax.set_yticklabels([f"z[{d}]" for d in dims])
+    ax.set_xticks([c * (image_shape[1] + 1) + (image_shape[1] - 1) / 2 for c in range(cols)])
+    ax.set_xticklabels([f"{float(v):+.1f}" for v in values], fontsize=7)
+    ax.set_title("Latent traversal: one dimension varied, the others at the prior mean 0")
+    _save(fig, path)
+
+
+def plot_kl_per_dimension(
+    kl: Tensor, variance: Tensor, threshold: float, path: str | os.PathLike
+) -> None:
+    """KL per latent dimension and Cov_x(E_q[z_i]), with the active-unit threshold."""
+    dims = range(len(kl))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.bar(dims, kl.cpu().numpy())
+    left.set_title("average KL(q(z_i|x) ‖ p(z_i)) per dimension")
+    left.set_xlabel("latent dimension i")
+    left.set_ylabel("nats")
+    right.bar(dims, variance.cpu().numpy(), color="tab:orange")
+    right.axhline(threshold, color="k", ls="--", lw=1, label=f"active above {threshold}")
+    right.set_yscale("log")
+    right.set_title("Cov_x(E_q[z_i | x])")
+    right.set_xlabel("latent dimension i")
+    right.legend(fontsize=8)
+    _save(fig, path)
