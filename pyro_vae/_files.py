@@ -21,9 +21,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         try:
             yield tmp
             tmp.flush()
+            # Temporary files are private (0600); the result gets the usual permissions,
+            # as open() would have given it.
+            os.fchmod(tmp.fileno(), 0o666 & ~_umask())
             os.fsync(tmp.fileno())
         except BaseException:
             tmp.close()
             os.unlink(tmp.name)
             raise
     os.replace(tmp.name, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask

@@ -1,5 +1,7 @@
 """atomic_write: a failed write leaves the previous file intact and no temporary file behind."""
 
+import os
+
 import pytest
 
 from pyro_vae._files import atomic_write
@@ -22,3 +24,11 @@ def test_failure_keeps_the_old_file_and_cleans_up(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    with atomic_write(tmp_path / "report.md", "w") as file:
+        file.write("text")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~mask
