@@ -52,7 +52,9 @@ def explain(
     loc, scale = vae.encode(x)
     sections = [
         _per_example(vae, x, loc, scale),
-        _read_outs(vae, x, loc) if diagonal else _not_applicable(2, "What each μ_i is"),
+        _read_outs(vae, x, loc)
+        if diagonal and _has_linear_read_out(vae.encoder)
+        else _not_applicable(2, "What each μ_i is"),
         _point_cloud(vae, x[:1], num_draws, out),
         _kl_three_ways(vae, x, num_draws)
         if diagonal and isinstance(vae.prior, StandardNormalPrior)
@@ -73,10 +75,20 @@ def explain(
     return report
 
 
+def _has_linear_read_out(encoder: object) -> bool:
+    """Whether the encoder reads μ off its network's last linear layer (the shipped ones do)."""
+    try:
+        output_layer(encoder.net)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, IndexError):
+        return False
+    return True
+
+
 def _not_applicable(number: int, title: str) -> str:
     return (
         f"## {number}. {title}\n\nNot measured: this section needs a diagonal Normal encoder "
-        "(and, for the KL, a standard normal prior); this model has another.\n"
+        "that reads μ off a linear layer (and, for the KL, a standard normal prior); this "
+        "model has another.\n"
     )
 
 

@@ -110,3 +110,14 @@ def test_explain_needs_a_few_examples(tmp_path, count):
     x = torch.bernoulli(torch.full((count, 6), 0.5))
     with pytest.raises(ValueError):
         pv.explain(vae, x, torch.zeros(count), (2, 3), ["a"], tmp_path)
+
+
+def test_a_custom_encoder_without_a_network_gets_section_2_marked(tmp_path):
+    from test_latent_metrics import IgnoresX
+
+    vae = pv.VAE(6, 2, encoder=IgnoresX(2), hidden_dims=(8,))
+    x = torch.bernoulli(torch.full((20, 6), 0.5))
+    labels = torch.arange(20) % 2
+    report = pv.explain(vae, x, labels, (2, 3), ["a", "b"], tmp_path, num_draws=100)
+    found = sections(report.read_text())
+    assert "Not measured" in found["2"] and "Not measured" not in found["1"]
