@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import pyro
-import torch
 
 import pyro_vae as pv
 from pyro_vae._files import atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import _OneLineParser, _positive_int, evaluation_data  # scripts/ is not a package
+from train import _OneLineParser, _positive_int, load_run_test_set  # scripts/ is not a package
 
 PROG = "evaluate.py"
 
@@ -53,21 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    checkpoint = args.run_dir / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise ValueError(f"{args.run_dir}: no checkpoint.pt there (train with scripts/train.py)")
-    vae, payload = pv.load_checkpoint(checkpoint)
-    run = payload.get("args")
-    if run is None:
-        raise ValueError(f"{checkpoint}: no run arguments saved; it was not written by train.py")
+    vae, payload, data, x_test = load_run_test_set(args.run_dir)
     vae.eval()
-    data = pv.load_dataset(run["dataset"], run["data_dir"])
-    generator = torch.Generator().manual_seed(run["seed"])
-    x_test, _ = evaluation_data(vae, data, generator)
     labels = data.y_test
     if args.max_examples is not None:
         x_test, labels = x_test[: args.max_examples], labels[: args.max_examples]
-    x_test = x_test.to(vae._reference_tensor().dtype)
     vae.validate_data(x_test, "test data")
     pyro.set_rng_seed(args.seed)
     progress = False if args.no_progress else None

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pyro
-import torch
 
 import pyro_vae as pv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import _OneLineParser, _positive_int, evaluation_data  # scripts/ is not a package
+from train import _OneLineParser, _positive_int, load_run_test_set  # scripts/ is not a package
 
 PROG = "explain.py"
 
@@ -39,20 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> Path:
-    checkpoint = args.run_dir / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise ValueError(f"{args.run_dir}: no checkpoint.pt there (train with scripts/train.py)")
-    vae, payload = pv.load_checkpoint(checkpoint)
-    run = payload.get("args")
-    if run is None:
-        raise ValueError(f"{checkpoint}: no run arguments saved; it was not written by train.py")
-    data = pv.load_dataset(run["dataset"], run["data_dir"])
-    x_test, _ = evaluation_data(vae, data, torch.Generator().manual_seed(run["seed"]))
+    vae, _, data, x_test = load_run_test_set(args.run_dir)
     pyro.set_rng_seed(args.seed)
     out_dir = args.out_dir or args.run_dir / "explain"
     return pv.explain(
         vae,
-        x_test.to(vae._reference_tensor().dtype),
+        x_test,
         data.y_test,
         data.image_shape,
         data.class_names,

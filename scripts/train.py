@@ -321,15 +321,26 @@ def evaluation_data(
     return x_test, x_train_eval
 
 
-def _load_run(run_dir: Path) -> tuple[pv.VAE, dict]:
+def load_run(run_dir: Path, required: tuple[str, ...] = ("args",)) -> tuple[pv.VAE, dict]:
+    """The model and checkpoint of a run of this script, which must hold ``required`` keys."""
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
-        raise ValueError(f"--resume {run_dir}: no checkpoint.pt there")
+        raise ValueError(f"{run_dir}: no checkpoint.pt there (train with scripts/train.py)")
     vae, payload = pv.load_checkpoint(path)
-    for key in ("args", "metrics", "training"):
+    for key in required:
         if key not in payload:
-            raise ValueError(f"{path}: a checkpoint without {key!r} cannot be resumed")
+            raise ValueError(f"{path}: holds no {key!r}; it was not written by scripts/train.py")
     return vae, payload
+
+
+def load_run_test_set(run_dir: Path) -> tuple[pv.VAE, dict, pv.DataSplits, torch.Tensor]:
+    """A run's model, checkpoint, dataset and test set exactly as the run evaluated it (for
+    scripts/evaluate.py and scripts/explain.py), in the model's dtype."""
+    vae, payload = load_run(run_dir)
+    run = payload["args"]
+    data = pv.load_dataset(run["dataset"], run["data_dir"])
+    x_test, _ = evaluation_data(vae, data, torch.Generator().manual_seed(run["seed"]))
+    return vae, payload, data, x_test.to(vae._reference_tensor().dtype)
 
 
 def _resumed_args(saved: dict, given: argparse.Namespace) -> argparse.Namespace:
@@ -392,7 +403,7 @@ def main(args: argparse.Namespace) -> dict:
     """
     resumed = None
     if args.resume is not None:
-        saved_vae, resumed = _load_run(args.resume)
+        saved_vae, resumed = load_run(args.resume, ("args", "metrics", "training"))
         args = _resumed_args(resumed["args"], args)
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
