@@ -205,19 +205,24 @@ class VAE(PyroModule):
         return torch.empty(0)
 
     def _check_batch(self, x: object) -> Tensor:
-        """The cheap part of :meth:`validate_data` (type, dtype, shape; not the values), for
-        calls such as :meth:`encode` that are also used inside the maths."""
-        if not isinstance(x, Tensor):
-            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must have a floating dtype, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(
-                f"x must have shape (N, {self.data_dim}) (flatten images first), "
-                f"got {tuple(x.shape)}"
-            )
+        """The checks of :meth:`validate_data` that any input of the networks needs (type,
+        shape, finite values, the model's dtype and device), without the likelihood's support:
+        :meth:`encode` takes grayscale images even for a Bernoulli model."""
+        x = self._check_form(x, "x")
         _check_finite(x, "x")
         self._check_dtype_and_device(x, "x")
+        return x
+
+    def _check_form(self, x: object, what: str) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{what} must have a floating dtype, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(
+                f"{what} must have shape (N, {self.data_dim}) (N examples of data_dim="
+                f"{self.data_dim} features; flatten images first), got {tuple(x.shape)}"
+            )
         return x
 
     def _check_dtype_and_device(self, x: Tensor, what: str) -> None:
@@ -238,15 +243,7 @@ class VAE(PyroModule):
         :param probabilities: check for values in [0, 1] instead of the likelihood's support:
             data that will be binarized dynamically.
         """
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{what} must have a floating dtype, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(
-                f"{what} must have shape (N, {self.data_dim}) (N examples of data_dim="
-                f"{self.data_dim} features; flatten images first), got {tuple(x.shape)}"
-            )
+        x = self._check_form(x, what)
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
         _check_finite(x, what)
