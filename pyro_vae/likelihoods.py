@@ -51,6 +51,21 @@ class ContinuousBernoulliLikelihood(nn.Module):
 _MIN_SCALE = 1e-3
 
 
+def _learnt_scale(name: str, scale: float, data_dim: int | None) -> nn.Parameter:
+    """The unconstrained parameter of a learnt scale starting at ``scale``: one shared, or one
+    per feature when ``data_dim`` is given. :func:`_positive` maps it back."""
+    check_positive_float(f"{name}: scale", scale)
+    if scale <= _MIN_SCALE:
+        raise ValueError(f"{name}: a learnt scale must start above {_MIN_SCALE}")
+    shape = () if data_dim is None else (check_positive_int("data_dim", data_dim),)
+    raw = torch.log(torch.expm1(torch.tensor(scale - _MIN_SCALE)))  # softplus⁻¹
+    return nn.Parameter(raw.expand(shape).clone())
+
+
+def _positive(raw_scale: Tensor) -> Tensor:
+    return F.softplus(raw_scale) + _MIN_SCALE
+
+
 class _LocationScaleLikelihood(nn.Module):
     """p(x | z) = Π_d family(x_d; loc_d, scale); the scale fixed or learnt."""
 
@@ -68,20 +83,14 @@ class _LocationScaleLikelihood(nn.Module):
                 f"{name}: data_dim is for a learnt per-feature scale; pass learn_scale=True as well"
             )
         if self.learn_scale:
-            if scale <= _MIN_SCALE:
-                raise ValueError(f"{name}: a learnt scale must start above {_MIN_SCALE}")
-            shape = () if data_dim is None else (check_positive_int("data_dim", data_dim),)
-            raw = torch.log(torch.expm1(torch.tensor(scale - _MIN_SCALE)))
-            self.raw_scale = nn.Parameter(raw.expand(shape).clone())
+            self.raw_scale = _learnt_scale(name, scale, data_dim)
         else:
             self.register_buffer("fixed_scale", torch.tensor(float(scale)))
 
     @property
     def scale(self) -> Tensor:
         """The observation scale: ``()`` when shared, ``(data_dim,)`` per feature."""
-        if self.learn_scale:
-            return F.softplus(self.raw_scale) + _MIN_SCALE
-        return self.fixed_scale
+        return _positive(self.raw_scale) if self.learn_scale else self.fixed_scale
 
     def forward(self, loc: Tensor) -> dist.TorchDistribution:
         return self.family(loc, self.scale.expand(loc.shape)).to_event(1)
@@ -123,14 +132,11 @@ class DiscretizedLogisticLikelihood(nn.Module):
         self.num_bins = check_positive_int("num_bins", num_bins)
         if num_bins < 2:
             raise ValueError(f"num_bins must be at least 2, got {num_bins}")
-        check_positive_float("scale", scale)
-        shape = () if data_dim is None else (check_positive_int("data_dim", data_dim),)
-        raw = torch.log(torch.expm1(torch.tensor(scale - _MIN_SCALE)))
-        self.raw_scale = nn.Parameter(raw.expand(shape).clone())
+        self.raw_scale = _learnt_scale(type(self).__name__, scale, data_dim)
 
     @property
     def scale(self) -> Tensor:
-        return F.softplus(self.raw_scale) + _MIN_SCALE
+        return _positive(self.raw_scale)
 
     def forward(self, loc: Tensor) -> dist.TorchDistribution:
         return DiscretizedLogistic(loc, self.scale.expand(loc.shape), self.num_bins).to_event(1)
