@@ -132,3 +132,10 @@ def has_density_everywhere(d: torch.distributions.Distribution) -> bool:
     Normal), as a mixture of posteriors (VampPrior) or an aggregate posterior needs. A Delta
     has none, and a flow's needs an inversion per point."""
     return is_diagonal_normal(d) or isinstance(d, torch.distributions.MultivariateNormal)
+
+
+def describe(d: torch.distributions.Distribution) -> str:
+    """A distribution's family for messages: ``Normal (independent)``, ``MultivariateNormal``."""
+    if isinstance(d, torch.distributions.Independent):
+        return f"{describe(d.base_dist)} (independent)"
+    return type(d).__name__

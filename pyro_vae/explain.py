@@ -50,6 +50,8 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     diagonal = is_diagonal_normal(vae.encoder(x[:2]))
     loc, scale = vae.encode(x)
+    # Average KL per latent dimension: sections 5 and 6 both use it.
+    kl = kl_per_dimension(vae, x).mean(0) if diagonal else None
     sections = [
         _per_example(vae, x, loc, scale),
         _read_outs(vae, x, loc)
@@ -59,8 +61,8 @@ def explain(
         _kl_three_ways(vae, x, num_draws)
         if diagonal and isinstance(vae.prior, StandardNormalPrior)
         else _not_applicable(4, "The KL term"),
-        _why_standard_normal(vae, x, labels, image_shape, class_names, out),
-        _active_units(vae, x, out) if diagonal else _not_applicable(6, "Active units"),
+        _why_standard_normal(vae, x, kl, labels, image_shape, class_names, out),
+        _active_units(vae, x, kl, out) if kl is not None else _not_applicable(6, "Active units"),
     ]
     report = out / "report.md"
     header = (
@@ -282,6 +284,7 @@ def _kl_three_ways(vae: VAE, x: Tensor, num_draws: int) -> str:
 def _why_standard_normal(
     vae: VAE,
     x: Tensor,
+    kl: Tensor | None,
     labels: Tensor,
     image_shape: Sequence[int],
     class_names: Sequence[str],
@@ -292,11 +295,9 @@ def _why_standard_normal(
     variance = covariance.diagonal()
     off = covariance - torch.diag(variance)
     dims = (0, 1) if vae.latent_dim > 1 else (0, 0)
-    kl = kl_per_dimension(vae, x).mean(0) if is_diagonal_normal(vae.encoder(x[:2])) else None
-    if vae.latent_dim > 1:
-        if kl is not None:
-            top = torch.argsort(kl, descending=True)[:2]
-            dims = (int(top[0]), int(top[1]))
+    if vae.latent_dim > 1 and kl is not None:
+        top = torch.argsort(kl, descending=True)[:2]
+        dims = (int(top[0]), int(top[1]))
     plots.plot_aggregate_posterior(z, labels, class_names, dims, out / "aggregate_posterior.png")
     plots.plot_samples(vae.sample(64), image_shape, out / "prior_samples.png")
     # The dimensions that carry the most KL change the image most; others may have collapsed.
@@ -339,9 +340,8 @@ def _why_standard_normal(
     )
 
 
-def _active_units(vae: VAE, x: Tensor, out: Path) -> str:
+def _active_units(vae: VAE, x: Tensor, kl: Tensor, out: Path) -> str:
     units = active_units(vae, x)
-    kl = kl_per_dimension(vae, x).mean(0)
     plots.plot_kl_per_dimension(kl, units.variance, units.threshold, out / "kl_per_dimension.png")
     rows = [
         [

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.distributions import has_density_everywhere
+from pyro_vae.distributions import describe, has_density_everywhere
 
 # softplus(_SOFTPLUS_ONE) == 1: unconstrained scales start at a scale of one.
 _SOFTPLUS_ONE = float(torch.log(torch.expm1(torch.tensor(1.0))))
@@ -121,16 +121,10 @@ class VampPrior(nn.Module):
         if not has_density_everywhere(posteriors):
             raise ValueError(
                 f"VampPrior needs posteriors with a density at every z (diagonal or "
-                f"full-covariance Normal); the encoder gives {_describe(posteriors)}"
+                f"full-covariance Normal); the encoder gives {describe(posteriors)}"
             )
         weights = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.num_pseudo_inputs))
         return dist.MixtureSameFamily(weights, posteriors)
-
-
-def _describe(d: dist.TorchDistribution) -> str:
-    if isinstance(d, torch.distributions.Independent):
-        return f"{type(d.base_dist).__name__} (independent)"
-    return type(d).__name__
 
 
 class FlowPrior(nn.Module):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae.data import is_binary, to_tensor
+from pyro_vae.distributions import describe
 from pyro_vae.kl import has_closed_form_kl
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
@@ -180,7 +181,7 @@ def fit(
     if isinstance(loss, TraceMeanField_ELBO) and not has_closed_form_kl(vae):
         warnings.warn(
             f"TraceMeanField_ELBO: no closed-form KL is registered between the encoder's "
-            f"{_describe(vae.encoder(x[:2]))} and the prior's {_describe(vae.prior())}, so "
+            f"{describe(vae.encoder(x[:2]))} and the prior's {describe(vae.prior())}, so "
             "Pyro estimates this KL by Monte Carlo, as Trace_ELBO does",
             stacklevel=2,
         )
@@ -300,12 +301,6 @@ def _scale_gradients(parameters: list[Tensor], factor: float) -> None:
     for parameter in parameters:
         if parameter.grad is not None:
             parameter.grad.mul_(factor)
-
-
-def _describe(d: torch.distributions.Distribution) -> str:
-    while isinstance(d, torch.distributions.Independent):
-        d = d.base_dist
-    return type(d).__name__
 
 
 def _restore(

@@ -433,9 +433,9 @@ def main(args: argparse.Namespace) -> dict:
     }
     metrics: list[dict] = [] if resumed is None else list(resumed["metrics"])
     state = None if resumed is None else pv.TrainingState.from_dict(resumed["training"])
-    kl_kind = "closed form" if pv.has_closed_form_kl(vae) else "Monte Carlo"
-    if args.elbo != "meanfield":
-        kl_kind = "Monte Carlo"
+    # Only the mean-field objective uses a closed-form KL, and only where one is registered.
+    closed_form = args.elbo == "meanfield" and pv.has_closed_form_kl(vae)
+    kl_kind = "closed form" if closed_form else "Monte Carlo"
     print(
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
         f"{data.data_dim} features; {pv.build.describe(config)}; latent {args.latent_dim}, "
