@@ -88,24 +88,26 @@ class DiscretizedLogistic(TorchDistribution):
         final = F.logsigmoid(-lower)  # all mass above the last midpoint
         return torch.where(level == 0, first, torch.where(level == last, final, interior))
 
-    def _level_log_probs(self) -> Tensor:
-        """log P(level k) for every k: ``batch_shape + (num_bins,)``."""
-        levels = torch.linspace(0, 1, self.num_bins, dtype=self.loc.dtype, device=self.loc.device)
-        grid = levels.expand(*self.batch_shape, self.num_bins)
+    def _levels(self) -> Tensor:
+        """The values k / (num_bins − 1), ``(num_bins,)``."""
+        return torch.linspace(0, 1, self.num_bins, dtype=self.loc.dtype, device=self.loc.device)
+
+    def _level_probs(self) -> Tensor:
+        """P(level k) for every k: ``batch_shape + (num_bins,)``."""
+        grid = self._levels().expand(*self.batch_shape, self.num_bins)
         expanded = DiscretizedLogistic(
             self.loc.unsqueeze(-1), self.scale.unsqueeze(-1), self.num_bins, validate_args=False
         )
-        return expanded.log_prob(grid)
+        return expanded.log_prob(grid).exp()
 
     @property
     def mean(self) -> Tensor:
-        levels = torch.linspace(0, 1, self.num_bins, dtype=self.loc.dtype, device=self.loc.device)
-        return (self._level_log_probs().exp() * levels).sum(-1)
+        return (self._level_probs() * self._levels()).sum(-1)
 
     @property
     def variance(self) -> Tensor:
-        levels = torch.linspace(0, 1, self.num_bins, dtype=self.loc.dtype, device=self.loc.device)
-        probs = self._level_log_probs().exp()
+        levels = self._levels()
+        probs = self._level_probs()
         return (probs * levels.pow(2)).sum(-1) - (probs * levels).sum(-1).pow(2)
 
     @torch.no_grad()
