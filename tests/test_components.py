@@ -58,34 +58,42 @@ def assert_one_step_trains_everything(vae: pv.VAE, x: torch.Tensor, loss) -> Non
         assert parameter.grad.abs().sum() > 0, f"{name} has a zero gradient"
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-@pytest.mark.parametrize("likelihood", pv.LIKELIHOODS)
-@pytest.mark.parametrize(
-    "prior, encoder", list(itertools.product(pv.PRIORS, pv.ENCODERS)), ids="-".join
-)
+def prior_encoder_pairs(refused: bool) -> list:
+    """The (prior, encoder) pairs that build (or, with ``refused``, those that must not), with
+    ids such as ``prior=vamp,encoder=full-covariance``: the names themselves hold hyphens."""
+    return [
+        pytest.param(prior, encoder, id=f"prior={prior},encoder={encoder}")
+        for prior, encoder in itertools.product(pv.PRIORS, pv.ENCODERS)
+        if ((prior, encoder) in REFUSED) == refused
+    ]
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES), ids="objective={}".format)
+@pytest.mark.parametrize("likelihood", pv.LIKELIHOODS, ids="likelihood={}".format)
+@pytest.mark.parametrize("prior, encoder", prior_encoder_pairs(refused=False))
 def test_every_prior_encoder_likelihood_and_objective_takes_a_step(
     prior, encoder, likelihood, objective
 ):
-    def build():
-        return pv.build_vae(
-            DATA_DIM,
-            LATENT_DIM,
-            prior=prior,
-            encoder=encoder,
-            likelihood=likelihood,
-            hidden_dims=(8,),
-            num_components=4 if prior in ("mixture", "vamp") else None,
-        )
-
-    if (prior, encoder) in REFUSED:
-        with pytest.raises(ValueError, match="VampPrior needs posteriors with a density"):
-            build()
-        return
-    assert_one_step_trains_everything(build(), DATA[likelihood](), OBJECTIVES[objective]())
+    vae = pv.build_vae(
+        DATA_DIM,
+        LATENT_DIM,
+        prior=prior,
+        encoder=encoder,
+        likelihood=likelihood,
+        hidden_dims=(8,),
+        num_components=4 if prior in ("mixture", "vamp") else None,
+    )
+    assert_one_step_trains_everything(vae, DATA[likelihood](), OBJECTIVES[objective]())
 
 
-@pytest.mark.parametrize("encoder", pv.ENCODERS)
-@pytest.mark.parametrize("likelihood", pv.LIKELIHOODS)
+@pytest.mark.parametrize("prior, encoder", prior_encoder_pairs(refused=True))
+def test_vamp_prior_refuses_encoders_without_a_density_everywhere(prior, encoder):
+    with pytest.raises(ValueError, match="VampPrior needs posteriors with a density"):
+        pv.build_vae(DATA_DIM, LATENT_DIM, prior=prior, encoder=encoder, num_components=4)
+
+
+@pytest.mark.parametrize("encoder", pv.ENCODERS, ids="encoder={}".format)
+@pytest.mark.parametrize("likelihood", pv.LIKELIHOODS, ids="likelihood={}".format)
 def test_convolutional_pair_takes_a_step(encoder, likelihood):
     vae = pv.build_vae(
         DATA_DIM,
@@ -120,6 +128,10 @@ def test_fit_trains_a_vamp_prior_and_its_shared_encoder():
     assert all(not torch.equal(before[k], v) for k, v in vae.named_parameters())
 
 
+def options_id(options: dict) -> str:
+    return ",".join(f"{key}={value}" for key, value in options.items())
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -133,6 +145,7 @@ def test_fit_trains_a_vamp_prior_and_its_shared_encoder():
         ({"likelihood": "discretized-logistic", "likelihood_scale": 0.1}, "learns its scale"),
         ({"encoder": "iaf", "prior": "vamp"}, "prior: VampPrior needs posteriors"),
     ],
+    ids=lambda value: options_id(value) if isinstance(value, dict) else None,
 )
 def test_build_vae_refuses_bad_names_and_combinations(options, message):
     with pytest.raises(ValueError, match=message):
@@ -155,6 +168,7 @@ def test_build_vae_refuses_bad_names_and_combinations(options, message):
             "beta": 0.5,
         },
     ],
+    ids=options_id,
 )
 def test_checkpoint_rebuilds_every_component_exactly(tmp_path, options):
     x = DATA[options.get("likelihood", "bernoulli")]()
@@ -184,3 +198,109 @@ def test_full_covariance_encoder_starts_diagonal_and_learns_correlations(image_s
     vae = pv.VAE(DATA_DIM, LATENT_DIM, encoder=encoder, hidden_dims=(8,))
     pv.fit(vae, x, num_epochs=3, batch_size=10, progress=False)
     assert (encoder(x).scale_tril.tril(-1).abs() > 0).any()
+
+
+# ---------------------------------------------------------------- what the parts compute
+
+
+def scale_rows(encoder: torch.nn.Module) -> slice:
+    """The rows of the encoder's read-out layer that give the raw scales: [μ | raw σ | ...]."""
+    d = encoder.latent_dim
+    return slice(d, 2 * d)
+
+
+def base_scale(posterior) -> torch.Tensor:
+    """σ(x) of the Normal that each encoder's posterior is built on."""
+    if isinstance(posterior, pyro.distributions.MultivariateNormal):
+        return posterior.scale_tril.diagonal(dim1=-2, dim2=-1)
+    if isinstance(posterior, pyro.distributions.TransformedDistribution):  # IAF: the base z₀
+        posterior = posterior.base_dist
+    return posterior.base_dist.scale
+
+
+SCALED_ENCODERS = {
+    "diagonal": pv.DiagonalNormalEncoder,
+    "full-covariance": pv.FullCovarianceNormalEncoder,
+    "iaf": pv.IAFEncoder,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALED_ENCODERS))
+def test_encoder_scale_is_softplus_of_the_raw_output_plus_the_floor(name):
+    encoder = SCALED_ENCODERS[name](DATA_DIM, LATENT_DIM, (8,), min_scale=0.05)
+    read_out = pv.networks.output_layer(encoder.net)
+    captured = []
+    handle = read_out.register_forward_hook(lambda module, args, out: captured.append(out))
+    x = torch.rand(BATCH, DATA_DIM)
+    scale = base_scale(encoder(x))
+    handle.remove()
+    raw = captured[0][:, scale_rows(encoder)]
+    torch.testing.assert_close(scale, torch.nn.functional.softplus(raw) + 0.05, rtol=0, atol=0)
+
+    # Raw outputs far below zero: softplus gives exactly 0 in float64, so σ is the floor itself.
+    with torch.no_grad():
+        read_out.weight[scale_rows(encoder)] = 0.0
+        read_out.bias[scale_rows(encoder)] = -1e4
+    assert torch.equal(base_scale(encoder(x)), torch.full((BATCH, LATENT_DIM), 0.05))
+
+
+def test_iaf_encode_gives_the_mean_and_standard_deviation_of_its_draws():
+    """VAE.encode estimates a flow posterior's moments from draws; σ must be their standard
+    deviation (not the variance). The base σ is made small (about 0.05), so that σ and σ²
+    differ by many standard errors."""
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, encoder=pv.IAFEncoder(DATA_DIM, LATENT_DIM, (8,)))
+    with torch.no_grad():
+        pv.networks.output_layer(vae.encoder.net).bias[scale_rows(vae.encoder)] -= 3.0
+    x = binary_data(4, DATA_DIM, 0.5)
+    with torch.no_grad():
+        loc, scale = vae.encode(x)
+        z = vae.encoder(x).sample((20000,))
+    mean, std = z.mean(0), z.std(0)
+    centred4 = (z - mean).pow(4).mean(0)
+    # Standard errors of a sample mean and a sample std (any distribution: the std's from the
+    # fourth moment), for encode's draws and for the reference draws together.
+    n, big = pv.model.ENCODE_SAMPLES, len(z)
+    se_mean = std * (1 / n + 1 / big) ** 0.5
+    se_std = ((centred4 - std.pow(4)) / (4 * std.pow(2))).sqrt() * (1 / n + 1 / big) ** 0.5
+    assert ((std - std.pow(2)).abs() > 10 * se_std).all()  # σ and σ² are far apart here
+    assert ((loc - mean).abs() < 4 * se_mean).all(), (loc, mean)
+    assert ((scale - std).abs() < 4 * se_std).all(), (scale, std)
+
+
+def test_diagonal_normal_prior_starts_at_the_standard_normal():
+    prior = pv.DiagonalNormalPrior(LATENT_DIM)()
+    assert torch.equal(prior.base_dist.loc, torch.zeros(LATENT_DIM))
+    # softplus⁻¹(1) is stored as a float32 constant: σ = 1 to float32 rounding, not exactly.
+    torch.testing.assert_close(prior.base_dist.scale, torch.ones(LATENT_DIM), rtol=0, atol=1e-8)
+    z = torch.randn(BATCH, LATENT_DIM)
+    standard = pv.StandardNormalPrior(LATENT_DIM)().log_prob(z)
+    torch.testing.assert_close(prior.log_prob(z), standard, rtol=0, atol=1e-7)
+
+
+def test_mixture_prior_starts_with_equal_weights_and_unit_scales():
+    prior = pv.MixtureOfGaussiansPrior(LATENT_DIM, 4)
+    p = prior()
+    torch.testing.assert_close(p.mixture_distribution.probs, torch.full((4,), 0.25), rtol=0, atol=0)
+    scales = p.component_distribution.base_dist.scale
+    torch.testing.assert_close(scales, torch.ones(4, LATENT_DIM), rtol=0, atol=1e-8)
+
+
+def vamp_log_prob_by_hand(prior: pv.VampPrior, z: torch.Tensor) -> torch.Tensor:
+    """log (1/K) Σ_k q(z | u_k), straight from the encoder's posteriors at the pseudo-inputs."""
+    posteriors = prior._encoder(prior.pseudo_inputs)
+    log_q = posteriors.log_prob(z.unsqueeze(-2))  # (B, K)
+    return torch.logsumexp(log_q, dim=-1) - torch.log(torch.tensor(float(prior.num_pseudo_inputs)))
+
+
+def test_vamp_prior_is_the_equal_weight_mixture_of_its_pseudo_posteriors():
+    vae = pv.build_vae(DATA_DIM, LATENT_DIM, prior="vamp", num_components=100, hidden_dims=(8,))
+    z = 2 * torch.randn(BATCH, LATENT_DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vae.prior().log_prob(z), vamp_log_prob_by_hand(vae.prior, z), rtol=1e-12, atol=0
+        )
+        # K copies of one pseudo-input: the mixture is that one posterior, with no log K left
+        # over (a mixture that lost its 1/K would be log 100 = 4.6 nats too high).
+        vae.prior.pseudo_inputs.copy_(vae.prior.pseudo_inputs[:1].expand(100, -1))
+        single = vae.encoder(vae.prior.pseudo_inputs[:1])
+        torch.testing.assert_close(vae.prior().log_prob(z), single.log_prob(z), rtol=0, atol=1e-12)
