@@ -73,3 +73,28 @@ def test_location_scale_likelihoods_fixed_shared_and_per_feature_scales(family):
         family(-1.0)
     with pytest.raises(ValueError, match="pass learn_scale=True"):
         family(0.5, data_dim=4)
+
+
+LEARNT_SCALES = {
+    "normal-shared": lambda: pv.NormalLikelihood(0.5, learn_scale=True),
+    "normal-per-feature": lambda: pv.NormalLikelihood(0.5, learn_scale=True, data_dim=4),
+    "laplace-shared": lambda: pv.LaplaceLikelihood(0.5, learn_scale=True),
+    "discretized-logistic-shared": lambda: pv.DiscretizedLogisticLikelihood(17, scale=0.5),
+    "discretized-logistic-per-feature": lambda: pv.DiscretizedLogisticLikelihood(
+        17, scale=0.5, data_dim=4
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEARNT_SCALES))
+def test_learnt_scale_starts_where_asked_and_never_falls_below_its_floor(name):
+    """scale = softplus(raw) + 1e-3: the floor keeps the density bounded on features that never
+    vary. Driven far below zero, the raw parameter gives the floor exactly."""
+    likelihood = LEARNT_SCALES[name]()
+    (raw,) = likelihood.parameters()
+    torch.testing.assert_close(likelihood.scale, torch.full(raw.shape, 0.5), rtol=1e-15, atol=0)
+    with torch.no_grad():
+        raw.fill_(-1e4)  # softplus(-1e4) is exactly 0 in float64
+    assert torch.equal(likelihood.scale, torch.full(raw.shape, 1e-3))
+    loc = torch.zeros(3, 4)
+    assert torch.equal(likelihood(loc).base_dist.scale, torch.full((3, 4), 1e-3))
