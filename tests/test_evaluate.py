@@ -3,17 +3,49 @@
 import pytest
 import torch
 from conftest import binary_data
+from test_ppca import ppca
 
 import pyro_vae as pv
 
 
-def test_elbo_terms_add_up_and_are_per_example():
-    vae = pv.VAE(12, 3, hidden_dims=(8,))
-    x = binary_data(9, 12)
-    terms = pv.elbo_terms(vae, x, num_particles=3, batch_size=4)
+def test_elbo_terms_with_the_exact_posterior_give_log_p_x_per_example():
+    """PPCA with its exact posterior: every particle's log p(x, z) − log q(z | x) is log p(x),
+    so the particles' average is log p(x) exactly, example by example, through chunks that
+    split the data (9 examples in chunks of 4). A sum over particles would give 7 log p(x)."""
+    vae, marginal = ppca()
+    x = marginal.sample((9,))
+    terms = pv.elbo_terms(vae, x, num_particles=7, batch_size=4)
     assert terms.reconstruction.shape == terms.kl.shape == (9,)
-    torch.testing.assert_close(terms.elbo, terms.reconstruction - terms.kl)
-    assert (terms.reconstruction < 0).all()  # log-probabilities of binary data
+    torch.testing.assert_close(terms.elbo, marginal.log_prob(x), rtol=1e-10, atol=1e-10)
+
+
+def test_elbo_terms_average_the_particles():
+    """Each term is the mean over particles of its draws: across many copies of four examples
+    it matches the closed-form KL and a reference Monte-Carlo reconstruction term within
+    standard errors (a sum over 5 particles would be 5 times too large)."""
+    vae = pv.VAE(6, 3, hidden_dims=(16,))
+    with torch.no_grad():  # μ far from 0 and σ far from 1: a KL clearly above 0
+        for p in vae.encoder.parameters():
+            p.mul_(3.0)
+    x = binary_data(4, 6)
+    copies = 500
+    terms = pv.elbo_terms(vae, x.repeat(copies, 1), num_particles=5, batch_size=512)
+    kl, reconstruction = terms.kl.reshape(copies, 4), terms.reconstruction.reshape(copies, 4)
+    with torch.no_grad():
+        loc, scale = vae.encode(x)
+        exact_kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1 - scale.pow(2).log()).sum(-1)
+        z = vae.encoder(x).sample((20000,))  # (draws, 4, latent)
+        log_likelihood = vae.likelihood(vae.decoder(z)).log_prob(x)  # (draws, 4)
+
+    def se(draws):
+        return draws.std(0) / len(draws) ** 0.5
+
+    assert (exact_kl > 20 * se(kl)).all()  # the test has something to find
+    assert ((kl.mean(0) - exact_kl).abs() < 4 * se(kl)).all(), (kl.mean(0), exact_kl)
+    reference = log_likelihood.mean(0)
+    error = (se(reconstruction).pow(2) + se(log_likelihood).pow(2)).sqrt()
+    assert (reference.abs() > 20 * error).all()
+    assert ((reconstruction.mean(0) - reference).abs() < 4 * error).all()
 
 
 def test_elbo_of_a_beta_vae_is_the_true_elbo():
