@@ -134,3 +134,33 @@ def test_kl_decomposition_does_not_depend_on_chunking(max_elements):
     assert abs(chunked.mutual_information - reference.mutual_information) < 4 * math.hypot(
         chunked.mutual_information_se, reference.mutual_information_se
     )
+
+
+class OneInformativeExample(nn.Module):
+    """q(z | x) = N(x[:2], s²) with s = 0.5 where x[2] = 1 and s = 1 where x[2] = 0: examples of
+    zeros get the prior N(0, I) itself, whose KL draws are exactly 0."""
+
+    def forward(self, x: torch.Tensor) -> dist.TorchDistribution:
+        scale = torch.where(x[:, 2:3] == 1, 0.5, 1.0).expand(-1, 2)
+        return dist.Normal(x[:, :2], scale).to_event(1)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 7], ids="chunks of {} examples".format)
+def test_kl_decomposition_counts_the_last_partial_chunk(chunk):
+    """Seven examples, six of them with q(z | x) = p(z); the seventh, last, with a KL of a few
+    nats. In chunks of 3 or 4 it sits in a partial last chunk, which must count: the average KL
+    is that example's KL / 7, within the standard error of its draws."""
+    vae = pv.VAE(3, 2, encoder=OneInformativeExample(), likelihood=pv.NormalLikelihood(1.0))
+    x = torch.zeros(7, 3)
+    x[6] = torch.tensor([2.0, -1.5, 1.0])
+    num_samples = 2000
+    estimate = pv.kl_decomposition(
+        vae, x, num_samples=num_samples, max_elements=chunk * len(x) * num_samples
+    )
+    last, prior = vae.encoder(x[6:]), vae.prior()
+    exact = torch.distributions.kl_divergence(last, prior.expand(last.batch_shape)).item()
+    z = last.sample((100000,))
+    draws = last.log_prob(z) - prior.log_prob(z)  # the last example's KL draws
+    standard_error = draws.std().item() / math.sqrt(num_samples) / len(x)
+    assert exact / len(x) > 20 * standard_error  # the test has something to find
+    assert abs(estimate.average_kl - exact / len(x)) < 4 * standard_error
