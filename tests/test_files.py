@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from pyro_vae import _files
 from pyro_vae._files import atomic_write
 
 
@@ -32,3 +33,29 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_data_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """os.fsync on the written file, with all its bytes, before os.replace puts it in place:
+    otherwise a power cut after the rename can leave an empty or partial file under the name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        status = os.fstat(fd)
+        events.append(("fsync", status.st_ino, status.st_size))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", os.stat(source).st_ino, os.stat(source).st_size))
+        real_replace(source, target)
+
+    monkeypatch.setattr(_files.os, "fsync", fsync)
+    monkeypatch.setattr(_files.os, "replace", replace)
+    path = tmp_path / "out.bin"
+    with atomic_write(path) as file:
+        file.write(b"x" * 5000)
+    inode = path.stat().st_ino
+    assert ("fsync", inode, 5000) in events
+    assert ("replace", inode, 5000) in events
+    assert events.index(("fsync", inode, 5000)) < events.index(("replace", inode, 5000))
