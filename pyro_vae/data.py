@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
-import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-
-from pyro_vae._files import atomic_write
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 
@@ -94,26 +95,50 @@ def load_dataset(
 
     - ``"digits"``: scikit-learn's bundled handwritten digits, 1797 images of 8x8, always
       offline; a fixed stratified split of 1437 train / 360 test.
-    - ``"fashion-mnist"`` and ``"mnist"``: 60000 train / 10000 test images of 28x28, read with
-      torchvision from, in this order: ``data_dir`` (the four IDX files, gzipped or not, in
-      ``data_dir`` itself or in torchvision's ``data_dir/<Class>/raw/``); Debian's
-      ``dataset-fashion-mnist`` package; torchvision's download.
+    - ``"fashion-mnist"`` and ``"mnist"``: 60000 train / 10000 test images of 28x28, read from
+      the four IDX files, gzipped or not, found first in: ``data_dir`` itself or torchvision's
+      ``data_dir/<Class>/raw/``; Debian's ``dataset-fashion-mnist`` package; the cache
+      directory. If none holds them, torchvision downloads them (into ``data_dir``, or the
+      cache). The files are read in place, every time, and nothing is written beside them:
+      a replaced file is always the one read, and a read-only directory is enough. Images and
+      labels are checked together (counts, label values) before anything is returned.
 
     :param name: one of :data:`DATASETS`.
     :param data_dir: where to look for (and download) the files; ``None`` means the cache
         directory ``$XDG_CACHE_HOME/pyro_vae`` (``~/.cache/pyro_vae``).
-    :raises ValueError: for an unknown name.
+    :param device: where the tensors go; checked before anything is read.
+    :param dtype: the images' floating dtype (labels are ``torch.long``).
+    :raises ValueError: for an unknown name, device or a non-floating dtype, and for data
+        files that cannot be read or do not hold what they should; the message names the file.
     :raises DataUnavailableError: when the files are missing and cannot be downloaded.
     """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        # An integer dtype would truncate every pixel value in [0, 1) to 0.
+        raise ValueError(f"dtype must be a floating torch.dtype (pixels in [0, 1]), got {dtype!r}")
+    device = check_device(device)
     if name == "digits":
         splits = _load_digits()
-    elif name in _TORCHVISION_SOURCES:
-        splits = _load_torchvision(name, None if data_dir is None else Path(data_dir))
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        splits = _load_torchvision(name, None if data_dir is None else Path(data_dir))
     splits.x_train = splits.x_train.to(dtype)
     splits.x_test = splits.x_test.to(dtype)
     return splits.to(device)
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``, or a ValueError when it is not one or not usable here
+    (``"cuda"`` without a GPU, say)."""
+    try:
+        checked = torch.device(device)
+        torch.empty(0, device=checked)  # the cheapest way to ask whether it works here
+    except (RuntimeError, TypeError, AssertionError) as error:  # no CUDA: an AssertionError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"device {str(device)!r} is not usable here ({reason})") from error
+    if checked.type == "meta":
+        raise ValueError("device 'meta' holds shapes only, no values: data cannot go there")
+    return checked
 
 
 def _load_digits() -> DataSplits:
@@ -139,55 +164,61 @@ def _load_digits() -> DataSplits:
 
 
 def _load_torchvision(name: str, data_dir: Path | None) -> DataSplits:
-    import torchvision
-
     class_name, system_dir = _TORCHVISION_SOURCES[name]
-    dataset_class = getattr(torchvision.datasets, class_name)
+    # torchvision's download puts the files in root/<Class>/raw; look there too, so that a
+    # download is made once.
     root = data_dir if data_dir is not None else _cache_dir()
     search = [] if data_dir is None else [data_dir / class_name / "raw", data_dir]
     if system_dir is not None:
         search.append(system_dir)
+    if data_dir is None:
+        search.append(root / class_name / "raw")
     found = _find_idx_files(search)
-    if found is not None:
-        _stage_raw_files(found, root / class_name / "raw")
-    else:
-        try:
-            dataset_class(root, train=True, download=True)
-            dataset_class(root, train=False, download=True)
-        except Exception as error:  # network errors come in many types; all mean "not here"
-            looked = ", ".join(str(d) for d in search) or "nowhere (no --data-dir given)"
+    if found is None:
+        _download(name, class_name, root, search)
+        found = _find_idx_files([root / class_name / "raw"])
+        if found is None:
             raise DataUnavailableError(
-                f"{name}: the IDX files ({', '.join(_IDX_FILES)}, gzipped or not) are not in "
-                f"{looked}, and torchvision could not download them ({type(error).__name__}). "
-                + (
-                    "Install them with 'apt-get install dataset-fashion-mnist', or put "
-                    if name == "fashion-mnist"
-                    else "Put "
-                )
-                + "the four files in a directory and pass it as data_dir (--data-dir)."
-            ) from error
-    try:
-        train = dataset_class(root, train=True, download=False)
-        test = dataset_class(root, train=False, download=False)
-    except Exception as error:  # torchvision's IDX reader fails with bare asserts
+                f"{name}: torchvision's download left no IDX files in {root / class_name / 'raw'}"
+            )
+    class_names = _FASHION_CLASSES if name == "fashion-mnist" else tuple(map(str, range(10)))
+    # The files are read where they are, every time: nothing is copied or cached, so a
+    # replaced file is always the one read, and a read-only directory is enough.
+    x_train, y_train = _read_split(found, "train", len(class_names))
+    x_test, y_test = _read_split(found, "t10k", len(class_names))
+    image_shape = tuple(x_train.shape[1:])
+    if tuple(x_test.shape[1:]) != image_shape:
         raise ValueError(
-            f"{name}: the IDX files in {root / class_name / 'raw'} are corrupt or truncated "
-            f"({type(error).__name__}: {error or 'bad header'}); replace them"
-        ) from error
+            f"{found['t10k-images-idx3-ubyte']}: test images are {x_test.shape[1:]}, "
+            f"but training images ({found['train-images-idx3-ubyte']}) are {image_shape}"
+        )
 
     def flat(images: Tensor) -> Tensor:
         return images.reshape(len(images), -1).float() / 255.0
 
-    class_names = _FASHION_CLASSES if name == "fashion-mnist" else tuple(map(str, range(10)))
-    return DataSplits(
-        name,
-        flat(train.data),
-        train.targets.long(),
-        flat(test.data),
-        test.targets.long(),
-        tuple(train.data.shape[1:]),
-        class_names,
-    )
+    return DataSplits(name, flat(x_train), y_train, flat(x_test), y_test, image_shape, class_names)
+
+
+def _download(name: str, class_name: str, root: Path, search: list[Path]) -> None:
+    import torchvision
+
+    try:
+        # One dataset object downloads all four files.
+        getattr(torchvision.datasets, class_name)(root, train=True, download=True)
+    except Exception as error:  # network errors come in many types; all mean "not here"
+        looked = ", ".join(str(d) for d in search) or "nowhere (no --data-dir given)"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataUnavailableError(
+            f"{name}: the IDX files ({', '.join(_IDX_FILES)}, gzipped or not) are not in "
+            f"{looked}, and torchvision could not download them into {root} "
+            f"({type(error).__name__}: {reason}). "
+            + (
+                "Install them with 'apt-get install dataset-fashion-mnist', or put "
+                if name == "fashion-mnist"
+                else "Put "
+            )
+            + "the four files in a directory and pass it as data_dir (--data-dir)."
+        ) from error
 
 
 def _cache_dir() -> Path:
@@ -209,28 +240,73 @@ def _find_idx_files(directories: list[Path]) -> dict[str, Path] | None:
     return None
 
 
-def _stage_raw_files(files: dict[str, Path], raw_dir: Path) -> None:
-    """Put plain IDX files where torchvision reads them. torchvision's own download step
-    would reject Debian's gzip files (other md5 sums), so they are unpacked here instead,
-    atomically: an interrupted copy never leaves a half-written file behind."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    for stem, source in files.items():
-        target = raw_dir / stem
-        if target.exists() and target.resolve() == source.resolve():
-            continue
-        if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
-            continue  # staged before
-        opener = gzip.open if source.suffix == ".gz" else open
-        with opener(source, "rb") as src, atomic_write(target) as dst:
-            shutil.copyfileobj(src, dst)
+def _read_split(files: dict[str, Path], split: str, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Images ``(N, rows, cols)`` as uint8 and labels ``(N,)`` as long, checked together."""
+    images_path = files[f"{split}-images-idx3-ubyte"]
+    labels_path = files[f"{split}-labels-idx1-ubyte"]
+    images = _read_idx(images_path, "images", 3)
+    labels = _read_idx(labels_path, "labels", 1).long()
+    if len(labels) != len(images):
+        raise ValueError(
+            f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}"
+        )
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        at = int(bad[0])
+        raise ValueError(
+            f"{labels_path}: label {int(labels[at])} at position {at} is not a class "
+            f"(0..{num_classes - 1})"
+        )
+    return images, labels
+
+
+def _read_idx(path: Path, what: str, ndim: int) -> Tensor:
+    """An IDX file of unsigned bytes, gzipped or not, as a uint8 tensor; a ValueError naming
+    the file when it cannot be read or is not what its header says.
+
+    The format (yann.lecun.com/exdb/mnist): a big-endian magic number 0x0800 + the number of
+    dimensions, one 32-bit size per dimension, then the bytes in C order. torchvision's reader
+    is not used: it reads no gzip and fails with bare asserts.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            # The whole file: gzip checks its CRC and length only when it reaches the end.
+            content = file.read()
+    except gzip.BadGzipFile as error:
+        raise ValueError(f"{path}: not a valid gzip file ({error})") from error
+    except (EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: the gzip stream is truncated or corrupt ({error})") from error
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from error
+    header_size = 4 + 4 * ndim
+    magic = struct.unpack(">I", content[:4])[0] if len(content) >= 4 else None
+    if magic != 0x0800 + ndim or len(content) < header_size:
+        raise ValueError(
+            f"{path}: not an IDX file of {what} (a {ndim}-dimensional array of bytes, "
+            f"magic number {0x0800 + ndim}); its magic number is {magic}"
+        )
+    shape = struct.unpack(f">{ndim}I", content[4:header_size])
+    expected = header_size + math.prod(shape)
+    if len(content) != expected:
+        state = "truncated" if len(content) < expected else "longer than its header says"
+        raise ValueError(
+            f"{path}: {state}: its header promises {what} of shape {shape} "
+            f"({expected} bytes), the file holds {len(content)} bytes"
+        )
+    array = np.frombuffer(content, dtype=np.uint8, offset=header_size)
+    return torch.from_numpy(array.reshape(shape).copy())
 
 
 def to_tensor(data: Tensor | Dataset, data_dim: int) -> Tensor:
     """A tensor ``(N, data_dim)`` from a tensor or a torch ``Dataset``.
 
     A dataset's items may be tensors or ``(tensor, label)`` pairs, of any shape with
-    ``data_dim`` elements (images are flattened). Tensors pass through unchanged, to be checked
-    by :meth:`~pyro_vae.model.VAE.validate_data`.
+    ``data_dim`` elements (images are flattened). Its ``len()`` is taken as the number of
+    examples: a dataset too large to hold as one tensor in this machine's memory is refused
+    before any item is read, and one that cannot give an item below its ``len()`` is refused
+    naming the item. Tensors pass through unchanged, to be checked by
+    :meth:`~pyro_vae.model.VAE.validate_data`.
     """
     if isinstance(data, Tensor):
         return data
@@ -240,13 +316,30 @@ def to_tensor(data: Tensor | Dataset, data_dim: int) -> Tensor:
             f"got {type(data).__name__}"
         )
     try:
-        items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
-    except TypeError as error:
-        raise ValueError("a Dataset passed as data must support len() and indexing") from error
-    if not items:
+        num_items = len(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"a Dataset passed as data must have a len() ({error})") from error
+    if num_items == 0:
         raise ValueError("data is an empty Dataset: it has no examples")
+    # Refused up front: reading 10^12 items one by one would run for days before failing.
+    # One byte per value is the least any dtype needs.
+    needed = num_items * data_dim
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ValueError(
+            f"the Dataset's len() is {num_items}: {num_items} examples of {data_dim} values "
+            f"would need at least {needed / 2**30:.3g} GiB as one tensor, more than this machine's "
+            f"{memory / 2**30:.3g} GiB of memory"
+        )
     rows = []
-    for i, item in enumerate(items):
+    for i in range(num_items):
+        try:
+            item = data[i]
+        except Exception as error:  # a user's __getitem__ may raise anything
+            raise ValueError(
+                f"the Dataset's len() is {num_items}, but item {i} cannot be read "
+                f"({type(error).__name__}: {error})"
+            ) from error
         if isinstance(item, (tuple, list)):
             item = item[0]
         if not isinstance(item, Tensor) or item.numel() != data_dim:

@@ -1,6 +1,7 @@
 """Datasets: digits offline, Fashion-MNIST / MNIST from IDX files, clear errors when missing."""
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -109,3 +110,144 @@ def test_to_tensor_flattens_dataset_items_and_names_bad_ones():
     torch.testing.assert_close(flat, images.reshape(5, 6))
     with pytest.raises(ValueError, match="item 0 must be a tensor with data_dim=7"):
         data_module.to_tensor(TensorDataset(images), 7)
+
+
+# ---------------------------------------------------------------- files that are bad or change
+
+
+def load_fashion(directory: Path) -> pv.DataSplits:
+    return pv.load_dataset("fashion-mnist", data_dir=directory)
+
+
+def test_replaced_idx_files_are_read_again_even_when_older(tmp_path):
+    # cp -p, tar and rsync -a keep a file's old mtime: a replaced file can look older than
+    # anything made from the previous one.
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=True)
+    first = load_fashion(files)
+    path = files / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, 6, 28, 28) + bytes(6 * 784))
+    os.utime(path, (1e9, 1e9))  # 2001
+    second = load_fashion(files)
+    assert first.x_train.sum() > 0 and second.x_train.sum() == 0
+
+
+def tree(directory: Path) -> list:
+    """Every path under ``directory`` with its content (None for a directory)."""
+    return sorted(
+        (str(p.relative_to(directory)), p.read_bytes() if p.is_file() else None)
+        for p in directory.rglob("*")
+    )
+
+
+def test_reading_a_data_dir_writes_nothing_into_it(tmp_path):
+    # A read-only directory (a shared dataset, a mounted volume) must do: nothing is written.
+    # Tests run as root, which ignores permissions, so compare the tree rather than chmod.
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=True)
+    before = tree(files)
+    load_fashion(files)
+    assert tree(files) == before
+
+
+def write_labels(path: Path, labels: bytes, count: int | None = None) -> None:
+    count = len(labels) if count is None else count
+    path.write_bytes(struct.pack(">II", 2049, count) + labels)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        pytest.param(bytes([1, 2, 3, 4, 5]), "5 labels for 6 images", id="too-few-labels"),
+        pytest.param(bytes([1, 2, 3, 4, 5, 6, 7]), "7 labels for 6 images", id="too-many"),
+        pytest.param(
+            bytes([1, 2, 3, 10, 5, 6]), r"label 10 at position 3 .*0\.\.9", id="out-of-range"
+        ),
+    ],
+)
+def test_bad_label_files_are_refused_naming_the_file(tmp_path, labels, message):
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=False)
+    write_labels(files / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(ValueError, match=message) as error:
+        load_fashion(files)
+    assert "train-labels-idx1-ubyte" in str(error.value)
+
+
+def test_a_label_file_shorter_than_its_header_says_is_refused(tmp_path):
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=False)
+    write_labels(files / "t10k-labels-idx1-ubyte", bytes([1]), count=2)
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: .*truncated"):
+        load_fashion(files)
+
+
+def truncate_gzip(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-20])
+
+
+def not_gzip(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100].replace(b"\x1f\x8b", b"xx", 1))
+
+
+def truncate_after_header(path: Path) -> None:
+    with gzip.open(path, "rb") as f:
+        content = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(content[: len(content) // 2])
+
+
+def labels_as_images(path: Path) -> None:
+    path.write_bytes((path.parent / "train-labels-idx1-ubyte.gz").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (not_gzip, r"not a valid gzip file .*Not a gzipped file"),
+        (truncate_gzip, "gzip stream is truncated"),
+        (truncate_after_header, "truncated"),
+        (labels_as_images, "not an IDX file of images"),
+    ],
+    ids=["not-gzip", "truncated-gzip", "truncated-idx", "labels-as-images"],
+)
+def test_unreadable_data_files_get_a_one_line_error_naming_the_file(tmp_path, damage, message):
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=True)
+    damage(files / "train-images-idx3-ubyte.gz")
+    with pytest.raises(ValueError, match=message) as error:
+        load_fashion(files)
+    text = str(error.value)
+    assert str(files / "train-images-idx3-ubyte.gz") in text and "\n" not in text
+
+
+def test_bad_device_or_dtype_is_refused_before_loading():
+    with pytest.raises(ValueError, match="device 'bogus'"):
+        pv.load_dataset("digits", device="bogus")
+    # Integer pixels would truncate every value in [0, 1) to 0.
+    with pytest.raises(ValueError, match=r"dtype must be a floating.*torch\.int64"):
+        pv.load_dataset("digits", dtype=torch.int64)
+    with pytest.raises(ValueError, match="dtype must be a floating"):
+        pv.load_dataset("digits", dtype="float32")
+
+
+class LyingDataset(torch.utils.data.Dataset):
+    def __init__(self, length: int, real: int) -> None:
+        self.length, self.real = length, real
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i >= self.real:
+            raise IndexError(f"index {i} is out of range")
+        return torch.zeros(4)
+
+
+def test_to_tensor_refuses_a_dataset_whose_len_lies_or_is_huge():
+    with pytest.raises(ValueError, match=r"len\(\) is 5, but item 3 .*IndexError"):
+        data_module.to_tensor(LyingDataset(5, 3), 4)
+    # 10^12 examples: refused up front, without reading an item (which would take days).
+    with pytest.raises(ValueError, match=r"len\(\) is 1000000000000: .* this machine's"):
+        data_module.to_tensor(LyingDataset(10**12, 3), 4)
