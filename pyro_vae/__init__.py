@@ -1,5 +1,6 @@
 """pyro_vae: variational autoencoders written as a Pyro model and guide, fitted by SVI."""
 
+from pyro_vae.bayesian import BayesianMLP
 from pyro_vae.build import DECODERS, ENCODERS, LIKELIHOODS, PRIORS, build_vae
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.data import DATASETS, DataSplits, DataUnavailableError, binarize, load_dataset
@@ -32,6 +33,7 @@ from pyro_vae.likelihoods import (
 )
 from pyro_vae.model import VAE
 from pyro_vae.networks import MLP, ConvNet, DeconvNet
+from pyro_vae.objective import Objective
 from pyro_vae.priors import (
     DiagonalNormalPrior,
     FlowPrior,
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActiveUnits",
+    "BayesianMLP",
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "ConvNet",
@@ -70,6 +73,7 @@ __all__ = [
     "MLP",
     "MixtureOfGaussiansPrior",
     "NormalLikelihood",
+    "Objective",
     "PRIORS",
     "StandardNormalPrior",
     "TrainingDivergedError",

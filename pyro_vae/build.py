@@ -16,13 +16,14 @@ from typing import Any
 from torch import nn
 
 from pyro_vae import encoders, likelihoods, priors
+from pyro_vae.bayesian import BayesianMLP
 from pyro_vae.model import VAE
 from pyro_vae.networks import MLP, DeconvNet
 
 PRIORS = ("standard-normal", "diagonal-normal", "mixture", "vamp", "flow")
 ENCODERS = ("diagonal", "full-covariance", "iaf", "delta")
 LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "normal", "laplace", "discretized-logistic")
-DECODERS = ("mlp", "conv")
+DECODERS = ("mlp", "conv", "bayesian-mlp")
 
 
 def build_vae(
@@ -40,6 +41,7 @@ def build_vae(
     likelihood_scale: float | str = "learned",
     num_bins: int = 256,
     beta: float = 1.0,
+    prior_scale: float = 1.0,
 ) -> VAE:
     """A :class:`~pyro_vae.model.VAE` from component names.
 
@@ -49,8 +51,10 @@ def build_vae(
     :param encoder: one of :data:`ENCODERS`: ``diagonal`` or ``full-covariance`` Normal,
         ``iaf`` (inverse autoregressive flow posterior), ``delta`` (deterministic autoencoder).
     :param likelihood: one of :data:`LIKELIHOODS`.
-    :param decoder: ``mlp``, or ``conv``: a convolutional encoder network and decoder pair
-        (needs ``image_shape``).
+    :param decoder: ``mlp``; ``conv``, a convolutional encoder network and decoder pair
+        (needs ``image_shape``); or ``bayesian-mlp``, an MLP decoder whose weights have a
+        Normal(0, ``prior_scale``) prior and a mean-field Normal posterior
+        (:class:`~pyro_vae.bayesian.BayesianMLP`), with the MLP encoder.
     :param hidden_dims: MLP widths of the encoder; the MLP decoder mirrors them.
     :param image_shape: ``(height, width)`` or ``(channels, height, width)`` of the data, for
         ``decoder="conv"``.
@@ -62,6 +66,7 @@ def build_vae(
         either way, shared or per feature.
     :param num_bins: pixel levels for ``discretized-logistic`` (256 for 8-bit images).
     :param beta: the KL weight (β-VAE).
+    :param prior_scale: the weight prior's standard deviation, for ``bayesian-mlp``.
     :raises ValueError: on an unknown name or an incompatible combination, naming it.
     """
     for kind, name, names in (
@@ -81,17 +86,24 @@ def build_vae(
                 f"image_shape {tuple(image_shape)} has {math.prod(image_shape)} "
                 f"values, but data_dim is {data_dim}"
             )
+    if prior_scale != 1.0 and decoder != "bayesian-mlp":
+        raise ValueError(
+            f"prior_scale is the weight prior of decoder 'bayesian-mlp', not {decoder!r}"
+        )
     conv_shape = tuple(image_shape) if decoder == "conv" else None
 
     encoder_module = _ENCODER_BUILDERS[encoder](
         data_dim, latent_dim, hidden_dims, conv_shape, flow_depth
     )
     prior_module = _build_prior(prior, data_dim, latent_dim, num_components, flow_depth)
-    decoder_module = (
-        DeconvNet(latent_dim, conv_shape)
-        if conv_shape is not None
-        else MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim)
-    )
+    if decoder == "conv":
+        decoder_module: nn.Module = DeconvNet(latent_dim, conv_shape)
+    elif decoder == "bayesian-mlp":
+        decoder_module = BayesianMLP(
+            latent_dim, tuple(reversed(hidden_dims)), data_dim, prior_scale=prior_scale
+        )
+    else:
+        decoder_module = MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim)
     likelihood_module = _build_likelihood(likelihood, data_dim, likelihood_scale, num_bins)
     return VAE(
         data_dim,

@@ -3,7 +3,7 @@
 All of them read log-densities off Pyro traces of ``vae.guide`` replayed into ``vae.model``: the
 maths stays Pyro's, and the same code serves any prior, encoder or likelihood. They run the model
 with ``num_data=None`` and read each site's *unscaled* log-density, so neither minibatch scaling
-(DESIGN.md §4, trap 6) nor β enters: they measure the true ELBO of a β-VAE.
+(docs/design.md, "IWAE and N/B") nor β enters: they measure the true ELBO of a β-VAE.
 """
 
 from __future__ import annotations
@@ -23,73 +23,112 @@ from pyro_vae.model import VAE
 
 
 class ElboTerms(NamedTuple):
-    """Per-example terms of the ELBO = reconstruction − kl, each ``(N,)`` in nats.
+    """Per-example terms of the ELBO, in nats.
 
-    ``reconstruction`` is E_q[log p(x | z)]; ``kl`` is the Monte-Carlo estimate of
-    KL(q(z | x) ‖ p(z)) = E_q[log q(z | x) − log p(z)], averaged over the particles.
+    ``reconstruction`` is E_q[log p(x | z)] and ``kl`` the Monte-Carlo estimate of
+    KL(q(z | x) ‖ p(z)) = E_q[log q(z | x) − log p(z)], each ``(N,)`` and averaged over the
+    particles. ``global_kl`` is the KL of the global latents (a Bayesian decoder's weights),
+    KL(q(w) ‖ p(w)), estimated the same way, a scalar; 0 for a deterministic decoder. It counts
+    once for a whole dataset of ``num_data`` examples, so each example carries
+    ``global_kl / num_data`` of it, as in the training loss. When x is that whole dataset,
+    Σ_n elbo_n is its ELBO, a lower bound on log p(x_1, ..., x_N) with z and the weights
+    integrated out.
     """
 
     reconstruction: Tensor
     kl: Tensor
+    global_kl: Tensor
+    num_data: int
+
+    @property
+    def global_kl_per_example(self) -> Tensor:
+        return self.global_kl / self.num_data
 
     @property
     def elbo(self) -> Tensor:
-        return self.reconstruction - self.kl
+        return self.reconstruction - self.kl - self.global_kl_per_example
 
 
-def _local_log_prob(trace: poutine.Trace, batch_size: int, observed: bool) -> Tensor:
-    """Sum of the per-example log-densities of the observed (or latent) sites in a trace."""
+def _log_prob_parts(trace: poutine.Trace, observed: bool) -> tuple[Tensor, Tensor]:
+    """The summed log-densities of a trace's observed (or latent) sites: per example for the
+    sites in a plate, ``(B,)``, and in total for the global sites outside every plate."""
     trace = prune_subsample_sites(trace)
     trace.compute_log_prob()
-    total = torch.zeros(())
+    local, global_ = torch.zeros(()), torch.zeros(())
     for site in trace.nodes.values():
         if site["type"] != "sample" or site["is_observed"] != observed:
             continue
         # Pyro's "log_prob" is multiplied by the site's scale (β, and N/B in minibatches);
         # the unscaled density is the one the ELBO and log p(x) are made of.
         log_prob = site["unscaled_log_prob"]
-        # Global latents (a Bayesian decoder's weights) have no per-example density: skip them.
-        if log_prob.shape[-1:] == (batch_size,):
-            total = total + log_prob
-    return total
+        if site["cond_indep_stack"]:
+            local = local + log_prob
+        else:
+            global_ = global_ + log_prob
+    return local, global_
 
 
-def _one_particle(vae: VAE, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(log p(x | z), log q(z | x) − log p(z)) for one z ~ q(z | x) per example."""
-    guide_trace = poutine.trace(vae.guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
-    n = x.shape[0]
-    reconstruction = _local_log_prob(model_trace, n, observed=True)
-    log_prior = _local_log_prob(model_trace, n, observed=False)
-    log_posterior = _local_log_prob(guide_trace, n, observed=False)
-    return reconstruction, log_posterior - log_prior
+def _one_particle(vae: VAE, x: Tensor, weights: str = "sample") -> tuple[Tensor, Tensor, Tensor]:
+    """(log p(x | z), log q(z | x) − log p(z), log q(w) − log p(w)) for one draw of the global
+    latents w and one z ~ q(z | x) per example. ``weights="mean"`` fixes w at its posterior
+    mean instead (the global term is then 0)."""
+    model, guide = vae.model, vae.guide
+    if weights == "mean" and vae.weight_guide is not None:
+        means = vae.weight_means()
+        model, guide = poutine.condition(model, data=means), poutine.condition(guide, data=means)
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    reconstruction, _ = _log_prob_parts(model_trace, observed=True)
+    log_prior, log_weight_prior = _log_prob_parts(model_trace, observed=False)
+    log_posterior, log_weight_posterior = _log_prob_parts(guide_trace, observed=False)
+    return reconstruction, log_posterior - log_prior, log_weight_posterior - log_weight_prior
 
 
 @torch.no_grad()
-def elbo_terms(vae: VAE, x: Tensor, num_particles: int = 1, batch_size: int = 1024) -> ElboTerms:
+def elbo_terms(
+    vae: VAE,
+    x: Tensor,
+    num_particles: int = 1,
+    batch_size: int = 1024,
+    num_data: int | None = None,
+) -> ElboTerms:
     """The ELBO's reconstruction and KL terms per example, averaged over ``num_particles``
-    draws of z ~ q(z | x).
+    draws of z ~ q(z | x) (and of the weights of a Bayesian decoder, one draw per particle and
+    batch, shared by the batch as in training).
 
     :param vae: a VAE.
     :param x: data ``(N, data_dim)`` inside the likelihood's support.
     :param num_particles: draws of z per example.
     :param batch_size: examples per forward pass (bounds memory).
+    :param num_data: the dataset size over which the global KL is spread; ``None``: ``len(x)``.
+        Pass the training set's size to compare with the training loss.
     """
     vae.validate_data(x)
     check_positive_int("num_particles", num_particles)
     check_positive_int("batch_size", batch_size)
-    reconstruction, kl = [], []
+    num_data = len(x) if num_data is None else check_positive_int("num_data", num_data)
+    reconstruction, kl, global_kl = [], [], []
     for batch in x.split(batch_size):
         draws = [_one_particle(vae, batch) for _ in range(num_particles)]
-        reconstruction.append(torch.stack([r for r, _ in draws]).mean(0))
-        kl.append(torch.stack([k for _, k in draws]).mean(0))
-    return ElboTerms(torch.cat(reconstruction), torch.cat(kl))
+        reconstruction.append(torch.stack([r for r, _, _ in draws]).mean(0))
+        kl.append(torch.stack([k for _, k, _ in draws]).mean(0))
+        global_kl.extend(g for _, _, g in draws)
+    return ElboTerms(
+        torch.cat(reconstruction), torch.cat(kl), torch.stack(global_kl).mean(), num_data
+    )
 
 
-def elbo(vae: VAE, x: Tensor, num_particles: int = 1, batch_size: int = 1024) -> Tensor:
-    """Per-example ELBO in nats, ``(N,)``: E_q[log p(x | z)] − KL(q(z | x) ‖ p(z)), estimated
-    with ``num_particles`` draws per example. Arguments as :func:`elbo_terms`."""
-    return elbo_terms(vae, x, num_particles, batch_size).elbo
+def elbo(
+    vae: VAE,
+    x: Tensor,
+    num_particles: int = 1,
+    batch_size: int = 1024,
+    num_data: int | None = None,
+) -> Tensor:
+    """Per-example ELBO in nats, ``(N,)``: E_q[log p(x | z)] − KL(q(z | x) ‖ p(z)) (less the
+    example's share of a Bayesian decoder's weight KL), estimated with ``num_particles`` draws
+    per example. Arguments as :func:`elbo_terms`."""
+    return elbo_terms(vae, x, num_particles, batch_size, num_data).elbo
 
 
 @torch.no_grad()
@@ -107,6 +146,10 @@ def log_likelihood(
     It is at least the ELBO in expectation, and tends to log p(x) as K grows. Work is done in
     chunks of at most ``max_rows`` (example, sample) pairs, so memory stays bounded for any K;
     the chunks are combined with a running log-sum-exp.
+
+    With a Bayesian decoder it bounds log p(x | w̄), the likelihood *conditional on the
+    posterior-mean weights* w̄ = E_q[w]: importance sampling runs over z only, with the
+    decoder's weights fixed at w̄ (not a bound marginal over the weights).
 
     :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
     """
@@ -128,7 +171,7 @@ def log_likelihood(
         n = batch.shape[0]
         # One pass over `count` copies of the batch: row k * n + i is sample k of example i.
         repeated = batch.repeat(count, 1)
-        reconstruction, kl = _one_particle(vae, repeated)
+        reconstruction, kl, _ = _one_particle(vae, repeated, weights="mean")
         log_weights = (reconstruction - kl).reshape(count, n)
         chunk_lse = torch.logsumexp(log_weights, dim=0)
         running = chunk_lse if start == 0 else torch.logaddexp(running, chunk_lse)

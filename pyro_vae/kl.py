@@ -40,8 +40,7 @@ def has_closed_form_kl(vae: VAE) -> bool:
     """Whether ``kl_divergence(q(z | x), p(z))`` is available for this VAE's encoder and prior,
     that is, whether ``TraceMeanField_ELBO`` computes the KL exactly rather than falling back
     to a Monte-Carlo estimate."""
-    reference = vae._reference_tensor()
-    x = torch.zeros(2, vae.data_dim, dtype=reference.dtype, device=reference.device)
+    x = torch.zeros(2, vae.data_dim, dtype=vae.dtype, device=vae.device)
     posterior = vae.encoder(x)
     prior = vae.prior().expand(posterior.batch_shape)
     try:

@@ -1,40 +1,40 @@
 """The VAE as a Pyro ``model`` / ``guide`` pair.
 
 ``model(x)``:  z ~ p(z) in the data plate, params = decoder(z), x ~ p(x | z) in the same plate.
-``guide(x)``:  z ~ q(z | x) = encoder(x) in the data plate.
+``guide(x)``:  z ~ q(z | x) = encoder(x) in the data plate (and, for a decoder with global
+latents, their guide, outside the plate).
 
-Everything else in pyro_vae plugs into these two functions.
+Everything else in pyro_vae plugs into these two functions. The checks of the component
+contract live in :mod:`pyro_vae.contract`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, pyro_method
 from torch import Tensor, nn
 
+from pyro_vae import contract
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae.encoders import DiagonalNormalEncoder
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.networks import MLP
 from pyro_vae.priors import StandardNormalPrior
 
-# Each VAE gets its own Pyro name, so its parameters have names of their own in Pyro's global
-# param store. Without this, two VAEs built in one process share names such as
-# "encoder$$$net.0.weight", and SVI on the second silently optimizes the first one's tensors
-# (DESIGN.md §4, trap 2).
+# Each VAE instance gets its own Pyro name ("vae0", "vae1", ...), which prefixes its entries in
+# Pyro's global param store. Two VAEs built in one process, or a VAE and its deep copy, would
+# otherwise share entries such as "encoder$$$net.0.weight", and SVI on one would silently
+# optimize the other's tensors (docs/design.md, "Pyro names"). The name is never part of a
+# sample site's name or of a state_dict key, so checkpoints load into any instance.
 _instance_ids = itertools.count()
-
-# Two examples, not one, so that a part which mixes up the batch dimension with another one
-# cannot pass the shape check by accident.
-_CHECK_BATCH = 2
 
 # Draws per example for the moments of a posterior that has no closed form (VAE.encode).
 ENCODE_SAMPLES = 128
@@ -79,7 +79,7 @@ class VAE(PyroModule):
         beta: float = 1.0,
         hidden_dims: Sequence[int] = (400,),
     ) -> None:
-        super().__init__(name=f"vae{next(_instance_ids)}")
+        super().__init__(name=_new_name())
         check_positive_int("data_dim", data_dim)
         check_positive_int("latent_dim", latent_dim)
         for width in hidden_dims:
@@ -99,7 +99,25 @@ class VAE(PyroModule):
         bind_encoder = getattr(self.prior, "bind_encoder", None)
         if callable(bind_encoder):
             bind_encoder(self.encoder)
-        self.data_support = self._check_components()
+        self.data_support = contract.check_components(
+            self.prior,
+            self.encoder,
+            self.decoder,
+            self.likelihood,
+            data_dim=self.data_dim,
+            latent_dim=self.latent_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and unpickling come through here: the copy gets a Pyro name of its own,
+        # so that training it leaves the original's param-store entries alone.
+        super().__setstate__(state)
+        old, new = self._pyro_name, _new_name()
+        for module in self.modules():
+            if isinstance(module, PyroModule):
+                module._pyro_name = new + module._pyro_name[len(old) :]
 
     # β is a property so that a KL warm-up schedule can change it and still be checked.
     @property
@@ -139,8 +157,9 @@ class VAE(PyroModule):
         :returns: the decoder's output (the likelihood's parameters).
         """
         # Reading a plain nn.Module child inside a pyro_method registers its parameters with
-        # Pyro (pyro.module); PyroSample weights of a Bayesian decoder are sampled here, once,
-        # outside the data plate, as global latents must be (DESIGN.md §4, trap 3).
+        # Pyro (pyro.module). The weights of a Bayesian decoder are sampled in decoder(z), once
+        # per step, outside the data plate, as global latents must be: they are not scaled by
+        # N/B, and all examples share one draw (docs/design.md, "Global latents").
         prior, decoder, likelihood = self.prior, self.decoder, self.likelihood
         data_plate = self._data_plate(x, num_data)
         with data_plate, self._beta_scale():
@@ -155,15 +174,25 @@ class VAE(PyroModule):
         """The amortized variational posterior q(z | x).
 
         Takes the same arguments as :meth:`model`. β scales the ``z`` site here as well as in
-        the model (DESIGN.md §4, trap 4).
+        the model (docs/design.md, "β"). A decoder with global latents brings their guide
+        (:attr:`weight_guide`), run here outside the data plate.
 
         :returns: the sampled z, ``(B, latent_dim)``.
         """
-        encoder = self.encoder
+        encoder, weight_guide = self.encoder, self.weight_guide
+        if weight_guide is not None:
+            weight_guide()
         with self._data_plate(x, num_data), self._beta_scale():
             return pyro.sample("z", encoder(x))
 
     # ------------------------------------------------------------------ conveniences
+
+    @property
+    def weight_guide(self) -> Callable[[], object] | None:
+        """The guide of the decoder's global latents (its ``guide()`` method, as
+        :class:`~pyro_vae.bayesian.BayesianMLP` has), or ``None`` for a deterministic decoder."""
+        guide = getattr(self.decoder, "guide", None)
+        return guide if callable(guide) else None
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """μ(x) and σ(x): the mean and standard deviation of q(z | x), ``(B, latent_dim)`` each.
@@ -179,26 +208,65 @@ class VAE(PyroModule):
             draws = posterior.rsample((ENCODE_SAMPLES,))
             return draws.mean(0), draws.std(0)
 
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """The likelihood's mean at z = μ(x): a tensor shaped like ``x``."""
-        return self.likelihood(self.decoder(self.encode(x)[0])).mean
+    def decode(self, z: Tensor, weights: str = "sample") -> Tensor:
+        """The decoder's output (the likelihood's parameters) at ``z``.
+
+        :param weights: for a decoder with global latents (a Bayesian decoder): ``"sample"``
+            draws one set of weights from their guide, shared by the whole batch (the posterior
+            predictive); ``"mean"`` uses the guide's mean weights. A deterministic decoder
+            ignores it.
+        """
+        if weights not in ("sample", "mean"):
+            raise ValueError(f"weights must be 'sample' or 'mean', got {weights!r}")
+        guide = self.weight_guide
+        if guide is None:
+            return self.decoder(z)
+        if weights == "mean":
+            return poutine.condition(self.decoder, data=self.weight_means())(z)
+        return poutine.replay(self.decoder, trace=poutine.trace(guide).get_trace())(z)
+
+    def weight_means(self) -> dict[str, Tensor]:
+        """The posterior mean of every global latent site, read off :attr:`weight_guide`
+        (empty for a deterministic decoder)."""
+        guide = self.weight_guide
+        if guide is None:
+            return {}
+        trace = poutine.trace(guide).get_trace()
+        return {
+            name: site["fn"].mean for name, site in trace.nodes.items() if site["type"] == "sample"
+        }
 
     @torch.no_grad()
-    def sample(self, num_samples: int) -> Tensor:
+    def reconstruct(self, x: Tensor, weights: str = "sample") -> Tensor:
+        """The likelihood's mean at z = μ(x): a tensor shaped like ``x``. ``weights`` as in
+        :meth:`decode`."""
+        return self.likelihood(self.decode(self.encode(x)[0], weights)).mean
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, weights: str = "sample") -> Tensor:
         """Decode z ~ p(z): the likelihood's mean, ``(num_samples, data_dim)``.
 
         The mean (pixel probabilities, for Bernoulli) rather than a noisy draw: what a person
-        wants to look at.
+        wants to look at. ``weights`` as in :meth:`decode`.
         """
         check_positive_int("num_samples", num_samples)
         z = self.prior().sample((num_samples,))
-        return self.likelihood(self.decoder(z)).mean
+        return self.likelihood(self.decode(z, weights)).mean
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ device, dtype, checks
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (the CPU for a model without any)."""
+        return self._reference_tensor().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's parameters (torch's default without any)."""
+        reference = self._reference_tensor()
+        return reference.dtype if reference.numel() else torch.get_default_dtype()
 
     def _reference_tensor(self) -> Tensor:
-        """Some parameter or buffer, for the device and floating dtype of the model."""
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             if tensor.is_floating_point():
                 return tensor
@@ -208,30 +276,10 @@ class VAE(PyroModule):
         """The checks of :meth:`validate_data` that any input of the networks needs (type,
         shape, finite values, the model's dtype and device), without the likelihood's support:
         :meth:`encode` takes grayscale images even for a Bernoulli model."""
-        x = self._check_form(x, "x")
-        _check_finite(x, "x")
-        self._check_dtype_and_device(x, "x")
+        x = contract.check_form(x, "x", self.data_dim)
+        contract.check_finite(x, "x")
+        contract.check_dtype_and_device(x, "x", self.dtype, self.device)
         return x
-
-    def _check_form(self, x: object, what: str) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{what} must have a floating dtype, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(
-                f"{what} must have shape (N, {self.data_dim}) (N examples of data_dim="
-                f"{self.data_dim} features; flatten images first), got {tuple(x.shape)}"
-            )
-        return x
-
-    def _check_dtype_and_device(self, x: Tensor, what: str) -> None:
-        reference = self._reference_tensor()
-        if reference.numel() and (x.dtype, x.device) != (reference.dtype, reference.device):
-            raise ValueError(
-                f"{what} is {x.dtype} on {x.device} but the model is {reference.dtype} on "
-                f"{reference.device}; convert one of them (x.to(...) or vae.to(...))"
-            )
 
     def validate_data(
         self, x: object, what: str = "data", *, probabilities: bool = False
@@ -243,119 +291,26 @@ class VAE(PyroModule):
         :param probabilities: check for values in [0, 1] instead of the likelihood's support:
             data that will be binarized dynamically.
         """
-        x = self._check_form(x, what)
+        x = contract.check_form(x, what, self.data_dim)
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
-        _check_finite(x, what)
+        contract.check_finite(x, what)
         if probabilities:
             support = constraints.independent(constraints.unit_interval, 1)
             expected = "the probabilities in [0, 1] that dynamic binarization needs"
         else:
             support = self.data_support
             expected = f"the support of {type(self.likelihood).__name__} ({support})"
-        inside = support.check(x)
-        if not bool(inside.all()):
-            row = int((~inside).nonzero()[0])
-            hint = (
-                "; binarize grayscale data (pyro_vae.binarize) or choose a likelihood for "
-                "continuous values"
-                if isinstance(self.likelihood, BernoulliLikelihood) and not probabilities
-                else ""
-            )
-            raise ValueError(
-                f"{what} has values outside {expected}, first in example {row}: "
-                f"{_offending_value(x[row], support)}{hint}"
-            )
-        self._check_dtype_and_device(x, what)
+        hint = (
+            "; binarize grayscale data (pyro_vae.binarize) or choose a likelihood for "
+            "continuous values"
+            if isinstance(self.likelihood, BernoulliLikelihood) and not probabilities
+            else ""
+        )
+        contract.check_support(x, what, support, expected, hint)
+        contract.check_dtype_and_device(x, what, self.dtype, self.device)
         return x
 
-    @torch.no_grad()
-    def _check_components(self) -> dist.constraints.Constraint:
-        """Check every part against the contract once; return the data support."""
-        ref = self._reference_tensor()
-        x = torch.zeros(_CHECK_BATCH, self.data_dim, dtype=ref.dtype, device=ref.device)
-        latent = (self.latent_dim,)
 
-        prior = _call_part("prior", self.prior)
-        _check_shapes("prior", prior, batch_shape=(), event_shape=latent, given="()")
-
-        posterior = _call_part("encoder", self.encoder, x)
-        _check_shapes(
-            "encoder",
-            posterior,
-            batch_shape=(_CHECK_BATCH,),
-            event_shape=latent,
-            given=f"x of shape {tuple(x.shape)}",
-        )
-        if not posterior.has_rsample:
-            raise ValueError(
-                f"encoder: q(z|x) ({type(posterior).__name__}) must be reparameterized "
-                "(has_rsample=True) so that gradients reach the encoder through z"
-            )
-
-        z = posterior.rsample()
-        params = _call_part("decoder", self.decoder, z)
-        if not isinstance(params, Tensor) or params.ndim == 0 or params.shape[0] != _CHECK_BATCH:
-            raise ValueError(
-                f"decoder: must return a tensor (B, ...) for z of shape {tuple(z.shape)}, got "
-                + (
-                    f"shape {tuple(params.shape)}"
-                    if isinstance(params, Tensor)
-                    else type(params).__name__
-                )
-            )
-
-        observation = _call_part("likelihood", self.likelihood, params)
-        _check_shapes(
-            "likelihood",
-            observation,
-            batch_shape=(_CHECK_BATCH,),
-            event_shape=(self.data_dim,),
-            given=f"decoder output of shape {tuple(params.shape)}",
-        )
-        return observation.support
-
-
-def _check_finite(x: Tensor, what: str) -> None:
-    # One sum is finite only if every value is (NaN and inf propagate), so the elementwise
-    # check runs only when the cheap one fails.
-    if not bool(torch.isfinite(x.sum())):
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            row = int((~finite).any(dim=1).nonzero()[0])
-            raise ValueError(f"{what} has NaN or infinite values (first in example {row})")
-
-
-def _call_part(name: str, part: nn.Module, *args: Tensor) -> object:
-    if not callable(part):
-        raise ValueError(f"{name}: must be a callable nn.Module, got {type(part).__name__}")
-    try:
-        return part(*args)
-    except ValueError as error:  # a part's own complaint: already says what is wrong
-        raise ValueError(f"{name}: {error}") from error
-    except Exception as error:  # re-raised with the part's name, the cause kept
-        shapes = ", ".join(str(tuple(a.shape)) for a in args) or "no arguments"
-        raise ValueError(f"{name}: failed when called with {shapes}: {error}") from error
-
-
-def _check_shapes(
-    name: str, d: object, *, batch_shape: tuple, event_shape: tuple, given: str
-) -> None:
-    if not isinstance(d, torch.distributions.Distribution):
-        raise ValueError(f"{name}: must return a Distribution, got {type(d).__name__}")
-    if tuple(d.batch_shape) != batch_shape or tuple(d.event_shape) != event_shape:
-        raise ValueError(
-            f"{name}: for {given} expected batch_shape {batch_shape} and event_shape "
-            f"{event_shape}, got batch_shape {tuple(d.batch_shape)} and event_shape "
-            f"{tuple(d.event_shape)} (declare the data dimensions with .to_event(1))"
-        )
-
-
-def _offending_value(row: Tensor, support: dist.constraints.Constraint) -> str:
-    # The support's check on a single feature finds the first bad value in the row.
-    base = getattr(support, "base_constraint", support)
-    bad = (~base.check(row)).nonzero()
-    if len(bad) == 0:
-        return "the row as a whole"
-    index = int(bad[0])
-    return f"feature {index} = {row[index].item():.6g}"
+def _new_name() -> str:
+    return f"vae{next(_instance_ids)}"

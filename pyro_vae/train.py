@@ -1,11 +1,14 @@
-"""``fit``: stochastic variational inference for a :class:`~pyro_vae.model.VAE`.
+"""``fit``: stochastic variational inference, the one training core of pyro_vae.
 
-The loss and its gradients come from a Pyro ELBO estimator (``Trace_ELBO`` by default) applied
-to ``vae.model`` and ``vae.guide``, exactly as ``pyro.infer.SVI.step`` would compute them. Two
-things differ from ``SVI.step``, both for speed and neither touching the maths:
+It trains any model and guide (:class:`~pyro_vae.objective.Objective`): a VAE, a VAE with a
+Bayesian decoder, or a model of one's own. The loss and its gradients come from a Pyro ELBO
+estimator (``Trace_ELBO`` by default) exactly as ``pyro.infer.SVI.step`` computes them, over
+the parameters SVI would find. Two things differ from ``SVI.step``, both for speed and neither
+touching the maths:
 
-- one ``torch.optim.Adam`` over ``vae.parameters()`` instead of Pyro's optimizer wrapper, which
-  keeps one optimizer per parameter and traces every step to find them;
+- one ``torch.optim.Adam`` over the parameters, found once before the first step, instead of
+  Pyro's optimizer wrapper, which keeps one optimizer per parameter and traces every step to
+  find them (Adam works elementwise, so the updates are the same);
 - Pyro's and torch's argument validation run on the first step only: the data were checked once
   up front and the shapes at construction, so repeating the checks every step buys nothing.
 """
@@ -26,17 +29,16 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae.data import is_binary, to_tensor
-from pyro_vae.distributions import describe
-from pyro_vae.kl import has_closed_form_kl
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
+from pyro_vae.objective import Objective
 
 
 @dataclass
@@ -66,7 +68,10 @@ class TrainingDivergedError(FloatingPointError):
 class TrainingState:
     """Where a :func:`fit` stands between two steps: with the model's weights, everything it
     needs to continue exactly. ``to_dict`` gives plain tensors and values, which
-    ``torch.save`` writes and ``torch.load(weights_only=True)`` reads back."""
+    ``torch.save`` writes and ``torch.load(weights_only=True)`` reads back.
+
+    :meth:`capture` takes it from a running fit; :meth:`restore` puts it back into another.
+    """
 
     epoch: int
     """Epochs completed."""
@@ -76,11 +81,63 @@ class TrainingState:
     """The shuffle of the epoch under way (``None`` between epochs)."""
     optimizer: dict
     torch_rng: Tensor
-    """torch's global random state: the draws of z and of Pyro's estimators."""
+    """torch's global random state: the draws of z, of the weights, and of Pyro's estimators."""
     cuda_rng: list[Tensor] | None
     generator_rng: Tensor | None
     """The state of fit's ``generator`` (shuffles, binarization), if one was given."""
     history: History
+
+    @classmethod
+    def capture(
+        cls,
+        epoch: int,
+        step: int,
+        order: Tensor | None,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator | None,
+        history: History,
+    ) -> TrainingState:
+        """The state after ``step`` steps of the epoch after ``epoch`` (0: between epochs)."""
+        return cls(
+            epoch=epoch,
+            step=step,
+            order=order if step else None,
+            optimizer=optimizer.state_dict(),
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            generator_rng=None if generator is None else generator.get_state(),
+            history=history,
+        )
+
+    def restore(
+        self,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator | None,
+        num_data: int,
+        device: torch.device,
+    ) -> tuple[History, int, int, Tensor | None]:
+        """Put the optimizer and random states back; return a copy of the history, the epoch
+        and step to go on from, and the epoch's shuffle."""
+        if self.order is not None and len(self.order) != num_data:
+            raise ValueError(
+                f"resume: the saved run shuffled {len(self.order)} examples, the data has "
+                f"{num_data}"
+            )
+        if (self.generator_rng is None) != (generator is None):
+            raise ValueError("resume: pass a generator exactly when the saved run had one")
+        try:
+            optimizer.load_state_dict(self.optimizer)
+        except (ValueError, KeyError) as error:
+            raise ValueError(
+                f"resume: the optimizer state does not fit this model: {error}"
+            ) from error
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        if generator is not None:
+            generator.set_state(self.generator_rng)
+        order = None if self.order is None else self.order.to(device)
+        return copy.deepcopy(self.history), self.epoch + 1, self.step, order
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict(self): it would deep-copy the optimizer's tensors needlessly.
@@ -100,8 +157,8 @@ class TrainingState:
 
 
 def fit(
-    vae: VAE,
-    data: Tensor | Dataset,
+    module: Any,
+    data: Tensor | Dataset | tuple[Tensor, ...],
     *,
     num_epochs: int,
     batch_size: int,
@@ -117,11 +174,16 @@ def fit(
     progress: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> History:
-    """Fit ``vae`` to ``data`` by stochastic variational inference.
+    """Fit ``module.model`` and ``module.guide`` to ``data`` by stochastic variational
+    inference: every parameter Pyro finds in them is trained (:class:`~pyro_vae.objective.
+    Objective`), with Pyro's loss and gradients and one ``torch.optim.Adam``.
 
-    :param vae: the model; trained in place, on the device of its parameters.
-    :param data: a tensor ``(N, data_dim)``, or a torch ``Dataset`` whose items are tensors (or
-        ``(tensor, label)`` pairs) with ``data_dim`` elements. Moved to the model's device once.
+    :param module: a :class:`~pyro_vae.model.VAE`, or any object whose ``model`` and ``guide``
+        take a batch's tensors and ``num_data=`` (the dataset size, for the data plate's
+        subsample scaling); trained in place, on the device of its parameters.
+    :param data: a tensor ``(N, data_dim)``, a torch ``Dataset`` whose items are tensors (or
+        ``(tensor, label)`` pairs) with ``data_dim`` elements, or a tuple of tensors with N
+        rows each (the model then gets one batch of each). Moved to the model's device once.
     :param num_epochs: passes over the data.
     :param batch_size: examples per SVI step; the ELBO is scaled by N / batch_size.
     :param learning_rate: Adam's step size.
@@ -130,12 +192,12 @@ def fit(
         registered (a warning says when it is not, and Pyro falls back to Monte Carlo);
         ``RenyiELBO(alpha=0, num_particles=K)`` importance-weighted training (IWAE), run on
         the unscaled minibatch so that the N / B scale stays outside the log-sum-exp
-        (DESIGN.md §4, trap 6). ``num_particles`` of any of them sets the draws per example.
+        (docs/design.md, "IWAE and N/B"). ``num_particles`` of any of them sets the draws.
     :param binarize: draw x ~ Bernoulli(data) afresh for every batch (dynamic binarization).
         ``None`` means: yes when the likelihood is Bernoulli and the data are not already binary.
     :param kl_warmup_epochs: KL warm-up: β rises linearly, step by step, from near 0 to
-        ``vae.beta`` over the first ``kl_warmup_epochs`` epochs (0: no warm-up). ``vae.beta``
-        is restored at the end, even when training stops early.
+        ``module.beta`` over the first ``kl_warmup_epochs`` epochs (0: no warm-up).
+        ``module.beta`` is restored at the end, even when training stops early.
     :param clip_norm: clip the gradients' total norm to this value before each step.
     :param callback: called as ``callback(epoch, history)`` after each epoch (1-based).
     :param checkpoint: called as ``checkpoint(state)`` with a :class:`TrainingState` after
@@ -150,75 +212,43 @@ def fit(
     :param progress: show a progress bar; ``None`` means only on a terminal.
     :param generator: random source for the shuffling and the binarization.
     :returns: the :class:`History` of losses.
-    :raises ValueError: on bad arguments or data, before any parameter changes.
+    :raises ValueError: on bad arguments or data, or a latent site of the model without a
+        site in the guide, before any parameter changes.
     :raises TrainingDivergedError: when a loss or a gradient is NaN or infinite, naming the
         epoch and step, before that step changes any parameter.
     """
-    check_positive_int("num_epochs", num_epochs)
-    check_positive_int("batch_size", batch_size)
-    check_positive_float("learning_rate", learning_rate)
-    reference = vae._reference_tensor()
-    x = to_tensor(data, vae.data_dim)
-    if not x.is_floating_point():  # checked before the cast below would hide it
-        raise ValueError(f"training data must have a floating dtype, got {x.dtype}")
-    x = x.to(device=reference.device, dtype=reference.dtype)
-    if binarize is None:
-        binarize = isinstance(vae.likelihood, BernoulliLikelihood) and not is_binary(x)
-    vae.validate_data(x, "training data", probabilities=binarize)
-    loss = Trace_ELBO() if loss is None else loss
-    if not isinstance(loss, ELBO):
-        raise ValueError(f"loss must be a pyro.infer.ELBO, got {type(loss).__name__}")
-    if clip_norm is not None:
-        check_positive_float("clip_norm", clip_norm)
-    if checkpoint_every is not None:
-        check_positive_int("checkpoint_every", checkpoint_every)
-    if resume is not None and not isinstance(resume, TrainingState):
-        raise ValueError(f"resume must be a TrainingState, got {type(resume).__name__}")
-    if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int):
-        raise ValueError(f"kl_warmup_epochs must be an integer >= 0, got {kl_warmup_epochs!r}")
-    if kl_warmup_epochs < 0:
-        raise ValueError(f"kl_warmup_epochs must be an integer >= 0, got {kl_warmup_epochs}")
-    if isinstance(loss, TraceMeanField_ELBO) and not has_closed_form_kl(vae):
-        warnings.warn(
-            f"TraceMeanField_ELBO: no closed-form KL is registered between the encoder's "
-            f"{describe(vae.encoder(x[:2]))} and the prior's {describe(vae.prior())}, so "
-            "Pyro estimates this KL by Monte Carlo, as Trace_ELBO does",
-            stacklevel=2,
-        )
-    # RenyiELBO's log-sum-exp over particles must see each example's unscaled log-weights, so
-    # it runs on the minibatch alone and the N / B scale is applied to its result afterwards.
-    scale_outside = isinstance(loss, RenyiELBO)
+    _check_arguments(
+        num_epochs,
+        batch_size,
+        learning_rate,
+        clip_norm,
+        checkpoint_every,
+        resume,
+        kl_warmup_epochs,
+        module,
+    )
+    tensors, binarize = _prepare_data(module, data, binarize)
+    objective = Objective(module, Trace_ELBO() if loss is None else loss)
+    num_data = len(tensors[0])
+    first_batch = tuple(t[:batch_size] for t in tensors)
+    parameters = objective.parameters(*first_batch, num_data=num_data)
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
 
-    num_data = x.shape[0]
     num_steps = math.ceil(num_data / batch_size)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     history = History(binarized=binarize)
     first_epoch, first_step, order = 1, 0, None
     if resume is not None:
-        history, first_epoch, first_step, order = _restore(
-            resume, optimizer, generator, num_data, x.device
+        history, first_epoch, first_step, order = resume.restore(
+            optimizer, generator, num_data, tensors[0].device
         )
-    target_beta = vae.beta
+    target_beta = getattr(module, "beta", None)
     warmup_steps = kl_warmup_epochs * num_steps
 
     def state(epoch: int, step: int, order: Tensor | None) -> TrainingState:
-        return TrainingState(
-            epoch=epoch,
-            step=step,
-            order=order if step else None,
-            optimizer=optimizer.state_dict(),
-            torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            generator_rng=None if generator is None else generator.get_state(),
-            history=history,
-        )
+        return TrainingState.capture(epoch, step, order, optimizer, generator, history)
 
-    # A private param store: the user's global one neither leaks into this fit nor receives
-    # this model's parameters (DESIGN.md §4, trap 2).
     with (
-        pyro.get_param_store().scope(),
-        _restored_beta(vae),
+        _restored_beta(module),
         _sigint_flag(enabled=checkpoint is not None) as interrupted,
         warnings.catch_warnings(),
     ):
@@ -227,7 +257,7 @@ def fit(
         for epoch in range(first_epoch, num_epochs + 1):
             started = time.perf_counter()
             if order is None:
-                order = torch.randperm(num_data, device=x.device, generator=generator)
+                order = torch.randperm(num_data, device=tensors[0].device, generator=generator)
             bar = tqdm(
                 order.split(batch_size)[first_step:],
                 initial=first_step,
@@ -238,33 +268,22 @@ def fit(
             )
             for step, indices in enumerate(bar, start=first_step + 1):
                 global_step = (epoch - 1) * num_steps + step
-                batch = x[indices]
+                batch = tuple(t[indices] for t in tensors)
                 if binarize:
-                    batch = torch.bernoulli(batch, generator=generator)
+                    batch = (torch.bernoulli(batch[0], generator=generator), *batch[1:])
                 if warmup_steps:
-                    vae.beta = target_beta * min(1.0, global_step / warmup_steps)
-                optimizer.zero_grad(set_to_none=True)
-                with pyro.validation_enabled(global_step == 1):
-                    if scale_outside:
-                        step_loss = loss.loss_and_grads(vae.model, vae.guide, batch)
-                        per_example = float(step_loss) / len(batch)
-                        _scale_gradients(parameters, num_data / len(batch))
-                    else:
-                        step_loss = loss.loss_and_grads(vae.model, vae.guide, batch, num_data)
-                        per_example = float(step_loss) / num_data
-                where = f"at epoch {epoch}, step {step} of {num_steps}"
-                if not math.isfinite(per_example):
-                    raise TrainingDivergedError(
-                        f"loss is {per_example} {where}; the parameters are those before this "
-                        "step (try a smaller learning_rate)"
-                    )
-                gradient_norm = _gradient_norm(parameters, clip_norm)
-                if not math.isfinite(gradient_norm):
-                    raise TrainingDivergedError(
-                        f"gradient norm is {gradient_norm} {where}; the parameters are those "
-                        "before this step (try a smaller learning_rate or clip_norm)"
-                    )
-                optimizer.step()
+                    module.beta = target_beta * min(1.0, global_step / warmup_steps)
+                per_example = _take_step(
+                    objective,
+                    optimizer,
+                    batch,
+                    num_data,
+                    clip_norm,
+                    # Pyro's and torch's argument checks on the first step only: the data were
+                    # checked up front and the shapes do not change between steps.
+                    validate=global_step == 1,
+                    where=f"at epoch {epoch}, step {step} of {num_steps}",
+                )
                 history.step_loss.append(per_example)
                 if step % 25 == 0:
                     bar.set_postfix(loss=f"{per_example:.2f}", refresh=False)
@@ -288,47 +307,120 @@ def fit(
     return history
 
 
+def _check_arguments(
+    num_epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    clip_norm: float | None,
+    checkpoint_every: int | None,
+    resume: TrainingState | None,
+    kl_warmup_epochs: int,
+    module: Any,
+) -> None:
+    check_positive_int("num_epochs", num_epochs)
+    check_positive_int("batch_size", batch_size)
+    check_positive_float("learning_rate", learning_rate)
+    if clip_norm is not None:
+        check_positive_float("clip_norm", clip_norm)
+    if checkpoint_every is not None:
+        check_positive_int("checkpoint_every", checkpoint_every)
+    if resume is not None and not isinstance(resume, TrainingState):
+        raise ValueError(f"resume must be a TrainingState, got {type(resume).__name__}")
+    if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int):
+        raise ValueError(f"kl_warmup_epochs must be an integer >= 0, got {kl_warmup_epochs!r}")
+    if kl_warmup_epochs < 0:
+        raise ValueError(f"kl_warmup_epochs must be an integer >= 0, got {kl_warmup_epochs}")
+    if kl_warmup_epochs and not hasattr(module, "beta"):
+        raise ValueError(
+            f"kl_warmup_epochs needs a model with a beta (KL weight); "
+            f"{type(module).__name__} has none"
+        )
+
+
+def _prepare_data(
+    module: Any, data: Tensor | Dataset | tuple[Tensor, ...], binarize: bool | None
+) -> tuple[tuple[Tensor, ...], bool]:
+    """The data as tensors on the module's device, the first (x) checked against the model;
+    and whether to binarize x dynamically."""
+    device, dtype = _device_and_dtype(module)
+    if isinstance(data, tuple):
+        if not data or not all(isinstance(t, Tensor) for t in data):
+            raise ValueError("data given as a tuple must hold tensors (one per model argument)")
+        if len({len(t) for t in data}) != 1:
+            lengths = ", ".join(str(len(t)) for t in data)
+            raise ValueError(f"the tensors of data must have as many rows each, got {lengths}")
+        tensors = data
+    else:
+        data_dim = getattr(module, "data_dim", None)
+        if not isinstance(data, Tensor) and data_dim is None:
+            raise ValueError("pass data as a tensor or a tuple of tensors for this model")
+        tensors = (to_tensor(data, data_dim),)
+    x = tensors[0]
+    if not x.is_floating_point():  # checked before the cast below would hide it
+        raise ValueError(f"training data must have a floating dtype, got {x.dtype}")
+    tensors = tuple(
+        t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in tensors
+    )
+    x = tensors[0]
+    if binarize is None:
+        bernoulli = isinstance(getattr(module, "likelihood", None), BernoulliLikelihood)
+        binarize = bernoulli and not is_binary(x)
+    validate_data = getattr(module, "validate_data", None)
+    if callable(validate_data):
+        validate_data(x, "training data", probabilities=binarize)
+    return tensors, binarize
+
+
+def _device_and_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
+    if isinstance(module, VAE):
+        return module.device, module.dtype
+    if isinstance(module, torch.nn.Module):
+        for parameter in module.parameters():
+            if parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _take_step(
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Tensor, ...],
+    num_data: int,
+    clip_norm: float | None,
+    *,
+    validate: bool,
+    where: str,
+) -> float:
+    """One SVI step; returns the per-example loss. A loss or gradient that is not finite
+    raises before the optimizer changes anything."""
+    optimizer.zero_grad(set_to_none=True)
+    with pyro.validation_enabled(validate):
+        per_example = float(objective.loss_and_grads(*batch, num_data=num_data)) / num_data
+    if not math.isfinite(per_example):
+        raise TrainingDivergedError(
+            f"loss is {per_example} {where}; the parameters are those before this "
+            "step (try a smaller learning_rate)"
+        )
+    gradient_norm = _gradient_norm(objective.trained, clip_norm)
+    if not math.isfinite(gradient_norm):
+        raise TrainingDivergedError(
+            f"gradient norm is {gradient_norm} {where}; the parameters are those "
+            "before this step (try a smaller learning_rate or clip_norm)"
+        )
+    optimizer.step()
+    return per_example
+
+
 @contextlib.contextmanager
-def _restored_beta(vae: VAE) -> Iterator[None]:
-    beta = vae.beta
+def _restored_beta(module: Any) -> Iterator[None]:
+    if not hasattr(module, "beta"):
+        yield
+        return
+    beta = module.beta
     try:
         yield
     finally:
-        vae.beta = beta
-
-
-def _scale_gradients(parameters: list[Tensor], factor: float) -> None:
-    for parameter in parameters:
-        if parameter.grad is not None:
-            parameter.grad.mul_(factor)
-
-
-def _restore(
-    state: TrainingState,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator | None,
-    num_data: int,
-    device: torch.device,
-) -> tuple[History, int, int, Tensor | None]:
-    """Put the optimizer and random states back; return the history and where to go on."""
-    if state.order is not None and len(state.order) != num_data:
-        raise ValueError(
-            f"resume: the saved run shuffled {len(state.order)} examples, the data has {num_data}"
-        )
-    if (state.generator_rng is None) != (generator is None):
-        raise ValueError("resume: pass a generator exactly when the saved run had one")
-    try:
-        optimizer.load_state_dict(state.optimizer)
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"resume: the optimizer state does not fit this model: {error}") from error
-    torch.set_rng_state(state.torch_rng)
-    if state.cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state.cuda_rng)
-    if generator is not None:
-        generator.set_state(state.generator_rng)
-    history = copy.deepcopy(state.history)
-    order = None if state.order is None else state.order.to(device)
-    return history, state.epoch + 1, state.step, order
+        module.beta = beta
 
 
 def _gradient_norm(parameters: list[Tensor], clip_norm: float | None) -> float:

@@ -340,7 +340,7 @@ def load_run_test_set(run_dir: Path) -> tuple[pv.VAE, dict, pv.DataSplits, torch
     run = payload["args"]
     data = pv.load_dataset(run["dataset"], run["data_dir"])
     x_test, _ = evaluation_data(vae, data, torch.Generator().manual_seed(run["seed"]))
-    return vae, payload, data, x_test.to(vae._reference_tensor().dtype)
+    return vae, payload, data, x_test.to(vae.dtype)
 
 
 def _resumed_args(saved: dict, given: argparse.Namespace) -> argparse.Namespace:

@@ -47,16 +47,17 @@ def test_fit_accepts_a_torch_dataset_of_images_with_labels():
     assert len(history.loss) == 2
 
 
-def test_fit_leaves_the_global_param_store_untouched():
+def test_fit_uses_the_param_store_as_svi_does_and_leaves_unrelated_entries_alone():
     pyro.param("users_own_parameter", torch.ones(2))
-    pv.fit(
-        pv.VAE(12, 2, hidden_dims=(8,)),
-        binary_data(20, 12),
-        num_epochs=1,
-        batch_size=8,
-        progress=False,
-    )
-    assert list(pyro.get_param_store().keys()) == ["users_own_parameter"]
+    vae = pv.VAE(12, 2, hidden_dims=(8,))
+    pv.fit(vae, binary_data(20, 12), num_epochs=1, batch_size=8, progress=False)
+    store = pyro.get_param_store()
+    assert torch.equal(store["users_own_parameter"], torch.ones(2))
+    # The VAE's entries are its own tensors, under its own Pyro name, as SVI leaves them.
+    own = {id(p) for p in vae.parameters()}
+    entries = [name for name in store.keys() if name != "users_own_parameter"]
+    assert entries and all(name.startswith(vae._pyro_name) for name in entries)
+    assert all(id(store._params[name]) in own for name in entries)
 
 
 @pytest.mark.parametrize("loss", [TraceMeanField_ELBO(), RenyiELBO(alpha=0, num_particles=3)])
@@ -85,8 +86,9 @@ class NaNAfter(nn.Module):
 
 def test_nan_loss_names_epoch_and_step_and_keeps_the_last_finite_parameters():
     x = binary_data(40, 12)
-    # One call for the construction check, then 4 steps per epoch: NaN at epoch 2, step 3.
-    vae = pv.VAE(12, 2, hidden_dims=(8,), decoder=NaNAfter(nn.Linear(2, 12), 1 + 4 + 2))
+    # One call for the construction check, one for fit's look at the model and guide before
+    # training, then 4 steps per epoch: NaN at epoch 2, step 3.
+    vae = pv.VAE(12, 2, hidden_dims=(8,), decoder=NaNAfter(nn.Linear(2, 12), 1 + 1 + 4 + 2))
     with pytest.raises(pv.TrainingDivergedError, match="epoch 2, step 3 of 4"):
         pv.fit(vae, x, num_epochs=3, batch_size=10, progress=False)
     assert all(torch.isfinite(p).all() for p in vae.parameters())

@@ -1,0 +1,158 @@
+"""The unit that :func:`~pyro_vae.train.fit` trains: a model, its guide and a Pyro ELBO, as one
+object.
+
+It knows nothing of VAEs. Whatever Pyro finds in the model and the guide is what it trains: the
+``nn.Parameter``s of every module they read (``pyro.module`` / ``PyroModule``), ``PyroParam``s,
+bare ``pyro.param`` statements, and parameters created lazily on the first call (autoguides).
+That is the set ``pyro.infer.SVI`` trains, found the way SVI finds it: from the param sites of a
+trace of the model and guide.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, RenyiELBO, TraceMeanField_ELBO
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor, nn
+from torch.distributions import kl_divergence
+
+from pyro_vae.distributions import describe
+
+
+class Objective:
+    """``loss`` applied to ``module.model`` and ``module.guide``.
+
+    :param module: any object with ``model`` and ``guide`` callables that take a batch's
+        tensors and ``num_data=`` (the dataset size, for the data plate's N/B scaling); a
+        :class:`~pyro_vae.model.VAE`, or a model of one's own.
+    :param loss: a Pyro ELBO estimator.
+    """
+
+    def __init__(self, module: Any, loss: ELBO) -> None:
+        model, guide = getattr(module, "model", None), getattr(module, "guide", None)
+        if not (callable(model) and callable(guide)):
+            raise ValueError(
+                f"fit needs an object with model and guide methods, got {type(module).__name__}"
+            )
+        if not isinstance(loss, ELBO):
+            raise ValueError(f"loss must be a pyro.infer.ELBO, got {type(loss).__name__}")
+        self.module, self.model, self.guide, self.loss = module, model, guide, loss
+        # RenyiELBO's log-sum-exp over particles must see each example's unscaled
+        # log-weights, so it runs on the minibatch alone and the N / B scale is applied to its
+        # result afterwards (docs/design.md, "IWAE and N/B").
+        self.scale_outside = isinstance(loss, RenyiELBO)
+        self.global_sites: list[str] = []
+        self.trained: list[Tensor] = []
+
+    def parameters(self, *batch: Tensor, num_data: int) -> list[Tensor]:
+        """Run the guide and the model once on ``batch`` and return every parameter Pyro finds
+        in them, in a fixed order (the module's own ``parameters()`` order first, then the rest
+        in the order of the trace); parameters created lazily are created here.
+
+        It draws from torch's random state on a fork, so the training that follows draws the
+        same numbers as if this had not run.
+
+        :raises ValueError: when a latent site of the model has no site in the guide, or a
+            parameter of the module takes no part in either (training would leave it as it is).
+        """
+        device = batch[0].device
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            pyro.validation_enabled(False),
+            poutine.trace(param_only=True) as param_capture,
+        ):
+            guide_trace = poutine.trace(self.guide).get_trace(*batch, num_data=num_data)
+            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
+                *batch, num_data=num_data
+            )
+        self._check_traces(model_trace, guide_trace)
+        found: dict[int, Tensor] = {}
+        for site in param_capture.trace.nodes.values():
+            unconstrained = site["value"].unconstrained()
+            found.setdefault(id(unconstrained), unconstrained)
+        own = list(self.module.parameters()) if isinstance(self.module, nn.Module) else []
+        unused = [
+            name
+            for name, parameter in _named_parameters(self.module)
+            if parameter.requires_grad and id(parameter) not in found
+        ]
+        if unused:
+            raise ValueError(
+                f"parameters {', '.join(unused)} of {type(self.module).__name__} take no part "
+                "in its model or guide, so training would leave them as they are; read the "
+                "modules that hold them inside a pyro_method (or register them with pyro.module)"
+            )
+        own_ids = {id(p) for p in own}
+        self.trained = [p for p in own if id(p) in found] + [
+            p for key, p in found.items() if key not in own_ids
+        ]
+        return self.trained
+
+    def _check_traces(self, model_trace: poutine.Trace, guide_trace: poutine.Trace) -> None:
+        model_trace, guide_trace = (
+            prune_subsample_sites(model_trace),
+            prune_subsample_sites(guide_trace),
+        )
+        latent = [
+            name
+            for name, site in model_trace.nodes.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            # TraceEnum_ELBO sums enumerated sites out in the model: they need no guide.
+            and not site["infer"].get("enumerate")
+        ]
+        guided = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+        missing = [name for name in latent if name not in guided]
+        if missing:
+            raise ValueError(
+                f"the model's latent site(s) {', '.join(repr(n) for n in missing)} have no "
+                "site of the same name in the guide, so their values would be drawn from the "
+                "prior at every step and never learnt. Give them a guide: a decoder with random "
+                "weights provides a guide() method that samples them (pyro_vae.BayesianMLP "
+                "does), or the guide samples each of those sites itself (for example through "
+                "pyro.infer.autoguide.AutoNormal over them)"
+            )
+        if isinstance(self.loss, TraceMeanField_ELBO):
+            for name in latent:
+                q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+                try:
+                    kl_divergence(q, p)
+                except NotImplementedError:
+                    warnings.warn(
+                        f"TraceMeanField_ELBO: no closed-form KL is registered between the "
+                        f"guide's {describe(q)} and the model's {describe(p)} at site "
+                        f"{name!r}, so Pyro estimates this KL by Monte Carlo, as Trace_ELBO does",
+                        stacklevel=4,
+                    )
+        # Latents outside every plate (a Bayesian decoder's weights) count once per step.
+        self.global_sites = [n for n in latent if not model_trace.nodes[n]["cond_indep_stack"]]
+        if self.scale_outside and self.global_sites:
+            raise ValueError(
+                "RenyiELBO (IWAE) cannot train a model with global latents "
+                f"({', '.join(self.global_sites)}): "
+                "fit scales the minibatch's bound by N/B outside the log-sum-exp, which would "
+                "count their KL N/B times per step; use Trace_ELBO or TraceMeanField_ELBO"
+            )
+
+    def loss_and_grads(self, *batch: Tensor, num_data: int) -> float:
+        """Pyro's loss for the whole dataset estimated from ``batch`` (N / B times the
+        minibatch's), with its gradients accumulated into the parameters' ``.grad``. Call
+        :meth:`parameters` first."""
+        if not self.scale_outside:
+            return self.loss.loss_and_grads(self.model, self.guide, *batch, num_data=num_data)
+        loss = self.loss.loss_and_grads(self.model, self.guide, *batch)
+        factor = num_data / len(batch[0])
+        for parameter in self.trained:
+            if parameter.grad is not None:
+                parameter.grad.mul_(factor)
+        return loss * factor
+
+
+def _named_parameters(module: Any) -> list[tuple[str, Tensor]]:
+    return list(module.named_parameters()) if isinstance(module, nn.Module) else []
