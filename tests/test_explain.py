@@ -121,3 +121,108 @@ def test_a_custom_encoder_without_a_network_gets_section_2_marked(tmp_path):
     report = pv.explain(vae, x, labels, (2, 3), ["a", "b"], tmp_path, num_draws=100)
     found = sections(report.read_text())
     assert "Not measured" in found["2"] and "Not measured" not in found["1"]
+
+
+# ---------------------------------------------------------------- the numbers of sections 1-3
+
+
+def table_rows(section: str, first_cell: str) -> list[list[str]]:
+    """The cells (after the first) of the table rows whose first cell starts with
+    ``first_cell``."""
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith(first_cell):
+            rows.append(cells[1:])
+    return rows
+
+
+def assert_printed(printed: str, value: float, decimals: int, what: str) -> None:
+    """``printed`` is ``value`` rounded to ``decimals`` places."""
+    assert abs(float(printed) - value) <= 0.5 * 10**-decimals + 1e-12, (what, printed, value)
+
+
+def test_sections_1_to_3_print_the_encoders_mu_and_sigma_and_their_measurements(tmp_path):
+    data = pv.load_dataset("digits", dtype=torch.float64)
+    x = pv.binarize(data.x_test[:60], torch.Generator().manual_seed(0))
+    vae = pv.VAE(64, 3, hidden_dims=(16,))
+    num_draws = 500
+    report = pv.explain(
+        vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, num_draws
+    )
+    found = sections(report.read_text())
+    loc, scale = vae.encode(x)
+    # σ and σ², and the pixels' std and variance, differ in the printed decimals.
+    assert ((scale[:5] - scale[:5].pow(2)).abs() > 0.01).all()
+    assert (x[:5].std(1) - x[:5].var(1)).abs().min() > 0.01
+
+    # 1. Per example: the pixels' mean and std, then μ_i(x) and σ_i(x) from encode.
+    assert "| input | pixel mean | pixel std | μ_1(x) | μ_2(x) | μ_3(x) | σ_1(x) |" in found["1"]
+    rows = table_rows(found["1"], "test #")
+    assert len(rows) == 5
+    for n, row in enumerate(rows):
+        assert_printed(row[0], x[n].mean().item(), 3, f"pixel mean #{n}")
+        assert_printed(row[1], x[n].std().item(), 3, f"pixel std #{n}")
+        for i in range(3):
+            assert_printed(row[2 + i], loc[n, i].item(), 3, f"μ_{i + 1} #{n}")
+            assert_printed(row[5 + i], scale[n, i].item(), 3, f"σ_{i + 1} #{n}")
+    (whole,) = table_rows(found["1"], "whole test set")
+    assert_printed(whole[0], x.mean().item(), 3, "pixel mean")
+    assert_printed(whole[1], x.std().item(), 3, "pixel std")
+    spread = re.search(
+        r"standard deviation of (\S+) to (\S+) \(over dimensions i\) and σ_i\(x\) with (\S+) "
+        r"to (\S+)\.",
+        found["1"],
+    )
+    assert spread, found["1"]
+    for printed, value, decimals in zip(
+        spread.groups(),
+        [loc.std(0).min(), loc.std(0).max(), scale.std(0).min(), scale.std(0).max()],
+        [3, 3, 4, 4],
+        strict=True,
+    ):
+        assert_printed(printed, value.item(), decimals, "spread across the test set")
+
+    # 2. μ_i(x) = w_i · h(x) + b_i with the read-out's first latent_dim rows.
+    layer = pv.networks.output_layer(vae.encoder.net)
+    captured = []
+    handle = layer.register_forward_hook(lambda module, args, out: captured.append(args[0]))
+    vae.encoder(x)
+    handle.remove()
+    hidden, weight = captured[0], layer.weight[:3]
+    torch.testing.assert_close(hidden @ weight.T + layer.bias[:3], loc, rtol=0, atol=1e-12)
+    match = re.search(r"matches the encoder to (\S+)\.", found["2"])
+    assert match and float(match.group(1)) < 1e-12, found["2"]
+    rows = table_rows(found["2"], "test #")
+    assert len(rows) == 5
+    for n, row in enumerate(rows):
+        assert_printed(row[0], hidden[n].mean().item(), 3, f"mean of h #{n}")
+        for i in range(3):
+            assert_printed(row[1 + i], loc[n, i].item(), 3, f"μ_{i + 1} #{n}")
+    correlations = re.search(r"μ_i\(x\) is (\S+), (\S+), (\S+) for i = 1..3", found["2"])
+    assert correlations, found["2"]
+    for i, printed in enumerate(correlations.groups()):
+        exact = torch.corrcoef(torch.stack([hidden.mean(1), loc[:, i]]))[0, 1]
+        assert_printed(printed, exact.item(), 2, f"correlation {i + 1}")
+    cosines = torch.nn.functional.cosine_similarity(weight[:, None], weight[None], dim=-1)
+    off_diagonal = cosines[~torch.eye(3, dtype=torch.bool)]
+    between = re.search(r"pairwise cosines lie between (\S+) and (\S+?)\.?$", found["2"], re.M)
+    assert between, found["2"]
+    assert_printed(between.group(1), off_diagonal.min().item(), 2, "smallest cosine")
+    assert_printed(between.group(2), off_diagonal.max().item(), 2, "largest cosine")
+
+    # 3. Draws from the guide for test input #0: their mean and std against μ(x) and σ(x).
+    loc0, scale0 = loc[0], scale[0]
+    rows = table_rows(found["3"], "z_")
+    assert len(rows) == 3
+    for i, row in enumerate(rows):
+        mu, mean, se_mean, sigma, std, se_std = map(float, row)
+        assert_printed(row[0], loc0[i].item(), 3, f"μ_{i + 1}(x)")
+        assert_printed(row[3], scale0[i].item(), 3, f"σ_{i + 1}(x)")
+        # The standard errors are those of a mean and of a Gaussian sample's std.
+        assert abs(se_mean - std / num_draws**0.5) < 1e-3
+        assert abs(se_std - std / (2 * (num_draws - 1)) ** 0.5) < 1e-3
+        # The draws' moments within 4 standard errors (+ the table's rounding) of μ and σ.
+        assert abs(mean - loc0[i].item()) < 4 * se_mean + 1e-3, (i, mean, mu)
+        assert abs(std - scale0[i].item()) < 4 * se_std + 1e-3, (i, std, sigma)
+    assert "within 4 standard errors of μ(x), σ(x) in every dimension: yes" in found["3"]
