@@ -180,10 +180,12 @@ class VAE(PyroModule):
         :returns: the sampled z, ``(B, latent_dim)``.
         """
         encoder, weight_guide = self.encoder, self.weight_guide
+        with self._data_plate(x, num_data), self._beta_scale():
+            z = pyro.sample("z", encoder(x))
+        # After z, as in the model: TraceMeanField_ELBO checks that the sites come in one order.
         if weight_guide is not None:
             weight_guide()
-        with self._data_plate(x, num_data), self._beta_scale():
-            return pyro.sample("z", encoder(x))
+        return z
 
     # ------------------------------------------------------------------ conveniences
 
@@ -231,7 +233,11 @@ class VAE(PyroModule):
         guide = self.weight_guide
         if guide is None:
             return {}
-        trace = poutine.trace(guide).get_trace()
+        # The trace draws weights only to reach the guide's distributions: on a fork of the
+        # random state, so that asking for the means changes no later draw.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            trace = poutine.trace(guide).get_trace()
         return {
             name: site["fn"].mean for name, site in trace.nodes.items() if site["type"] == "sample"
         }

@@ -304,3 +304,23 @@ def test_vamp_prior_is_the_equal_weight_mixture_of_its_pseudo_posteriors():
         vae.prior.pseudo_inputs.copy_(vae.prior.pseudo_inputs[:1].expand(100, -1))
         single = vae.encoder(vae.prior.pseudo_inputs[:1])
         torch.testing.assert_close(vae.prior().log_prob(z), single.log_prob(z), rtol=0, atol=1e-12)
+
+
+def bayesian_decoder_cases() -> list:
+    """The Bayesian decoder with every prior, every encoder and every likelihood (each varied
+    alone from the defaults)."""
+    cases = [("prior", name) for name in pv.PRIORS if name != "standard-normal"]
+    cases += [("encoder", name) for name in pv.ENCODERS if name != "diagonal"]
+    cases += [("likelihood", name) for name in pv.LIKELIHOODS]
+    return [pytest.param(kind, name, id=f"{kind}={name}") for kind, name in cases]
+
+
+@pytest.mark.parametrize("kind, name", bayesian_decoder_cases())
+def test_bayesian_decoder_takes_a_step_with_every_part(kind, name):
+    options = {kind: name}
+    if name in ("mixture", "vamp"):
+        options["num_components"] = 4
+    vae = pv.build_vae(DATA_DIM, LATENT_DIM, hidden_dims=(8,), decoder="bayesian-mlp", **options)
+    x = DATA[options.get("likelihood", "bernoulli")]()
+    assert_one_step_trains_everything(vae, x, Trace_ELBO())
+    assert any(n.startswith("decoder.raw_scales") for n, _ in vae.named_parameters())

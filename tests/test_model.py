@@ -1,5 +1,5 @@
 """The VAE's model and guide: shapes, the component contract, and training through a user's own
-SVI loop (DESIGN.md §4: traps 1 to 4)."""
+SVI loop (docs/design.md: Pyro names, global latents, β)."""
 
 import pyro
 import pyro.distributions as dist
