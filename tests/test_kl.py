@@ -177,11 +177,17 @@ CLOSED_FORM = {
 }
 
 
-@pytest.mark.parametrize("prior", pv.PRIORS)
-@pytest.mark.parametrize("encoder", pv.ENCODERS)
+# The VampPrior refuses the IAF and Delta encoders at construction (test_components).
+BUILDABLE = [
+    pytest.param(prior, encoder, id=f"prior={prior},encoder={encoder}")
+    for prior in pv.PRIORS
+    for encoder in pv.ENCODERS
+    if not (prior == "vamp" and encoder in ("iaf", "delta"))
+]
+
+
+@pytest.mark.parametrize("prior, encoder", BUILDABLE)
 def test_mean_field_says_when_it_falls_back_to_monte_carlo(prior, encoder):
-    if prior == "vamp" and encoder in ("iaf", "delta"):
-        return  # refused at construction (test_components)
     options = {"num_components": 2} if prior in ("mixture", "vamp") else {}
     vae = pv.build_vae(6, 3, prior=prior, encoder=encoder, hidden_dims=(8,), **options)
     closed = (prior, encoder) in CLOSED_FORM

@@ -4,6 +4,7 @@ warm-up schedule."""
 import math
 
 import pyro
+import pytest
 import torch
 from conftest import binary_data
 from pyro.infer import RenyiELBO
@@ -90,16 +91,17 @@ def test_kl_warmup_raises_beta_linearly_then_restores_it():
 
 def test_kl_warmup_restores_beta_when_training_stops_early():
     vae, x = untrained_vae(), binary_data(40, 10)
+    seen = []
 
     def stop(epoch, history):
+        seen.append(vae.beta)
         raise KeyboardInterrupt
 
-    try:
+    with pytest.raises(KeyboardInterrupt):
         pv.fit(
             vae, x, num_epochs=5, batch_size=10, kl_warmup_epochs=4, callback=stop, progress=False
         )
-    except KeyboardInterrupt:
-        pass
+    assert seen == [0.25]  # stopped after epoch 1 of the warm-up, with β part-way up
     assert vae.beta == 1.0
 
 

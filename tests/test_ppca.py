@@ -34,7 +34,7 @@ def ppca(posterior_shift: float = 0.0) -> tuple[pv.VAE, dist.MultivariateNormal]
     decoder = nn.Linear(LATENT_DIM, DATA_DIM)
     with torch.no_grad():
         decoder.weight.copy_(weight)
-        decoder.bias.copy_(bias + posterior_shift * 0)
+        decoder.bias.copy_(bias)  # the model stays put; only the posterior is shifted
     encoder = ExactPosterior(weight, bias + posterior_shift)
     vae = pv.VAE(
         DATA_DIM,
