@@ -21,6 +21,7 @@ from pyro_vae.evaluate import (
     kl_decomposition,
     kl_per_dimension,
     log_likelihood,
+    weight_spread,
 )
 from pyro_vae.explain import explain
 from pyro_vae.kl import has_closed_form_kl  # importing it registers the closed-form KLs
@@ -94,4 +95,5 @@ __all__ = [
     "load_dataset",
     "log_likelihood",
     "save_checkpoint",
+    "weight_spread",
 ]

@@ -180,6 +180,18 @@ def log_likelihood(
     return torch.cat(results)
 
 
+@torch.no_grad()
+def weight_spread(vae: VAE, x: Tensor, num_particles: int = 100) -> tuple[Tensor, Tensor]:
+    """What a Bayesian decoder's weight uncertainty does to reconstructions: with z = μ(x)
+    fixed, the pixel-wise mean and standard deviation of the likelihood's mean over
+    ``num_particles`` weight draws from their guide, each ``(N, data_dim)``. For a
+    deterministic decoder the spread is zero."""
+    check_positive_int("num_particles", num_particles)
+    loc, _ = vae.encode(x)
+    draws = torch.stack([vae.likelihood(vae.decode(loc)).mean for _ in range(num_particles)])
+    return draws.mean(0), draws.std(0) if num_particles > 1 else torch.zeros_like(draws[0])
+
+
 # ---------------------------------------------------------------- how the latent space is used
 
 

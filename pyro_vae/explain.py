@@ -19,7 +19,7 @@ from torch.distributions import kl_divergence
 from pyro_vae import plots
 from pyro_vae._files import atomic_write
 from pyro_vae.distributions import is_diagonal_normal
-from pyro_vae.evaluate import active_units, kl_decomposition, kl_per_dimension
+from pyro_vae.evaluate import active_units, kl_decomposition, kl_per_dimension, weight_spread
 from pyro_vae.model import VAE
 from pyro_vae.networks import output_layer
 from pyro_vae.priors import StandardNormalPrior
@@ -64,6 +64,8 @@ def explain(
         _why_standard_normal(vae, x, kl, labels, image_shape, class_names, out),
         _active_units(vae, x, kl, out) if kl is not None else _not_applicable(6, "Active units"),
     ]
+    if vae.weight_guide is not None:
+        sections.append(_weight_uncertainty(vae, x, image_shape, out))
     report = out / "report.md"
     header = (
         f"# What μ and σ really are: measured on this model\n\n"
@@ -360,4 +362,22 @@ def _active_units(vae: VAE, x: Tensor, kl: Tensor, out: Path) -> str:
         "it.\n\n"
         + _table(["dimension", "Cov_x(E_q[z_i])", "average KL (nats)", ""], rows)
         + "\n![KL per dimension](kl_per_dimension.png)\n"
+    )
+
+
+def _weight_uncertainty(vae: VAE, x: Tensor, image_shape: Sequence[int], out: Path) -> str:
+    num_draws = 100
+    mean, std = weight_spread(vae, x, num_draws)
+    plots.plot_weight_spread(x, mean, std, image_shape, out / "weight_uncertainty.png")
+    per_example = std.mean(1)
+    return (
+        "## 7. What the decoder's weight uncertainty does\n\n"
+        "This decoder's weights are random too: q(w) is a Normal per weight. With z = μ(x) "
+        f"fixed, {num_draws} draws of the weights give {num_draws} reconstructions of each "
+        "input; their pixel-wise standard deviation is the uncertainty the weights alone "
+        "put into the output.\n\n"
+        f"Average pixel-wise std over the {len(x)} test examples: **{float(std.mean()):.4f}** "
+        f"(per example from {float(per_example.min()):.4f} to {float(per_example.max()):.4f}); "
+        f"largest single pixel: {float(std.max()):.4f}.\n\n"
+        "![weight uncertainty](weight_uncertainty.png)\n"
     )

@@ -112,6 +112,30 @@ def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> None:
     _save(fig, path)
 
 
+def plot_weight_spread(
+    inputs: Tensor, mean: Tensor, std: Tensor, image_shape: Sequence[int], path: str | os.PathLike
+) -> None:
+    """Inputs, the average reconstruction over weight draws, and its pixel-wise standard
+    deviation (on its own colour scale, printed in the title)."""
+    n = min(len(inputs), 10)
+    fig, axes = plt.subplots(3, 1, figsize=(n * 0.9, 3.6))
+    rows = [
+        (inputs[:n], "input", 1.0),
+        (mean[:n], "mean reconstruction", 1.0),
+        (std[:n], "std over weights", float(std[:n].max()) or 1.0),
+    ]
+    for ax, (images, label, top) in zip(axes, rows, strict=True):
+        ax.imshow(_image_grid(images, image_shape, 1, n), cmap="gray", vmin=0, vmax=top)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+    axes[0].set_title(
+        "Reconstructions (z = μ(x)) over draws of the decoder's weights; "
+        f"std scale 0 to {rows[2][2]:.3g}"
+    )
+    _save(fig, path)
+
+
 def plot_point_cloud(
     z: Tensor, loc: Tensor, scale: Tensor, dims: tuple[int, int], path: str | os.PathLike
 ) -> None:

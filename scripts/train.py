@@ -43,6 +43,7 @@ OUTPUT_FILES = (
     "samples.png",
     "latent_space.png",
     "loss_curves.png",
+    "weight_uncertainty.png",
 )
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 MAX_TRAIN_EVAL = 10000
@@ -186,7 +187,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decoder",
         choices=pv.DECODERS,
         default="mlp",
-        help="conv: a convolutional encoder network and decoder pair over the images",
+        help="conv: a convolutional encoder network and decoder pair over the images; "
+        "bayesian-mlp: an MLP decoder whose weights have a Normal prior and a mean-field "
+        "Normal posterior",
+    )
+    parts.add_argument(
+        "--prior-scale",
+        type=_positive_float,
+        default=None,
+        help="standard deviation of the weight prior of --decoder bayesian-mlp (default 1)",
     )
     parts.add_argument(
         "--num-components",
@@ -276,6 +285,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_particles = 5 if args.elbo == "iwae" else 1
     if args.num_components is not None and args.prior not in ("mixture", "vamp"):
         parser.error(f"--num-components is for --prior mixture or vamp, not {args.prior}")
+    if args.prior_scale is not None and args.decoder != "bayesian-mlp":
+        parser.error(f"--prior-scale is for --decoder bayesian-mlp, not {args.decoder}")
+    if args.elbo == "iwae" and args.decoder == "bayesian-mlp":
+        parser.error(
+            "--elbo iwae cannot train --decoder bayesian-mlp: its N/B scale sits outside the "
+            "log-sum-exp, which would count the weights' KL N/B times per step; use trace or "
+            "meanfield"
+        )
     return args
 
 
@@ -293,13 +310,18 @@ def _write_metrics(out_dir: Path, metrics: list[dict]) -> None:
     _write_text(out_dir / "metrics.csv", table.getvalue())
 
 
-def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str) -> dict[str, float]:
-    terms = pv.elbo_terms(vae, x)
-    return {
+def _terms(vae: pv.VAE, x: torch.Tensor, prefix: str, num_data: int) -> dict[str, float]:
+    """Mean ELBO terms per example. A Bayesian decoder's weight KL is spread over the
+    ``num_data`` training examples, as in the training loss, and also reported whole."""
+    terms = pv.elbo_terms(vae, x, num_data=num_data)
+    row = {
         f"{prefix}_elbo": terms.elbo.mean().item(),
         f"{prefix}_reconstruction": terms.reconstruction.mean().item(),
         f"{prefix}_kl": terms.kl.mean().item(),
     }
+    if vae.weight_guide is not None:
+        row[f"{prefix}_weight_kl"] = terms.global_kl.item()
+    return row
 
 
 def evaluation_data(
@@ -392,6 +414,8 @@ def model_config(args: argparse.Namespace, data: pv.DataSplits) -> dict:
         "likelihood_scale": args.likelihood_scale,
         "num_bins": data.num_levels,
         "beta": args.beta,
+        # Only a Bayesian decoder has a weight prior; other configs stay as they were saved.
+        **({"prior_scale": args.prior_scale or 1.0} if args.decoder == "bayesian-mlp" else {}),
     }
 
 
@@ -454,15 +478,21 @@ def main(args: argparse.Namespace) -> dict:
 
     def after_epoch(epoch: int, history: pv.History) -> None:
         row = {"epoch": epoch, "train_loss": history.loss[-1]}
-        row.update(_terms(vae, x_train_eval, "train"))
-        row.update(_terms(vae, x_test, "test"))
+        row.update(_terms(vae, x_train_eval, "train", len(data.x_train)))
+        row.update(_terms(vae, x_test, "test", len(data.x_train)))
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
         _write_metrics(out_dir, metrics)
         tqdm.write(
             f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  "
             f"train ELBO {row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} "
-            f"(reconstruction {row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f})  "
+            f"(reconstruction {row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f}"
+            + (
+                f", weight KL {row['test_weight_kl']:.0f} / {len(data.x_train)}"
+                if "test_weight_kl" in row
+                else ""
+            )
+            + ")  "
             f"{row['seconds']:.2f}s"
         )
 
@@ -517,6 +547,9 @@ def main(args: argparse.Namespace) -> dict:
             .item()
         )
         final["num_iw_samples"] = args.num_iw_samples
+        if vae.weight_guide is not None:
+            # log_likelihood fixes a Bayesian decoder's weights at their posterior mean.
+            final["test_log_likelihood_given"] = "posterior-mean decoder weights"
     _write_text(out_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
 
     with torch.no_grad():
@@ -527,12 +560,19 @@ def main(args: argparse.Namespace) -> dict:
         plots.plot_samples(vae.sample(64), data.image_shape, out_dir / "samples.png")
         loc, _ = vae.encode(x_test)
         plots.plot_latent_space(loc, data.y_test, data.class_names, out_dir / "latent_space.png")
+        if vae.weight_guide is not None:
+            mean, std = pv.weight_spread(vae, shown)
+            plots.plot_weight_spread(
+                shown, mean, std, data.image_shape, out_dir / "weight_uncertainty.png"
+            )
     plots.plot_loss_curves(metrics, out_dir / "loss_curves.png")
 
     summary = f"done in {final['train_seconds']:.0f}s: test ELBO {final['test_elbo']:.2f} nats"
     if "test_log_likelihood" in final:
         summary += (
-            f", test log p(x) >= {final['test_log_likelihood']:.2f} nats (K={args.num_iw_samples})"
+            f", test log p(x) >= {final['test_log_likelihood']:.2f} nats (K={args.num_iw_samples}"
+            + (", given the posterior-mean weights" if vae.weight_guide is not None else "")
+            + ")"
         )
     print(f"{summary}; results in {out_dir}")
     return final

@@ -156,3 +156,21 @@ def test_fit_lowers_the_loss_of_a_bayesian_vae(objective):
     )
     first, last = torch.tensor(history.step_loss[:4]), torch.tensor(history.step_loss[-4:])
     assert last.mean() < first.mean() - 4 * (first.var() / 4 + last.var() / 4).sqrt()
+
+
+def test_explain_report_shows_the_weight_uncertainty_with_its_measured_spread(tmp_path):
+    vae = bayesian_vae(data_dim=16)
+    x = binary_data(8, 16)
+    torch.manual_seed(7)
+    report = pv.explain(vae, x, torch.arange(8) % 2, (4, 4), ["a", "b"], tmp_path, num_draws=50)
+    text = report.read_text()
+    assert "## 7. What the decoder's weight uncertainty does" in text
+    assert (tmp_path / "weight_uncertainty.png").read_bytes()[:4] == b"\x89PNG"
+    _, std = pv.weight_spread(vae, x)
+    assert std.min() > 0
+    reported = float(text.split("Average pixel-wise std")[1].split("**")[1])
+    # Two estimates from 100 draws each: a standard deviation from n draws has a relative
+    # standard error of 1/sqrt(2(n-1)) (at most, before averaging over pixels), so their
+    # difference is within 4·sqrt(2) of that.
+    relative_se = 1 / (2 * 99) ** 0.5
+    assert abs(reported - float(std.mean())) < 4 * 2**0.5 * relative_se * float(std.mean())

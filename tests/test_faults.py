@@ -78,8 +78,9 @@ def test_same_seed_same_arguments_give_identical_metrics(tmp_path):
     assert final[0] == final[1]
 
 
-def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
-    args = ("--num-epochs", "25", "--checkpoint-every", "1", *RUN)
+@pytest.mark.parametrize("decoder", ["mlp", "bayesian-mlp"], ids="decoder={}".format)
+def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, decoder):
+    args = ("--num-epochs", "25", "--checkpoint-every", "1", "--decoder", decoder, *RUN)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert train(*args, "--out-dir", str(reference)).returncode == 0
 

@@ -193,3 +193,37 @@ def test_evaluate_script_without_a_run_exits_2_with_one_line(tmp_path):
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "no checkpoint.pt" in result.stderr
+
+
+def test_bayesian_decoder_runs_end_to_end_and_reports_its_weights(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(
+        "--decoder", "bayesian-mlp", "--prior-scale", "0.5", "--num-epochs", "2",
+        "--latent-dim", "3", "--hidden-dims", "16", "--num-iw-samples", "5",
+        "--out-dir", str(out), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "weight KL" in result.stdout and "given the posterior-mean weights" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 3·16 + 16 + 16·64 + 64 weights, each with a KL > 0
+    assert all(row["test_weight_kl"] > 0 for row in metrics)
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["test_log_likelihood_given"] == "posterior-mean decoder weights"
+    assert (out / "weight_uncertainty.png").read_bytes()[:4] == b"\x89PNG"
+    vae, payload = pv.load_checkpoint(out / "checkpoint.pt")
+    assert isinstance(vae.decoder, pv.BayesianMLP) and vae.decoder.prior_scale == 0.5
+    assert payload["config"]["prior_scale"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--decoder", "bayesian-mlp", "--elbo", "iwae"], "would count the weights' KL N/B"),
+        (["--prior-scale", "2"], "--prior-scale is for --decoder bayesian-mlp"),
+    ],
+    ids=["iwae-with-bayesian-decoder", "prior-scale-without-it"],
+)
+def test_refused_bayesian_decoder_pairs_say_why(tmp_path, args, message):
+    result = run_train(*args, "--out-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
