@@ -1,15 +1,43 @@
 """Checkpoints: a model's ``state_dict`` plus the plain arguments that rebuild it.
 
-No pickled user objects go in, so loading uses ``torch.load(weights_only=True)`` and cannot run
-code. Files are written to a temporary name and renamed, so a crash mid-write leaves the previous
-checkpoint intact.
+A checkpoint is what ``torch.save`` writes (a zip archive of uncompressed members), read back
+with ``torch.load(weights_only=True)``: no pickled user objects go in, so loading cannot run
+code. Files are written to a temporary name and renamed, so a crash mid-write leaves the
+previous checkpoint intact; :func:`save_checkpoint` refuses, before writing, anything that
+:func:`load_checkpoint` would refuse.
+
+:func:`load_checkpoint` checks, in this order and before building anything:
+
+1. the path is a regular file (a FIFO or a device would block or never end);
+2. the archive is whole: every member is stored uncompressed, as ``torch.save`` writes them
+   (a compressed member could inflate to any size), the members fit in the file, and each
+   one's CRC-32 matches its bytes. ``torch.load`` checks no CRC, so a flipped bit in a weight
+   would otherwise load silently. A CRC catches accidental damage (flipped bits, overwritten
+   or missing bytes), not a deliberate edit that recomputes it: no checksum stored in the
+   file could. Checkpoints written before this check have the same format and CRCs, and are
+   checked the same way;
+3. the pickle holds only tensors and plain values (``weights_only=True``);
+4. its structure: the format tag, the config's keys and types, names mapped to tensors;
+5. sizes: every tensor is backed by bytes of its own in the file, and the weights the
+   config's model must hold at the least are no more than the checkpoint holds, so that a
+   small crafted file cannot make the model's construction allocate gigabytes;
+6. the weights are finite.
+
+Then the model is built, and its weights must fit it exactly. Each refusal is a
+``ValueError`` naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import inspect
+import io
+import itertools
+import math
 import os
 import pickle
+import stat
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +45,18 @@ import torch
 
 from pyro_vae._files import atomic_write
 from pyro_vae.build import build_vae, describe
+from pyro_vae.data import check_device
+from pyro_vae.encoders import IAFEncoder
 from pyro_vae.model import VAE
 
 FORMAT = "pyro_vae.checkpoint/1"
+
+_BUILD_KEYS = frozenset(inspect.signature(build_vae).parameters)
+# The size of the IAF encoder's context h(x); build_vae leaves it at its default.
+_IAF_CONTEXT = inspect.signature(IAFEncoder).parameters["context_dim"].default
+
+# The largest pixel depth: 16-bit images. num_bins sets no weight, only work per pixel.
+_MAX_NUM_BINS = 2**16
 
 
 def save_checkpoint(
@@ -29,13 +66,32 @@ def save_checkpoint(
     :func:`~pyro_vae.build.build_vae` (component names, sizes), and any plain ``extra``
     entries (epoch, metrics, script arguments).
 
-    Everything must be tensors or plain Python values (no modules, no classes).
+    Everything must be tensors or plain Python values (no modules, classes or numpy scalars),
+    and the config's sizes plain ints.
+
+    :raises ValueError: before anything is written, for what :func:`load_checkpoint` would
+        refuse: a config value of the wrong type, an object ``weights_only`` loading refuses,
+        non-finite weights.
     """
     path = Path(path)
+    try:
+        _check_config(config)  # first, to name the key of a numpy int, say
+        payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict()}
+        payload.update(extra)
+        buffer = io.BytesIO()
+        try:
+            torch.save(payload, buffer)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise ValueError(f"it holds something that cannot be saved ({error})") from error
+        data = buffer.getvalue()
+        # Read back as load_checkpoint reads it: what it would refuse is refused now, while the
+        # previous checkpoint is still there.
+        _check_payload(_unpickle(data, torch.device("cpu")), len(data))
+    except ValueError as error:
+        raise ValueError(f"{path}: checkpoint not written: {error}") from error
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict(), **extra}
     with atomic_write(path) as file:
-        torch.save(payload, file)
+        file.write(data)
 
 
 def load_checkpoint(
@@ -43,32 +99,23 @@ def load_checkpoint(
 ) -> tuple[VAE, dict[str, Any]]:
     """Rebuild the VAE saved at ``path``; return it with the whole checkpoint dictionary.
 
-    :raises ValueError: when the file is not a pyro_vae checkpoint or does not fit the model
-        its config describes; the message says which.
+    The checks, in order, are in this module's docstring. Tensors saved on a GPU load onto
+    ``map_location`` (the CPU by default), so a checkpoint from a GPU machine loads on one
+    without.
+
+    :raises FileNotFoundError: when there is no file at ``path``.
+    :raises ValueError: when the file is not a whole pyro_vae checkpoint, holds something
+        it should not, or does not fit the model its config describes; the message names
+        the file and says which.
     """
+    device = check_device(map_location)
+    data = _read_regular_file(path)
     try:
-        with warnings.catch_warnings():
-            # A foreign pickle draws a warning about its protocol before it is refused below.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except pickle.UnpicklingError as error:
-        # weights_only refused something that is not a tensor or a plain value: unpickling it
-        # could run code. torch's message is many lines; keep the one that names the object.
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
-        raise ValueError(
-            f"{path}: not a loadable checkpoint: it holds objects that could run code when "
-            f"loaded, refused without loading them ({detail})"
-        ) from error
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(
-            f"{path}: not a loadable checkpoint ({type(error).__name__}: {first_line})"
-        ) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a pyro_vae checkpoint (no format {FORMAT!r})")
+        _check_archive(data)
+        payload = _unpickle(data, device)
+        _check_payload(payload, len(data))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     try:
         vae = build_vae(**payload["config"])
     except (TypeError, ValueError) as error:
@@ -85,4 +132,262 @@ def load_checkpoint(
             f"{path}: weights do not fit the saved config (latent_dim {vae.latent_dim}, "
             f"{describe(payload['config'])}): {details}"
         ) from error
-    return vae.to(map_location), payload
+    return vae.to(device), payload
+
+
+def _read_regular_file(path: str | os.PathLike) -> bytes:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the checkpoint ({error.strerror})") from error
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO or a device"
+            raise ValueError(f"{path}: not a loadable checkpoint: it is {kind}, not a file")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
+def _check_archive(data: bytes) -> None:
+    """Refuse anything but a whole, uncompressed zip archive: what torch.save writes."""
+    if not data:
+        raise ValueError("not a loadable checkpoint: the file is empty")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except Exception as error:  # a damaged archive can fail in many ways; all mean the same
+        if not data.startswith(b"PK\x03\x04"):  # how every zip archive begins
+            raise ValueError(
+                "not a loadable checkpoint: not a zip archive, which is what torch.save writes"
+            ) from error
+        raise ValueError(
+            f"not a loadable checkpoint: the file is corrupt or truncated ({error})"
+        ) from error
+    with archive:
+        members = archive.infolist()
+        for member in members:
+            if member.compress_type != zipfile.ZIP_STORED or member.file_size != (
+                member.compress_size
+            ):
+                raise ValueError(
+                    f"not a loadable checkpoint: its member {member.filename} is compressed, "
+                    "which torch.save never does (and which could inflate to any size)"
+                )
+        # Overlapping members could make a small file read as a large one.
+        stored = sum(member.file_size for member in members)
+        if stored > len(data):
+            raise ValueError(
+                f"not a loadable checkpoint: its members claim {stored} bytes, more than the "
+                f"file's {len(data)}"
+            )
+        try:
+            damaged = archive.testzip()  # reads every member and checks its CRC-32
+        except Exception as error:
+            raise ValueError(f"not a loadable checkpoint: the file is corrupt ({error})") from error
+    if damaged is not None:
+        raise ValueError(
+            f"not a loadable checkpoint: the file is corrupt: its member {damaged} fails its "
+            "CRC-32 check (damaged on disk or in transit)"
+        )
+
+
+def _unpickle(data: bytes, device: torch.device) -> Any:
+    try:
+        with warnings.catch_warnings():
+            # A foreign pickle draws a warning about its protocol before it is refused below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is many lines; keep the one that says what was refused.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if any("GLOBAL" in line for line in lines):
+            # weights_only refused a named Python object: unpickling it could run code.
+            detail = next(line for line in lines if "GLOBAL" in line)
+            raise ValueError(
+                "not a loadable checkpoint: it holds objects other than tensors and plain "
+                f"values, which could run code when loaded; refused without loading them "
+                f"({detail})"
+            ) from error
+        detail = next((line for line in lines if "Unsupported" in line), lines[-1] if lines else "")
+        raise ValueError(
+            f"not a loadable checkpoint: its pickled data are not a checkpoint's ({detail})"
+        ) from error
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"not a loadable checkpoint ({type(error).__name__}: {first_line})"
+        ) from error
+
+
+def _check_payload(payload: Any, file_size: int) -> None:
+    """Everything about an unpickled checkpoint that can be checked without building it."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"not a pyro_vae checkpoint (no format {FORMAT!r})")
+    for key, kind in (("config", dict), ("state_dict", dict)):
+        if not isinstance(payload.get(key), kind):
+            found = type(payload[key]).__name__ if key in payload else "nothing"
+            raise ValueError(f"not a whole checkpoint: its {key!r} should be a dict, got {found}")
+    _check_config(payload["config"])
+    state_dict = payload["state_dict"]
+    for name, value in state_dict.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"not a whole checkpoint: its state_dict maps {name!r} to a "
+                f"{type(value).__name__}, not a tensor"
+            )
+    _check_tensor_sizes(payload, file_size)
+    least = _least_weights(payload["config"])
+    held = sum(value.numel() for value in state_dict.values())
+    if least > held:
+        raise ValueError(
+            f"refused before building its model: the config ({_sizes(payload['config'])}) "
+            f"describes a model of at least {least} weights, and the checkpoint holds {held}"
+        )
+    for name, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"its weights {name!r} hold NaN or infinite values")
+
+
+def _check_config(config: Any) -> None:
+    """The config's keys are build_vae's, and its values plain Python of the right kind."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    unknown = [key for key in config if key not in _BUILD_KEYS]
+    if unknown:
+        raise ValueError(f"config has keys that build_vae does not take: {unknown}")
+    for key in ("data_dim", "latent_dim"):
+        if key not in config:
+            raise ValueError(f"config has no {key!r}")
+    if config.get("decoder") == "conv" and config.get("image_shape") is None:
+        raise ValueError("config: decoder 'conv' needs an image_shape")
+    for key, value in config.items():
+        if key in ("data_dim", "latent_dim", "flow_depth", "num_bins") or (
+            key == "num_components" and value is not None
+        ):
+            _check_size(f"config[{key!r}]", value)
+        elif key == "hidden_dims" or (key == "image_shape" and value is not None):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"config[{key!r}] must be a list of ints, got {type(value).__name__}"
+                )
+            for i, size in enumerate(value):
+                _check_size(f"config[{key!r}][{i}]", size)
+            if key == "image_shape" and len(value) not in (2, 3):
+                raise ValueError(
+                    f"config['image_shape'] must be (height, width) or (channels, height, "
+                    f"width), got {value}"
+                )
+        elif value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float, str))
+        ):
+            raise ValueError(
+                f"config[{key!r}] must be a number or a name, got {type(value).__name__}"
+            )
+    if config.get("num_bins", 2) > _MAX_NUM_BINS:
+        raise ValueError(
+            f"config['num_bins'] is {config['num_bins']}: more pixel levels than 16-bit "
+            f"images have ({_MAX_NUM_BINS})"
+        )
+
+
+def _check_size(what: str, value: Any) -> None:
+    # type() rather than isinstance: a bool is an int, and numpy ints are not plain Python.
+    if type(value) is not int:
+        raise ValueError(f"{what} must be a plain int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value}")
+
+
+def _check_tensor_sizes(payload: dict, file_size: int) -> None:
+    """Every tensor anywhere in the payload is backed by bytes of its own in the file.
+
+    A tensor is saved as a view (sizes and strides) of a stored block of bytes; a crafted view
+    (stride 0, or many views of one block) can claim far more values than the file holds, and
+    any copy of it (into a model, an optimizer) would allocate them all.
+    """
+    claimed = 0
+    seen: set[int] = set()
+    pending: list[Any] = [payload]
+    while pending:  # a loop, not recursion: pickled containers can nest deeply
+        item = pending.pop()
+        if id(item) in seen:  # shared containers are walked once
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, torch.Tensor):
+            size = item.numel() * item.element_size()
+            if size > item.untyped_storage().nbytes():
+                raise ValueError(
+                    f"not a loadable checkpoint: a tensor of shape {tuple(item.shape)} claims "
+                    f"{size} bytes from a stored block of {item.untyped_storage().nbytes()}"
+                )
+            claimed += size
+    if claimed > file_size:
+        raise ValueError(
+            f"not a loadable checkpoint: its tensors claim {claimed} bytes, more than the "
+            f"file's {file_size}"
+        )
+
+
+def _least_weights(config: dict[str, Any]) -> int:
+    """A lower bound on the number of weights of ``build_vae(**config)``, from the structure
+    of its parts, without building it. A model holding more weights than its checkpoint
+    cannot be the one the checkpoint came from; and since the bound is within a small factor
+    of the true count (tested), building costs a small multiple of the weights stored.
+
+    The terms are weight matrices of: the encoder network and its read-out of the
+    posterior's parameters (loc; loc and scale; plus the off-diagonal entries for the full
+    covariance); the decoder (an MLP mirroring ``hidden_dims``, or for ``conv`` a linear map
+    from z to a 64-channel feature map of a sixteenth of the pixels, as two stride-2 layers
+    leave, and the encoder's read-out from the same map); each autoregressive flow layer
+    (latent_dim inputs, and the IAF's context, to 4 * latent_dim hidden units, to two
+    outputs per latent); the mixture's means and scales and the VampPrior's pseudo-inputs;
+    a learnt scale per feature.
+    """
+    data_dim, latent_dim = config["data_dim"], config["latent_dim"]
+    hidden = list(config.get("hidden_dims", (400,)))
+    flow_depth = config.get("flow_depth", 2)
+    encoder = config.get("encoder", "diagonal")
+    outputs = {
+        "delta": latent_dim,
+        "full-covariance": 2 * latent_dim + latent_dim * (latent_dim - 1) // 2,
+        "iaf": 2 * latent_dim + _IAF_CONTEXT,
+    }.get(encoder, 2 * latent_dim)
+    if config.get("decoder", "mlp") == "conv":
+        *channels, height, width = config["image_shape"]  # _check_config asks for one
+        features = 64 * math.ceil(height / 4) * math.ceil(width / 4)
+        least = features * latent_dim + features * outputs
+        least += 32 * 9 * (channels or [1])[0]  # the first layer: 32 filters of 3x3 per channel
+    else:  # every other decoder is an MLP latent -> reversed(hidden) -> data, or a Bayesian one
+        widths = [data_dim, *hidden]
+        least = 2 * sum(a * b for a, b in itertools.pairwise(widths))
+        least += widths[-1] * latent_dim + widths[-1] * outputs
+    if config.get("likelihood_scale") == "learned-per-feature" and config.get("likelihood") in (
+        "normal",
+        "laplace",
+        "discretized-logistic",
+    ):
+        least += data_dim
+    if encoder == "iaf":  # each layer also reads the context h(x)
+        least += flow_depth * (12 * latent_dim**2 + 4 * latent_dim * _IAF_CONTEXT)
+    prior = config.get("prior", "standard-normal")
+    if prior == "flow":
+        least += flow_depth * 12 * latent_dim**2
+    elif prior == "mixture":
+        least += 2 * (config.get("num_components") or 10) * latent_dim
+    elif prior == "vamp":
+        least += (config.get("num_components") or 100) * data_dim
+    return least
+
+
+def _sizes(config: dict[str, Any]) -> str:
+    keys = ("data_dim", "latent_dim", "hidden_dims", "image_shape", "num_components", "flow_depth")
+    return ", ".join(f"{k} {config[k]}" for k in keys if k in config)
