@@ -225,6 +225,9 @@ def test_unreadable_data_files_get_a_one_line_error_naming_the_file(tmp_path, da
 def test_bad_device_or_dtype_is_refused_before_loading():
     with pytest.raises(ValueError, match="device 'bogus'"):
         pv.load_dataset("digits", device="bogus")
+    if not torch.cuda.is_available():  # a run from a GPU machine, resumed on this one
+        with pytest.raises(ValueError, match="device 'cuda' is not usable here"):
+            pv.load_dataset("digits", device="cuda")
     # Integer pixels would truncate every value in [0, 1) to 0.
     with pytest.raises(ValueError, match=r"dtype must be a floating.*torch\.int64"):
         pv.load_dataset("digits", dtype=torch.int64)
