@@ -71,7 +71,7 @@ def test_importance_weighted_bound_does_no_minibatch_scaling():
     x = binary_data(30, 12)
     torch.manual_seed(3)
     whole = pv.log_likelihood(vae, x, num_samples=50)
-    # Chunking over examples must not change the numbers' scale (DESIGN.md §4, trap 6).
+    # Chunking over examples must not change the numbers' scale (docs/design.md, "IWAE and N/B").
     torch.manual_seed(3)
     chunked = pv.log_likelihood(vae, x, num_samples=50, max_rows=40)
     se = (whole - chunked).std() / len(x) ** 0.5
