@@ -12,31 +12,25 @@ from conftest import binary_data
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
-from pyro.nn import PyroModule, PyroParam, PyroSample, pyro_method
-from test_model import assert_every_parameter_moved, snapshot, train_with_user_svi_loop
+from pyro.nn import PyroModule, PyroParam, pyro_method
+from test_model import (
+    BayesianDecoder,
+    assert_every_parameter_moved,
+    snapshot,
+    train_with_user_svi_loop,
+)
 from torch import nn
 
 import pyro_vae as pv
 
 
-class PyroSampleDecoder(PyroModule):
-    """A linear decoder with PyroSample weights and no guide for them."""
-
-    def __init__(self, latent_dim: int, data_dim: int) -> None:
-        super().__init__()
-        self.linear = PyroModule[nn.Linear](latent_dim, data_dim)
-        self.linear.weight = PyroSample(
-            dist.Normal(0.0, 1.0).expand([data_dim, latent_dim]).to_event(2)
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear(z)
-
-
 def test_a_latent_site_without_a_guide_is_refused_before_any_step():
-    vae = pv.VAE(12, 3, hidden_dims=(8,), decoder=PyroSampleDecoder(3, 12))
+    vae = pv.VAE(12, 3, hidden_dims=(8,), decoder=BayesianDecoder(3, 12))
     before = snapshot(vae)
-    with pytest.raises(ValueError, match=r"'vae\d+\.decoder\.linear\.weight' have no site") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"'vae\d+\.decoder\.linear\.weight', 'vae\d+\.decoder\.linear\.bias' have no",
+    ) as e:
         pv.fit(vae, binary_data(20, 12), num_epochs=1, batch_size=10, progress=False)
     assert "guide() method" in str(e.value)  # says how to give it one
     for name, p in vae.named_parameters():
