@@ -41,8 +41,9 @@ def test_iwae_bound_is_above_the_elbo_and_rises_with_k():
 
 
 def test_fit_trains_iwae_on_minibatches_with_the_scale_outside_the_logsumexp():
-    """docs/design.md, "IWAE and N/B": with the N/B minibatch scale inside RenyiELBO's log-sum-exp, the
-    per-example loss is not −log p̂_K(x). fit's steps must estimate exactly that quantity."""
+    """docs/design.md, "IWAE and N/B": with the N/B minibatch scale inside RenyiELBO's
+    log-sum-exp, the per-example loss is not −log p̂_K(x). fit's steps must estimate exactly that
+    quantity."""
     vae, x = untrained_vae(), binary_data(64, 10)
     k, batch_size = 10, 8
     # A vanishing learning rate: the model stays put while the steps estimate its loss.
