@@ -105,8 +105,16 @@ GROWTH = {
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize(
+    ("prior", "encoder"),
+    # The VampPrior refuses encoders without a density everywhere (tested in test_components).
+    [
+        (p, e)
+        for p in PRIORS
+        for e in ENCODERS
+        if (p, e) not in {("vamp", "iaf"), ("vamp", "delta")}
+    ],
+)
 def test_the_size_bound_is_below_the_true_size_and_grows_with_it(prior, encoder, decoder):
     # Below: no real checkpoint is refused. Growing with it, within a factor: a config that
     # passes the bound cannot make building allocate much more than the checkpoint stores.
@@ -123,10 +131,7 @@ def test_the_size_bound_is_below_the_true_size_and_grows_with_it(prior, encoder,
     }
     if prior in ("mixture", "vamp"):
         base["num_components"] = 10
-    try:
-        least, stored, allocated = sizes(base)
-    except ValueError:
-        pytest.skip("a combination build_vae refuses")
+    least, stored, allocated = sizes(base)
     assert least <= stored
     irrelevant = {  # knobs this model does not use: they would only repeat the base
         "hidden_dims": decoder == "conv",
