@@ -1,66 +1,126 @@
-"""Figures of a trained VAE, drawn with matplotlib's file backend and written as PNG files."""
+"""Figures of a trained VAE, written as PNG files.
+
+The figures are drawn on :class:`matplotlib.figure.Figure` objects, never through pyplot.
+pyplot holds process-wide state: a backend, which a library must not choose for its user (doing
+so at import switched a user's ``matplotlib.use("svg")`` to Agg), and a registry of open figures.
+A bare Figure needs neither: ``savefig`` picks the canvas for the file's format itself (Agg for
+PNG), so a figure is saved on a machine without a display whatever backend the user chose, and
+that choice is left exactly as it was. matplotlib is imported inside the functions that draw,
+so ``import pyro_vae`` does not load it.
+
+Latent dimensions are numbered from 1 (z_1, z_2, ...) as in the explain report; the functions'
+``dims`` arguments are tensor indices, from 0.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: works on machines without a display
-
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from pyro_vae._files import atomic_write
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
-def _image_grid(images: Tensor, image_shape: Sequence[int], rows: int, cols: int) -> Tensor:
-    """Tile ``rows * cols`` flattened images into one 2-D array, with a 1-pixel gap."""
+def _figure(**kwargs: Any) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """Write ``fig`` to ``path`` in the format its suffix names (PNG without one), atomically:
+    an interrupted run leaves the old file or none, never a truncated image."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    with atomic_write(path, "wb") as file:
+        fig.savefig(file, format=fmt, dpi=100, bbox_inches="tight")
+
+
+def _name(index: int) -> str:
+    """A latent dimension's name for people: tensor index 0 is z_1."""
+    return f"z_{index + 1}"
+
+
+def _input_label(inputs: Tensor) -> str:
+    # Binary inputs shown without a word look like a bad scan next to grey reconstructions.
+    binary = bool(((inputs == 0) | (inputs == 1)).all())
+    return "input (binary)" if binary else "input"
+
+
+def _image_grid(images: Tensor, image_shape: Sequence[int], rows: int, cols: int) -> Any:
+    """Tile ``rows * cols`` flattened images into one 2-D numpy array, with a 1-pixel gap.
+    numpy, not a tensor: matplotlib's ``np.array(x, copy=False)`` on a tensor is deprecated."""
     h, w = image_shape
     grid = torch.ones(rows * (h + 1) - 1, cols * (w + 1) - 1)
     for index, image in enumerate(images[: rows * cols].detach().float().cpu()):
         r, c = divmod(index, cols)
         grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
-    return grid
+    return grid.numpy()
+
+
+def _numpy(values: Tensor) -> Any:
+    return values.detach().cpu().numpy()
+
+
+def _integer_ticks(ax: Axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_reconstructions(
-    inputs: Tensor, reconstructions: Tensor, image_shape: Sequence[int], path: str | os.PathLike
-) -> None:
-    """Inputs in the top row of each pair, their reconstructions below."""
+    inputs: Tensor,
+    reconstructions: Tensor,
+    image_shape: Sequence[int],
+    path: str | os.PathLike,
+    input_label: str | None = None,
+) -> Figure:
+    """Inputs in the top row, their reconstructions below; return the figure.
+
+    ``input_label`` names the top row; by default "input (binary)" when every value is 0 or 1
+    (a binarized test set), else "input". Pass "input (binarized)" when you binarized it."""
     n = min(len(inputs), 10)
-    pairs = torch.stack([inputs[:n], reconstructions[:n]], dim=1).reshape(2 * n, -1)
-    columns = torch.cat([pairs[0::2], pairs[1::2]])  # row 1 inputs, row 2 reconstructions
-    fig, ax = plt.subplots(figsize=(n * 0.9, 2.2))
-    ax.imshow(_image_grid(columns, image_shape, 2, n), cmap="gray", vmin=0, vmax=1)
-    ax.set_yticks([(image_shape[0] - 1) / 2, image_shape[0] * 1.5])
-    ax.set_yticklabels(["input", "reconstruction"])
+    rows = torch.cat([inputs[:n], reconstructions[:n]])
+    fig = _figure(figsize=(n * 0.9, 2.2))
+    ax = fig.subplots()
+    ax.imshow(_image_grid(rows, image_shape, 2, n), cmap="gray", vmin=0, vmax=1)
+    h = image_shape[0]
+    ax.set_yticks([(h - 1) / 2, (h + 1) + (h - 1) / 2])
+    ax.set_yticklabels([input_label or _input_label(inputs[:n]), "reconstruction\n(mean)"])
     ax.set_xticks([])
     ax.set_title("Test inputs and their reconstructions (likelihood mean at z = μ(x))")
     _save(fig, path)
+    return fig
 
 
-def plot_samples(samples: Tensor, image_shape: Sequence[int], path: str | os.PathLike) -> None:
-    """A grid of decoded prior samples."""
+def plot_samples(samples: Tensor, image_shape: Sequence[int], path: str | os.PathLike) -> Figure:
+    """A grid of decoded prior samples; return the figure."""
     cols = 8
     rows = max(1, len(samples) // cols)
-    fig, ax = plt.subplots(figsize=(cols, rows))
+    fig = _figure(figsize=(cols, rows))
+    ax = fig.subplots()
     ax.imshow(_image_grid(samples, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
     ax.set_title("Samples: z ~ p(z), decoded (likelihood mean)")
     _save(fig, path)
+    return fig
 
 
 def plot_latent_space(
     loc: Tensor, labels: Tensor, class_names: Sequence[str], path: str | os.PathLike
-) -> None:
+) -> Figure:
     """μ(x) of the test set coloured by label; projected on its two principal axes when the
-    latent space has more than two dimensions."""
+    latent space has more than two dimensions. Return the figure."""
+    from matplotlib import colormaps
+
     loc = loc.detach().double().cpu()
     if loc.shape[1] > 2:
         centred = loc - loc.mean(0)
@@ -74,53 +134,69 @@ def plot_latent_space(
         title = f"Test-set μ(x) in {loc.shape[1]} dimensions, projected to 2-D (PCA)"
     else:
         points = torch.cat([loc, torch.zeros(len(loc), 2 - loc.shape[1])], dim=1)
-        axis_names = ["μ₁(x)", "μ₂(x)" if loc.shape[1] == 2 else "(none)"]
+        axis_names = ["μ_1(x)", "μ_2(x)" if loc.shape[1] == 2 else "(none)"]
         title = "Test-set μ(x)"
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10")
+    fig = _figure(figsize=(7, 6))
+    ax = fig.subplots()
+    cmap = colormaps["tab10"]
     labels = labels.cpu()
     for k, name in enumerate(class_names):
         chosen = labels == k
         if chosen.any():
             ax.scatter(
-                points[chosen, 0], points[chosen, 1], s=6, alpha=0.7, color=cmap(k % 10), label=name
+                _numpy(points[chosen, 0]),
+                _numpy(points[chosen, 1]),
+                s=6,
+                alpha=0.7,
+                color=cmap(k % 10),
+                label=name,
             )
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title(title)
     ax.legend(markerscale=3, fontsize=8, loc="best", title="label")
     _save(fig, path)
+    return fig
 
 
-def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> None:
-    """Per-example −ELBO (train and test) and the KL term, per epoch."""
+def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> Figure:
+    """Per-example −ELBO (train and test) and the KL term, per epoch; return the figure."""
     epochs = [m["epoch"] for m in metrics]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     left.plot(epochs, [m["train_loss"] for m in metrics], label="training objective (running)")
     left.plot(epochs, [-m["train_elbo"] for m in metrics], label="train −ELBO")
     left.plot(epochs, [-m["test_elbo"] for m in metrics], label="test −ELBO")
-    left.set_xlabel("epoch")
     left.set_ylabel("nats per example")
     left.set_title("Loss")
-    left.legend()
     right.plot(epochs, [-m["test_reconstruction"] for m in metrics], label="test −E_q[log p(x|z)]")
     right.plot(epochs, [m["test_kl"] for m in metrics], label="test KL(q(z|x) ‖ p(z))")
-    right.set_xlabel("epoch")
     right.set_ylabel("nats per example")
     right.set_title("The two terms of the test ELBO")
-    right.legend()
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        _integer_ticks(ax)  # epochs are whole: a tick at 1.5 names no epoch
+        ax.legend()
     _save(fig, path)
+    return fig
 
 
 def plot_weight_spread(
-    inputs: Tensor, mean: Tensor, std: Tensor, image_shape: Sequence[int], path: str | os.PathLike
-) -> None:
+    inputs: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    image_shape: Sequence[int],
+    path: str | os.PathLike,
+    input_label: str | None = None,
+) -> Figure:
     """Inputs, the average reconstruction over weight draws, and its pixel-wise standard
-    deviation (on its own colour scale, printed in the title)."""
+    deviation (on its own colour scale, printed in the title); return the figure.
+    ``input_label`` as in :func:`plot_reconstructions`."""
     n = min(len(inputs), 10)
-    fig, axes = plt.subplots(3, 1, figsize=(n * 0.9, 3.6))
+    fig = _figure(figsize=(n * 0.9, 3.6))
+    axes = fig.subplots(3, 1)
     rows = [
-        (inputs[:n], "input", 1.0),
+        (inputs[:n], input_label or _input_label(inputs[:n]), 1.0),
         (mean[:n], "mean reconstruction", 1.0),
         (std[:n], "std over weights", float(std[:n].max()) or 1.0),
     ]
@@ -134,21 +210,24 @@ def plot_weight_spread(
         f"std scale 0 to {rows[2][2]:.3g}"
     )
     _save(fig, path)
+    return fig
 
 
 def plot_point_cloud(
     z: Tensor, loc: Tensor, scale: Tensor, dims: tuple[int, int], path: str | os.PathLike
-) -> None:
-    """Draws z = μ + σ·ε for one x in two latent dimensions, with μ and the 1σ and 2σ boxes."""
+) -> Figure:
+    """Draws z = μ + σ·ε for one x in two latent dimensions (tensor indices ``dims``), with μ
+    and the 1σ and 2σ boxes; return the figure."""
+    from matplotlib.patches import Rectangle
+
     i, j = dims
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(
-        z[:, i].cpu().numpy(), z[:, j].cpu().numpy(), s=3, alpha=0.3, label="z = μ(x) + σ(x)·ε"
-    )
+    fig = _figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.scatter(_numpy(z[:, i]), _numpy(z[:, j]), s=3, alpha=0.3, label="z = μ(x) + σ(x)·ε")
     ax.plot(float(loc[i]), float(loc[j]), "r+", markersize=14, mew=2, label="μ(x)")
     for k in (1, 2):
         ax.add_patch(
-            plt.Rectangle(
+            Rectangle(
                 (float(loc[i] - k * scale[i]), float(loc[j] - k * scale[j])),
                 float(2 * k * scale[i]),
                 float(2 * k * scale[j]),
@@ -158,12 +237,18 @@ def plot_point_cloud(
                 label=f"μ ± {k}σ",
             )
         )
-    ax.set_xlabel(f"z[{i}]")
-    ax.set_ylabel(f"z[{j}]")
+    ax.set_xlabel(_name(i))
+    ax.set_ylabel(_name(j))
     ax.set_title("The reparameterization cloud of one test input")
     ax.legend(loc="best", fontsize=8)
     ax.set_aspect("equal", adjustable="datalim")
     _save(fig, path)
+    return fig
+
+
+# Radii of the prior's contours, in standard deviations. In two dimensions the N(0, I) mass
+# within radius r is 1 − exp(−r²/2): 39%, 86%, 99%.
+_PRIOR_RADII = (1.0, 2.0, 3.0)
 
 
 def plot_aggregate_posterior(
@@ -172,33 +257,70 @@ def plot_aggregate_posterior(
     class_names: Sequence[str],
     dims: tuple[int, int],
     path: str | os.PathLike,
-) -> None:
+    standard_prior: bool = True,
+) -> Figure:
     """One z ~ q(z | x) per test input (the aggregate posterior), coloured by label, over the
-    contours of the N(0, I) prior in the same two dimensions."""
+    contours of the N(0, I) prior in the same two dimensions (tensor indices ``dims``), each
+    labelled with its radius and the mass inside it. Say ``standard_prior=False`` when the
+    model's prior is another: the circles are then marked as N(0, I) for reference, not as p(z).
+    Return the figure."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
     i, j = dims
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    grid = torch.linspace(-3.5, 3.5, 200)
+    fig = _figure(figsize=(6, 5.5))
+    ax = fig.subplots()
+    grid = torch.linspace(-3.5, 3.5, 200, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    density = torch.exp(-(gx**2 + gy**2) / 2) / (2 * torch.pi)
-    ax.contour(
-        gx.numpy(), gy.numpy(), density.numpy(), levels=6, colors="k", linewidths=0.6, alpha=0.6
+    radius = (gx**2 + gy**2).sqrt()
+    # Contours of the radius are contours of the density, exp(−r²/2) / 2π: labelling them by
+    # radius says where the prior puts its mass, which density values would not.
+    contours = ax.contour(
+        gx.numpy(),
+        gy.numpy(),
+        radius.numpy(),
+        levels=list(_PRIOR_RADII),
+        colors="k",
+        linewidths=0.6,
+        alpha=0.6,
     )
-    colours = plt.get_cmap("tab10")
+    mass = {r: 1 - math.exp(-(r**2) / 2) for r in _PRIOR_RADII}
+    ax.clabel(contours, fmt={r: f"{r:g}σ ({100 * mass[r]:.0f}%)" for r in _PRIOR_RADII})
+    colours = colormaps["tab10"]
     for k, name in enumerate(class_names):
         mask = (labels == k).cpu()
         ax.scatter(
-            z[mask, i].cpu().numpy(),
-            z[mask, j].cpu().numpy(),
+            _numpy(z[mask, i]),
+            _numpy(z[mask, j]),
             s=5,
             alpha=0.7,
             color=colours(k % 10),
             label=name,
         )
-    ax.set_xlabel(f"z[{i}]")
-    ax.set_ylabel(f"z[{j}]")
-    ax.set_title("Aggregate posterior q(z) (one draw per test input) over N(0, I) contours")
-    ax.legend(markerscale=3, fontsize=7, title="label", loc="upper right")
+    ax.set_xlabel(_name(i))
+    ax.set_ylabel(_name(j))
+    prior_name = "p(z) = N(0, I)" if standard_prior else "N(0, I) (not this model's prior)"
+    ax.set_title(f"Aggregate posterior q(z) over {prior_name}")
+    points = ax.legend(
+        markerscale=3,
+        fontsize=7,
+        loc="upper right",
+        title="q(z): one draw per\ntest input, by label",
+    )
+    ax.add_artist(points)  # a second legend would replace the first without this
+    prior = Line2D([], [], color="k", lw=0.6)
+    ax.legend(
+        [prior],
+        [
+            f"{prior_name}: circles holding\n"
+            + ", ".join(f"{100 * mass[r]:.0f}%" for r in _PRIOR_RADII)
+            + " of its mass"
+        ],
+        fontsize=7,
+        loc="lower left",
+    )
     _save(fig, path)
+    return fig
 
 
 def plot_traversal(
@@ -207,34 +329,41 @@ def plot_traversal(
     values: Tensor,
     image_shape: Sequence[int],
     path: str | os.PathLike,
-) -> None:
-    """Rows: one latent dimension each, varied over ``values`` with the others at 0."""
+) -> Figure:
+    """Rows: one latent dimension each (tensor indices ``dims``), varied over ``values`` with
+    the others at 0. Return the figure."""
     rows, cols = len(dims), len(values)
-    fig, ax = plt.subplots(figsize=(cols * 0.8, rows * 0.9))
+    fig = _figure(figsize=(cols * 0.8, rows * 0.9))
+    ax = fig.subplots()
     ax.imshow(_image_grid(images, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
     h = image_shape[0]
     ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
-    ax.set_yticklabels([f"z[{d}]" for d in dims])
+    ax.set_yticklabels([_name(d) for d in dims])
     ax.set_xticks([c * (image_shape[1] + 1) + (image_shape[1] - 1) / 2 for c in range(cols)])
     ax.set_xticklabels([f"{float(v):+.1f}" for v in values], fontsize=7)
     ax.set_title("Latent traversal: one dimension varied, the others at the prior mean 0")
     _save(fig, path)
+    return fig
 
 
 def plot_kl_per_dimension(
     kl: Tensor, variance: Tensor, threshold: float, path: str | os.PathLike
-) -> None:
-    """KL per latent dimension and Cov_x(E_q[z_i]), with the active-unit threshold."""
-    dims = range(len(kl))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.bar(dims, kl.cpu().numpy())
-    left.set_title("average KL(q(z_i|x) ‖ p(z_i)) per dimension")
-    left.set_xlabel("latent dimension i")
+) -> Figure:
+    """KL per latent dimension and Cov_x(E_q[z_i]), with the active-unit threshold; return the
+    figure. Bars stand at 1, 2, ...: z_1 is the first dimension, as in the report."""
+    positions = list(range(1, len(kl) + 1))
+    fig = _figure(figsize=(10, 3.6))
+    left, right = fig.subplots(1, 2)
+    left.bar(positions, _numpy(kl))
+    left.set_title("average KL(q(z_i|x) ‖ p(z_i))\n(bounds the information z_i carries)")
     left.set_ylabel("nats")
-    right.bar(dims, variance.cpu().numpy(), color="tab:orange")
-    right.axhline(threshold, color="k", ls="--", lw=1, label=f"active above {threshold}")
+    right.bar(positions, _numpy(variance), color="tab:orange")
+    right.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
     right.set_yscale("log")
-    right.set_title("Cov_x(E_q[z_i | x])")
-    right.set_xlabel("latent dimension i")
+    right.set_title("Cov_x(E_q[z_i | x])\n(active unit: its mean moves with x)")
     right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel("latent dimension i of z_i")
+        _integer_ticks(ax)
     _save(fig, path)
+    return fig
