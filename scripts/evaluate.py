@@ -2,80 +2,93 @@
 """Evaluate a trained run: the test-set metrics behind "what do μ and σ do", as JSON and a table.
 
     python scripts/evaluate.py runs/digits                    # K = 1000 importance samples
-    python scripts/evaluate.py runs/fashion-mnist --num-iw-samples 5000
+    python scripts/evaluate.py runs/fashion-mnist --num-iw-particles 5000
 
-Reads RUN_DIR/checkpoint.pt (written by scripts/train.py), rebuilds the test set exactly as the
-run saw it, and writes RUN_DIR/evaluation.json:
+Reads the run with pv.load_run (the model and the very test set the run scored) and writes
+RUN_DIR/evaluation.json:
 
 - the test ELBO with its reconstruction and KL terms (nats per example);
 - the importance-weighted bound on log p(x) with K samples, in chunks of bounded memory;
 - the KL per latent dimension and the active units (Cov_x E_q[z_i] > 0.01);
 - the average KL split into I(x; z) and KL(q(z) ‖ p(z)) (Hoffman & Johnson 2016);
-- all of it per class as well, from the dataset's labels.
+- all of it per class as well, from the dataset's labels;
+- where it came from: the checkpoint's epoch and step, the seed and K.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 import pyro
 
 import pyro_vae as pv
-from pyro_vae._files import atomic_write
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import _OneLineParser, _positive_int, load_run_test_set  # scripts/ is not a package
+from pyro_vae import cli
+from pyro_vae.runs import RunDirectory
 
 PROG = "evaluate.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _OneLineParser(
-        prog=PROG,
-        description="Evaluate a run of scripts/train.py on its test set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.ArgumentParser(prog=PROG, description="Evaluate a run of scripts/train.py.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--num-iw-samples", type=_positive_int, default=1000, help="K for log p(x)")
     parser.add_argument(
-        "--num-particles", type=_positive_int, default=10, help="draws of z for the ELBO"
+        "--num-iw-particles", type=cli.positive_int, default=1000, help="K for log p(x)"
     )
     parser.add_argument(
-        "--max-examples", type=_positive_int, default=None, help="evaluate the first N only"
+        "--num-particles", type=cli.positive_int, default=10, help="draws of z for the ELBO"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the Monte-Carlo draws")
+    parser.add_argument(
+        "--chunk-size",
+        type=cli.positive_int,
+        default=4096,
+        help="(example, particle) rows per pass of log p(x): bounds memory",
+    )
+    parser.add_argument(
+        "--max-examples", type=cli.positive_int, help="evaluate the first N test examples only"
+    )
+    parser.add_argument("--seed", type=cli.seed, default=0, help="seeds the Monte-Carlo draws")
+    parser.add_argument("--num-threads", type=cli.positive_int, help="CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    vae, payload, data, x_test = load_run_test_set(args.run_dir)
-    vae.eval()
-    labels = data.y_test
+def evaluate(run: pv.Run, args: argparse.Namespace) -> dict:
+    vae, x_test, labels = run.vae, run.x_test, run.data.y_test
     if args.max_examples is not None:
         x_test, labels = x_test[: args.max_examples], labels[: args.max_examples]
-    vae.validate_data(x_test, "test data")
     pyro.set_rng_seed(args.seed)
     progress = False if args.no_progress else None
+    started = time.perf_counter()
 
+    def stage(text: str) -> None:  # a line per stage: some take minutes on big data
+        cli.say(f"[{time.perf_counter() - started:6.1f}s] {text}")
+
+    stage(f"ELBO of {len(x_test)} test examples, {args.num_particles} particles")
     terms = pv.elbo_terms(vae, x_test, num_particles=args.num_particles)
-    log_px = pv.log_likelihood(vae, x_test, args.num_iw_samples, progress=progress)
+    stage(f"log p(x), K={args.num_iw_particles}")
+    log_px = pv.log_likelihood(
+        vae, x_test, args.num_iw_particles, chunk_size=args.chunk_size, progress=progress
+    )
     result: dict = {
-        "run": str(args.run_dir),
-        "epoch": payload.get("epoch"),
-        "model": pv.build.describe(payload["config"]),
+        "run": str(run.directory),
+        "epoch": run.checkpoint["epoch"],
+        "step": run.checkpoint["step"],
+        "model": pv.build.describe(run.config),
+        "seed": args.seed,
         "num_examples": len(x_test),
-        "num_iw_samples": args.num_iw_samples,
+        "num_particles": args.num_particles,
+        "num_iw_particles": args.num_iw_particles,
         "test_elbo": terms.elbo.mean().item(),
         "test_reconstruction": terms.reconstruction.mean().item(),
         "test_kl": terms.kl.mean().item(),
         "test_log_likelihood": log_px.mean().item(),
     }
+    stage("active units and KL per dimension")
     units = pv.active_units(vae, x_test)
-    result["active_units"] = units.count
+    result["active_units"] = units.num_active
     result["latent_dim"] = vae.latent_dim
     result["mean_variance_per_dimension"] = units.variance.tolist()
     try:
@@ -83,15 +96,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     except ValueError as error:
         result["kl_per_dimension"] = None
         result["kl_per_dimension_note"] = str(error)
+    stage("KL decomposition")
     try:
         decomposition = pv.kl_decomposition(
-            vae, x_test, num_samples=args.num_particles, progress=progress
+            vae, x_test, num_particles=args.num_particles, progress=progress
         )
         result.update({f"kl_decomposition_{k}": v for k, v in decomposition._asdict().items()})
     except ValueError as error:
         result["kl_decomposition_note"] = str(error)
     result["per_class"] = {
-        data.class_names[int(label)]: {
+        run.data.class_names[int(label)]: {
             "count": int(mask.sum()),
             "elbo": terms.elbo[mask].mean().item(),
             "kl": terms.kl[mask].mean().item(),
@@ -100,6 +114,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         for label in labels.unique()
         for mask in [labels == label]
     }
+    stage("done")
     return result
 
 
@@ -109,8 +124,9 @@ def table(result: dict) -> str:
         f"{result['num_examples']} test examples, nats per example",
         f"  ELBO {result['test_elbo']:.2f} = reconstruction {result['test_reconstruction']:.2f}"
         f" - KL {result['test_kl']:.2f}",
-        f"  log p(x) >= {result['test_log_likelihood']:.2f} (K={result['num_iw_samples']})",
-        f"  active units {result['active_units']} of {result['latent_dim']}",
+        f"  log p(x) >= {result['test_log_likelihood']:.2f} (K={result['num_iw_particles']})",
+        f"  active units {result['active_units']} of {result['latent_dim']} "
+        "(Cov_x E_q[z_i] > 0.01: the mean moves with x)",
     ]
     if result.get("kl_per_dimension") is not None:
         per_dim = ", ".join(f"{v:.2f}" for v in result["kl_per_dimension"])
@@ -130,22 +146,23 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli.set_num_threads(args.num_threads)
     try:
-        result = evaluate(args)
+        with RunDirectory.claim(args.run_dir, mode="existing") as run_dir:
+            result = evaluate(pv.load_run(args.run_dir), args)
+            run_dir.write_json("evaluation.json", result)
     except (ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
-    with atomic_write(args.run_dir / "evaluation.json", "w") as file:
-        file.write(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"written to {args.run_dir / 'evaluation.json'}")
+    cli.say(table(result))
+    cli.say(f"written to {args.run_dir / 'evaluation.json'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run())

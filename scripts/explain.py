@@ -4,8 +4,8 @@
     python scripts/explain.py runs/digits        # writes runs/digits/explain/report.md
 
 One section per question (per-example μ and σ; what each μ_i reads out; the reparameterization
-cloud; the KL term three ways and two wrong formulas; the aggregate posterior against N(0, I);
-active units), with its figures beside the report.
+cloud; the KL term three ways, with one wrong formula and one wrong reparameterization; the
+aggregate posterior against N(0, I); active units), with its figures beside the report.
 """
 
 from __future__ import annotations
@@ -17,51 +17,63 @@ from pathlib import Path
 import pyro
 
 import pyro_vae as pv
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import _OneLineParser, _positive_int, load_run_test_set  # scripts/ is not a package
+from pyro_vae import cli
+from pyro_vae.runs import EXPLAIN_DIR, RunDirectory
 
 PROG = "explain.py"
+REPORT = "report.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _OneLineParser(
-        prog=PROG,
-        description="Write RUN_DIR/explain/report.md for a run of scripts/train.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = cli.ArgumentParser(
+        prog=PROG, description="Write RUN_DIR/explain/report.md for a run of scripts/train.py."
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default RUN_DIR/explain")
-    parser.add_argument("--num-draws", type=_positive_int, default=2000, help="z per input")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, help=f"default: RUN_DIR/{EXPLAIN_DIR}")
+    parser.add_argument("--num-particles", type=cli.positive_int, default=2000, help="z per input")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="seeds the draws of z")
+    parser.add_argument("--num-threads", type=cli.positive_int, help="CPU threads")
     return parser.parse_args(argv)
 
 
-def main(args: argparse.Namespace) -> Path:
-    vae, _, data, x_test = load_run_test_set(args.run_dir)
-    pyro.set_rng_seed(args.seed)
-    out_dir = args.out_dir or args.run_dir / "explain"
-    return pv.explain(
-        vae,
-        x_test,
-        data.y_test,
-        data.image_shape,
-        data.class_names,
-        out_dir,
-        num_draws=args.num_draws,
-    )
+def check_out_dir(out_dir: Path) -> None:
+    """The report may replace an earlier report, never someone else's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / REPORT).is_file():
+        raise ValueError(
+            f"--out-dir {out_dir} holds files but no earlier {REPORT}; choose an empty or new "
+            "directory"
+        )
 
 
-def cli(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli.set_num_threads(args.num_threads)
+    out_dir = args.out_dir or args.run_dir / EXPLAIN_DIR
     try:
-        report = main(args)
+        check_out_dir(out_dir)
+        with RunDirectory.claim(args.run_dir, mode="existing"):
+            loaded = pv.load_run(args.run_dir)
+            pyro.set_rng_seed(args.seed)
+            report = pv.explain(
+                loaded.vae,
+                loaded.x_test,
+                loaded.data.y_test,
+                loaded.data.image_shape,
+                loaded.data.class_names,
+                out_dir,
+                num_particles=args.num_particles,
+            )
     except (ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    print(f"report written to {report}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    cli.say(f"report written to {report}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run())

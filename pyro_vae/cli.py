@@ -1,0 +1,137 @@
+"""What the scripts in scripts/ share on the command line: argument types that refuse nonsense
+with one line, and output that can never cost training state.
+
+The scripts are thin on purpose (arguments, data, model, fit, evaluate, write); these pieces
+are the same in all of them, so they live here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import NoReturn
+
+import torch
+from tqdm.auto import tqdm
+
+# The largest seed every generator takes: numpy's global seed (set by pyro.set_rng_seed) must
+# fit in 32 bits, and a larger one would fail only after the data were loaded.
+MAX_SEED = 2**32 - 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line on stderr (no usage block) and exit code 2,
+    "(default: …)" is shown only for arguments that have a real default, and abbreviated
+    flags are refused (``--no-prog`` for ``--no-progress`` would slip past the check of which
+    flags a resumed run may change)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to the help of arguments whose default is a value: a default of
+    None means "decided later" and its help text says how, and a flag's False is no news."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**32 - 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def widths(text: str) -> list[int]:
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive widths such as 512,256, got {text!r}"
+        ) from None
+
+
+def device(text: str) -> str:
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, cpu, cuda or cuda:N, got {text!r}"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available here")
+    return str(parsed)
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Use ``num_threads`` CPU threads for torch's operations (``None``: torch's default, one
+    per core). The small networks here gain little from threads, and threads that compete
+    with other work for the same cores can make a step several times slower than one thread:
+    on a shared machine, 1 is the safe choice."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
+def say(text: str) -> None:
+    """Print a line of progress, beside any progress bar.
+
+    A closed stdout (``train.py | head``) must never stop training before its checkpoint:
+    the first failed write sends the rest of the output to os.devnull and training goes on.
+    """
+    try:
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a replaced sys.stdout without a fd
+            sys.stdout = open(os.devnull, "w")  # lives as long as the process
+        finally:
+            os.close(devnull)

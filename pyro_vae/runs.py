@@ -1,0 +1,335 @@
+"""The run format: what scripts/train.py writes into a run directory, and how it is read back.
+
+A run directory holds
+
+- ``checkpoint.pt``: the weights, the config that rebuilds the model (:func:`build_vae`), the
+  script's arguments, the metrics so far and the training state that resumes it exactly;
+- ``metrics.json`` / ``metrics.csv`` (a row per epoch), ``final_metrics.json``, the figures;
+- ``evaluation.json`` (scripts/evaluate.py) and ``explain/`` (scripts/explain.py), later;
+- ``.pyro_vae.lock``: held by whichever process writes into the directory, and the mark that
+  the directory belongs to a run.
+
+:func:`load_run` gives back the model with the very test set the run scored: the dynamic
+binarization of a Bernoulli run is drawn on the CPU from the run's seed, whatever the device,
+and its digest is stored in the checkpoint, so that a rebuilt test set that differs (other
+data files, other code) is refused instead of scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch import Tensor
+
+from pyro_vae._files import atomic_write
+from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
+from pyro_vae.likelihoods import BernoulliLikelihood
+from pyro_vae.model import VAE
+
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".pyro_vae.lock"
+EXPLAIN_DIR = "explain"
+# Every file a run, its evaluation and its report write into the run directory.
+RUN_FILES = (
+    CHECKPOINT,
+    "metrics.json",
+    "metrics.csv",
+    "final_metrics.json",
+    "reconstructions.png",
+    "samples.png",
+    "latent_space.png",
+    "loss_curves.png",
+    "weight_uncertainty.png",
+    "evaluation.json",
+)
+# Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
+MAX_TRAIN_EVAL = 10000
+
+# The objectives by name, given the number of particles.
+ELBOS = {
+    "trace": lambda k: Trace_ELBO(num_particles=k),
+    "meanfield": lambda k: TraceMeanField_ELBO(num_particles=k),
+    "iwae": lambda k: RenyiELBO(alpha=0, num_particles=k),
+}
+
+
+def make_loss(name: str, num_particles: int) -> ELBO:
+    """Pyro's estimator called ``name`` (trace, meanfield or iwae) with ``num_particles``."""
+    if name not in ELBOS:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(ELBOS)}")
+    return ELBOS[name](num_particles)
+
+
+def model_config(args: Mapping[str, Any], data: DataSplits) -> dict[str, Any]:
+    """The keyword arguments of :func:`build_vae` for a run's arguments and data: plain
+    values, saved in the checkpoint so that the run rebuilds exactly."""
+    return {
+        "data_dim": data.data_dim,
+        "latent_dim": args["latent_dim"],
+        # The conv networks have fixed layers: hidden widths are the MLP's.
+        "hidden_dims": None if args["network"] == "conv" else list(args["hidden_dims"]),
+        "prior": args["prior"],
+        "encoder": args["encoder"],
+        "likelihood": args["likelihood"],
+        "network": args["network"],
+        "decoder": args["decoder"],
+        "image_shape": list(data.image_shape),
+        "num_components": args["num_components"],
+        "flow_depth": args["flow_depth"],
+        "likelihood_scale": args["likelihood_scale"],
+        "num_levels": data.num_levels,
+        "beta": args["beta"],
+        # Only a Bayesian decoder has a weight prior.
+        **({"prior_scale": args["prior_scale"] or 1.0} if args["decoder"] == "bayesian" else {}),
+    }
+
+
+def evaluation_sets(vae: VAE, data: DataSplits, seed: int) -> tuple[Tensor, Tensor]:
+    """The test set and a training subset (the first :data:`MAX_TRAIN_EVAL` examples) as a
+    run scores them, on the CPU in the data's dtype.
+
+    A Bernoulli likelihood needs binary data: training binarizes afresh every step, and
+    evaluation uses one fixed binarization. It is drawn on the CPU from a stream of its own,
+    derived from ``seed``: CPU and CUDA generators give different numbers for one seed, so a
+    binarization drawn on the run's device could not be rebuilt on another one, and a stream
+    of its own keeps it apart from the training noise drawn from ``seed``.
+    """
+    x_test, x_train = data.x_test.cpu(), data.x_train[:MAX_TRAIN_EVAL].cpu()
+    if not isinstance(vae.likelihood, BernoulliLikelihood) or is_binary(data.x_train):
+        return x_test, x_train
+    (state,) = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)
+    generator = torch.Generator().manual_seed(int(state))
+    return binarize(x_test, generator), binarize(x_train, generator)
+
+
+def digest(x: Tensor) -> str:
+    """A SHA-256 of a tensor's values, to tell whether two test sets are the same."""
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run read back by :func:`load_run`."""
+
+    directory: Path
+    vae: VAE
+    """The model, on the CPU."""
+    config: dict[str, Any]
+    """The keyword arguments of :func:`build_vae` that rebuild it."""
+    args: dict[str, Any]
+    """The arguments of scripts/train.py that made it."""
+    checkpoint: dict[str, Any]
+    """The whole checkpoint: epoch, step, metrics, training state."""
+    data: DataSplits
+    x_test: Tensor
+    """The test set exactly as the run scored it, in the model's dtype."""
+    x_train_eval: Tensor
+    """The training subset the run scored each epoch."""
+
+
+def load_run(directory: str | os.PathLike) -> Run:
+    """Read back a run of scripts/train.py: its model, arguments, data and the test set it
+    scored.
+
+    :raises ValueError: when ``directory`` holds no run, its checkpoint is damaged or was not
+        written by scripts/train.py, or the test set rebuilt from the data is not the one the
+        run scored (the data files changed since).
+    :raises FileNotFoundError: when the run's dataset cannot be found any more.
+    """
+    directory = Path(directory)
+    path = checkpoint_path(directory)
+    vae, payload = load_checkpoint(path)
+    for key in ("args", "config", "evaluation_digest"):
+        if key not in payload:
+            raise ValueError(
+                f"{path}: holds no {key!r}; it was not written by scripts/train.py of this "
+                "version (runs from before 0.2 recorded no test set: train them again)"
+            )
+    args = payload["args"]
+    data = load_dataset(args["dataset"], args["data_dir"])
+    x_test, x_train_eval = evaluation_sets(vae, data, args["seed"])
+    if digest(x_test) != payload["evaluation_digest"]:
+        raise ValueError(
+            f"{path}: the test set rebuilt from {args['dataset']} is not the one this run "
+            "scored (have the data files changed?)"
+        )
+    return Run(
+        directory=directory,
+        vae=vae,
+        config=payload["config"],
+        args=args,
+        checkpoint=payload,
+        data=data,
+        x_test=x_test.to(vae.dtype),
+        x_train_eval=x_train_eval.to(vae.dtype),
+    )
+
+
+def checkpoint_path(directory: Path) -> Path:
+    """``directory``'s checkpoint, or a ValueError that says what was given instead."""
+    if directory.is_file():
+        raise ValueError(
+            f"{directory} is a file; give the run's directory, {directory.parent}, instead"
+        )
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such run directory")
+    path = directory / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(
+            f"{directory}: no {CHECKPOINT} there, so no finished epoch to read (train with "
+            "scripts/train.py)"
+        )
+    return path
+
+
+class RunDirectoryBusyError(ValueError):
+    """Another process holds the run directory."""
+
+
+class RunDirectory:
+    """A run directory, held by this process alone while it writes there.
+
+    Open one with :meth:`claim`. Every file goes in atomically (a temporary file renamed into
+    place), so a kill at any instant leaves each file whole: the old one or the new one.
+    """
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+        self.last_checkpoint: tuple[int, int] | None = None
+        """(epochs done, steps into the next) of the newest checkpoint, if there is one."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def claim(cls, path: str | os.PathLike, *, mode: str) -> Iterator[RunDirectory]:
+        """Hold ``path`` for the duration of the ``with`` block.
+
+        :param mode: ``"new"``: a fresh run; the directory must be empty or absent.
+            ``"overwrite"``: a fresh run that first removes every file of the run there.
+            ``"existing"``: the run there, to resume, evaluate or explain it.
+        :raises ValueError: before anything is written or removed, when the directory holds
+            files that are no run's, holds a run and ``mode`` is ``"new"``, holds no run and
+            ``mode`` is ``"existing"``, or cannot be created or written;
+            :class:`RunDirectoryBusyError` when another process holds it.
+        """
+        if mode not in ("new", "overwrite", "existing"):
+            raise ValueError(f"mode must be new, overwrite or existing, got {mode!r}")
+        path = Path(path)
+        if mode == "existing":
+            checkpoint_path(path)
+        elif path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a directory")
+        elif path.is_dir() and not _holds_a_run(path) and any(path.iterdir()):
+            # --overwrite deletes by name: in someone else's directory it could hit their files.
+            names = sorted(p.name for p in path.iterdir())
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ValueError(
+                f"output directory {path} holds files that are not a pyro_vae run ({shown}); "
+                "choose another --out-dir"
+            )
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create output directory {path}: {error}") from error
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"output directory {path} is not writable")
+        held_before = _holds_a_run(path)  # before our lock file makes it look like a run
+        lock_fd = _lock(path)
+        try:
+            directory = cls(path, lock_fd)
+            if mode == "new" and held_before:
+                raise ValueError(directory._occupied_message())
+            directory._remove_temporary_files()
+            if mode == "overwrite":
+                directory._remove_run_files()
+            yield directory
+        finally:
+            if mode != "existing" and [p.name for p in path.iterdir()] == [LOCK]:
+                # A run stopped before it wrote anything leaves no trace, not even its lock.
+                (path / LOCK).unlink()
+                if created:
+                    path.rmdir()
+            os.close(lock_fd)  # releases the lock
+
+    def _occupied_message(self) -> str:
+        if (self.path / CHECKPOINT).is_file():
+            how = f"continue it with --resume {self.path}, replace it with --overwrite"
+        else:
+            how = "it never finished an epoch: replace it with --overwrite"
+        return (
+            f"output directory {self.path} already holds a run; {how}, or choose another --out-dir"
+        )
+
+    def _remove_temporary_files(self) -> None:
+        # Left by a kill in the middle of a write; no one else writes here while we hold it.
+        for name in RUN_FILES:
+            for leftover in self.path.glob(f".{name}.*"):
+                leftover.unlink(missing_ok=True)
+
+    def _remove_run_files(self) -> None:
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / EXPLAIN_DIR, ignore_errors=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        with atomic_write(self.path / name, "w") as file:
+            file.write(text)
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_text(name, json.dumps(value, indent=2) + "\n")
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """``metrics.json`` and ``metrics.csv``: a row per epoch."""
+        self.write_json("metrics.json", rows)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.write_text("metrics.csv", table.getvalue())
+
+    def save_checkpoint(self, vae: VAE, config: dict[str, Any], **extra: Any) -> None:
+        """Write ``checkpoint.pt`` (see :func:`save_checkpoint`); ``extra`` must hold the
+        ``epoch`` and ``step`` it was taken at."""
+        save_checkpoint(self.path / CHECKPOINT, vae, config, **extra)
+        self.last_checkpoint = (extra["epoch"], extra["step"])
+
+
+def _holds_a_run(path: Path) -> bool:
+    return (path / LOCK).exists() or (path / CHECKPOINT).exists()
+
+
+def _lock(path: Path) -> int:
+    """Take the run directory's lock, or refuse naming the process that holds it. The lock is
+    the kernel's (flock): it goes with its holder, even one killed by SIGKILL."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise RunDirectoryBusyError(
+                f"run directory {path} is in use by process {holder}; wait for it to finish, "
+                "or choose another --out-dir"
+            ) from None
+        raise ValueError(f"cannot lock run directory {path}: {error}") from error
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
