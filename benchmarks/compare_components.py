@@ -68,7 +68,7 @@ def run_one(label: str, options: dict, data: pv.DataSplits, x_test: torch.Tensor
     # A Delta posterior has no density: p(x, z) / q(z | x) is not an importance weight, and its
     # "ELBO" is the joint log p(x, z*) at the code z*, not a bound on log p(x).
     if options.get("encoder") != "delta":
-        log_px = pv.log_likelihood(vae, x_test, args.num_iw_samples, progress=False)
+        log_px = pv.log_likelihood(vae, x_test, num_particles=args.num_iw_samples, progress=False)
         row["test_log_likelihood"] = log_px.mean().item()
     row["eval_seconds"] = time.perf_counter() - started
     return row

@@ -1,7 +1,14 @@
 """pyro_vae: variational autoencoders written as a Pyro model and guide, fitted by SVI."""
 
 from pyro_vae.bayesian import BayesianMLP
-from pyro_vae.build import DECODERS, ENCODERS, LIKELIHOODS, PRIORS, build_vae
+from pyro_vae.build import (
+    DECODER_NAMES,
+    ENCODER_NAMES,
+    LIKELIHOOD_NAMES,
+    NETWORK_NAMES,
+    PRIOR_NAMES,
+    build_vae,
+)
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.data import DATASETS, DataSplits, DataUnavailableError, binarize, load_dataset
 from pyro_vae.distributions import DiscretizedLogistic
@@ -13,7 +20,7 @@ from pyro_vae.encoders import (
 )
 from pyro_vae.evaluate import (
     ActiveUnits,
-    ElboTerms,
+    ELBOTerms,
     KLDecomposition,
     active_units,
     elbo,
@@ -42,6 +49,7 @@ from pyro_vae.priors import (
     StandardNormalPrior,
     VampPrior,
 )
+from pyro_vae.runs import Run, load_run
 from pyro_vae.train import History, TrainingDivergedError, TrainingState, fit
 
 __version__ = "0.1.0"
@@ -53,7 +61,7 @@ __all__ = [
     "ContinuousBernoulliLikelihood",
     "ConvNet",
     "DATASETS",
-    "DECODERS",
+    "DECODER_NAMES",
     "DataSplits",
     "DataUnavailableError",
     "DeconvNet",
@@ -62,20 +70,22 @@ __all__ = [
     "DiagonalNormalPrior",
     "DiscretizedLogistic",
     "DiscretizedLogisticLikelihood",
-    "ENCODERS",
-    "ElboTerms",
+    "ELBOTerms",
+    "ENCODER_NAMES",
     "FlowPrior",
     "FullCovarianceNormalEncoder",
     "History",
     "IAFEncoder",
     "KLDecomposition",
-    "LIKELIHOODS",
+    "LIKELIHOOD_NAMES",
     "LaplaceLikelihood",
     "MLP",
     "MixtureOfGaussiansPrior",
+    "NETWORK_NAMES",
     "NormalLikelihood",
     "Objective",
-    "PRIORS",
+    "PRIOR_NAMES",
+    "Run",
     "StandardNormalPrior",
     "TrainingDivergedError",
     "TrainingState",
@@ -93,6 +103,7 @@ __all__ = [
     "kl_per_dimension",
     "load_checkpoint",
     "load_dataset",
+    "load_run",
     "log_likelihood",
     "save_checkpoint",
     "weight_spread",

@@ -20,10 +20,26 @@ from pyro_vae.bayesian import BayesianMLP
 from pyro_vae.model import VAE
 from pyro_vae.networks import MLP, DeconvNet
 
-PRIORS = ("standard-normal", "diagonal-normal", "mixture", "vamp", "flow")
-ENCODERS = ("diagonal", "full-covariance", "iaf", "delta")
-LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "normal", "laplace", "discretized-logistic")
-DECODERS = ("mlp", "conv", "bayesian-mlp")
+# The names build_vae takes for each part (tuples of strings, for argparse's choices).
+PRIOR_NAMES = ("standard-normal", "diagonal-normal", "mixture", "vamp", "flow")
+ENCODER_NAMES = ("diagonal", "full-covariance", "iaf", "delta")
+LIKELIHOOD_NAMES = (
+    "bernoulli",
+    "continuous-bernoulli",
+    "normal",
+    "laplace",
+    "discretized-logistic",
+)
+NETWORK_NAMES = ("mlp", "conv")
+DECODER_NAMES = ("deterministic", "bayesian")
+
+# Version 0.1 named the network through the decoder ("conv" swapped the encoder's too). The
+# message tells a caller of the old names what to write now.
+_OLD_DECODERS = {
+    "mlp": "decoder='deterministic'",
+    "conv": "network='conv'",
+    "bayesian-mlp": "decoder='bayesian'",
+}
 
 
 def build_vae(
@@ -33,78 +49,97 @@ def build_vae(
     prior: str = "standard-normal",
     encoder: str = "diagonal",
     likelihood: str = "bernoulli",
-    decoder: str = "mlp",
-    hidden_dims: Sequence[int] = (400,),
+    network: str = "mlp",
+    decoder: str = "deterministic",
+    hidden_dims: Sequence[int] | None = None,
     image_shape: Sequence[int] | None = None,
     num_components: int | None = None,
     flow_depth: int = 2,
     likelihood_scale: float | str = "learned",
-    num_bins: int = 256,
+    num_levels: int = 256,
     beta: float = 1.0,
     prior_scale: float = 1.0,
 ) -> VAE:
     """A :class:`~pyro_vae.model.VAE` from component names.
 
-    :param prior: one of :data:`PRIORS`: ``standard-normal`` N(0, I); ``diagonal-normal``, a
-        learnable diagonal Gaussian; ``mixture``, a learnable mixture of Gaussians; ``vamp``,
-        the VampPrior; ``flow``, a normalizing-flow prior.
-    :param encoder: one of :data:`ENCODERS`: ``diagonal`` or ``full-covariance`` Normal,
+    :param prior: one of :data:`PRIOR_NAMES`: ``standard-normal`` N(0, I);
+        ``diagonal-normal``, a learnable diagonal Gaussian; ``mixture``, a learnable mixture of
+        Gaussians; ``vamp``, the VampPrior; ``flow``, a normalizing-flow prior.
+    :param encoder: one of :data:`ENCODER_NAMES`: ``diagonal`` or ``full-covariance`` Normal,
         ``iaf`` (inverse autoregressive flow posterior), ``delta`` (deterministic autoencoder).
-    :param likelihood: one of :data:`LIKELIHOODS`.
-    :param decoder: ``mlp``; ``conv``, a convolutional encoder network and decoder pair
-        (needs ``image_shape``); or ``bayesian-mlp``, an MLP decoder whose weights have a
-        Normal(0, ``prior_scale``) prior and a mean-field Normal posterior
-        (:class:`~pyro_vae.bayesian.BayesianMLP`), with the MLP encoder.
-    :param hidden_dims: MLP widths of the encoder; the MLP decoder mirrors them.
+    :param likelihood: one of :data:`LIKELIHOOD_NAMES`.
+    :param network: one of :data:`NETWORK_NAMES`, the architecture of both the encoder's
+        network and the decoder: ``mlp``, MLPs of ``hidden_dims`` (the decoder mirrors the
+        encoder); ``conv``, a convolutional encoder network and a transposed-convolution
+        decoder of fixed layers (needs ``image_shape``; refuses ``hidden_dims``).
+    :param decoder: one of :data:`DECODER_NAMES`: ``deterministic`` weights, fitted as point
+        estimates; or ``bayesian``, decoder weights with a Normal(0, ``prior_scale``) prior and
+        a mean-field Normal posterior (:class:`~pyro_vae.bayesian.BayesianMLP`; needs
+        ``network="mlp"``).
+    :param hidden_dims: MLP widths of the encoder; the MLP decoder mirrors them. ``None``:
+        ``(400,)`` for ``network="mlp"``.
     :param image_shape: ``(height, width)`` or ``(channels, height, width)`` of the data, for
-        ``decoder="conv"``.
+        ``network="conv"``.
     :param num_components: mixture components (default 10) or VampPrior pseudo-inputs
         (default 100).
     :param flow_depth: layers of the ``flow`` prior and of the ``iaf`` encoder.
     :param likelihood_scale: for ``normal`` and ``laplace``: a number (fixed), ``"learned"``
         (one learnt scale) or ``"learned-per-feature"``; for ``discretized-logistic``, learnt
         either way, shared or per feature.
-    :param num_bins: pixel levels for ``discretized-logistic`` (256 for 8-bit images).
+    :param num_levels: pixel levels for ``discretized-logistic`` (256 for 8-bit images).
     :param beta: the KL weight (β-VAE).
-    :param prior_scale: the weight prior's standard deviation, for ``bayesian-mlp``.
+    :param prior_scale: the weight prior's standard deviation, for ``decoder="bayesian"``.
     :raises ValueError: on an unknown name or an incompatible combination, naming it.
     """
+    if decoder in _OLD_DECODERS:
+        raise ValueError(
+            f"decoder {decoder!r} is a name of pyro_vae 0.1; write {_OLD_DECODERS[decoder]} "
+            "(README, Changelog)"
+        )
     for kind, name, names in (
-        ("prior", prior, PRIORS),
-        ("encoder", encoder, ENCODERS),
-        ("likelihood", likelihood, LIKELIHOODS),
-        ("decoder", decoder, DECODERS),
+        ("prior", prior, PRIOR_NAMES),
+        ("encoder", encoder, ENCODER_NAMES),
+        ("likelihood", likelihood, LIKELIHOOD_NAMES),
+        ("network", network, NETWORK_NAMES),
+        ("decoder", decoder, DECODER_NAMES),
     ):
         if name not in names:
             raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(names)}")
-    hidden_dims = tuple(hidden_dims)
-    if decoder == "conv":
+    conv_shape: tuple[int, ...] | None = None
+    if network == "conv":
         if image_shape is None:
-            raise ValueError("decoder 'conv' needs the data's image_shape")
+            raise ValueError("network 'conv' needs the data's image_shape")
         if math.prod(image_shape) != data_dim:
             raise ValueError(
                 f"image_shape {tuple(image_shape)} has {math.prod(image_shape)} "
                 f"values, but data_dim is {data_dim}"
             )
-    if prior_scale != 1.0 and decoder != "bayesian-mlp":
-        raise ValueError(
-            f"prior_scale is the weight prior of decoder 'bayesian-mlp', not {decoder!r}"
-        )
-    conv_shape = tuple(image_shape) if decoder == "conv" else None
+        # The conv layers are fixed: silently ignoring the widths asked for would be a lie.
+        if hidden_dims is not None:
+            raise ValueError(
+                "hidden_dims sets the widths of network 'mlp'; network 'conv' has fixed "
+                "layers, so leave hidden_dims out"
+            )
+        if decoder == "bayesian":
+            raise ValueError("decoder 'bayesian' is an MLP: it needs network 'mlp', not 'conv'")
+        conv_shape = tuple(image_shape)
+    hidden_dims = (400,) if hidden_dims is None else tuple(hidden_dims)
+    if prior_scale != 1.0 and decoder != "bayesian":
+        raise ValueError(f"prior_scale is the weight prior of decoder 'bayesian', not {decoder!r}")
 
     encoder_module = _ENCODER_BUILDERS[encoder](
         data_dim, latent_dim, hidden_dims, conv_shape, flow_depth
     )
     prior_module = _build_prior(prior, data_dim, latent_dim, num_components, flow_depth)
-    if decoder == "conv":
+    if conv_shape is not None:
         decoder_module: nn.Module = DeconvNet(latent_dim, conv_shape)
-    elif decoder == "bayesian-mlp":
+    elif decoder == "bayesian":
         decoder_module = BayesianMLP(
             latent_dim, tuple(reversed(hidden_dims)), data_dim, prior_scale=prior_scale
         )
     else:
         decoder_module = MLP(latent_dim, tuple(reversed(hidden_dims)), data_dim)
-    likelihood_module = _build_likelihood(likelihood, data_dim, likelihood_scale, num_bins)
+    likelihood_module = _build_likelihood(likelihood, data_dim, likelihood_scale, num_levels)
     return VAE(
         data_dim,
         latent_dim,
@@ -147,7 +182,7 @@ def _build_prior(
     return priors.FlowPrior(latent_dim, flow_depth)
 
 
-def _build_likelihood(name: str, data_dim: int, scale: float | str, num_bins: int) -> nn.Module:
+def _build_likelihood(name: str, data_dim: int, scale: float | str, num_levels: int) -> nn.Module:
     learned = {"learned": None, "learned-per-feature": data_dim}
     if isinstance(scale, str) and scale not in learned:
         raise ValueError(
@@ -164,7 +199,7 @@ def _build_likelihood(name: str, data_dim: int, scale: float | str, num_bins: in
                 "discretized-logistic learns its scale: use 'learned' or "
                 f"'learned-per-feature', not {scale!r}"
             )
-        return likelihoods.DiscretizedLogisticLikelihood(num_bins, data_dim=learned[scale])
+        return likelihoods.DiscretizedLogisticLikelihood(num_levels, data_dim=learned[scale])
     family = likelihoods.NormalLikelihood if name == "normal" else likelihoods.LaplaceLikelihood
     if isinstance(scale, str):
         return family(learn_scale=True, data_dim=learned[scale])
@@ -173,6 +208,6 @@ def _build_likelihood(name: str, data_dim: int, scale: float | str, num_bins: in
 
 def describe(config: dict[str, Any]) -> str:
     """One line naming a build_vae configuration's components, for logs and tables."""
-    keys = ("prior", "encoder", "likelihood", "decoder")
-    defaults = ("standard-normal", "diagonal", "bernoulli", "mlp")
+    keys = ("prior", "encoder", "likelihood", "network", "decoder")
+    defaults = ("standard-normal", "diagonal", "bernoulli", "mlp", "deterministic")
     return ", ".join(f"{k} {config.get(k, d)}" for k, d in zip(keys, defaults, strict=True))

@@ -17,7 +17,8 @@ previous checkpoint intact; :func:`save_checkpoint` refuses, before writing, any
    file could. Checkpoints written before this check have the same format and CRCs, and are
    checked the same way;
 3. the pickle holds only tensors and plain values (``weights_only=True``);
-4. its structure: the format tag, the config's keys and types, names mapped to tensors;
+4. its structure: the format tag, the config's keys and types (after mapping a config of
+   version 0.1 to today's names, see :func:`upgrade_config`), names mapped to tensors;
 5. sizes: every tensor is backed by bytes of its own in the file, and the weights the
    config's model must hold at the least are no more than the checkpoint holds, so that a
    small crafted file cannot make the model's construction allocate gigabytes;
@@ -55,8 +56,43 @@ _BUILD_KEYS = frozenset(inspect.signature(build_vae).parameters)
 # The size of the IAF encoder's context h(x); build_vae leaves it at its default.
 _IAF_CONTEXT = inspect.signature(IAFEncoder).parameters["context_dim"].default
 
-# The largest pixel depth: 16-bit images. num_bins sets no weight, only work per pixel.
-_MAX_NUM_BINS = 2**16
+# The largest pixel depth: 16-bit images. num_levels sets no weight, only work per pixel.
+_MAX_NUM_LEVELS = 2**16
+
+# Version 0.1's decoder names, as (network, decoder) today: "conv" swapped both networks.
+_OLD_DECODERS = {
+    "mlp": ("mlp", "deterministic"),
+    "conv": ("conv", "deterministic"),
+    "bayesian-mlp": ("mlp", "bayesian"),
+}
+
+
+def upgrade_config(config: Any) -> Any:
+    """A build_vae config saved by pyro_vae 0.1, in today's names (a copy); any other config
+    (or a value that is not a dict, for the checks to refuse) unchanged.
+
+    0.1 wrote ``num_bins`` for ``num_levels``, and ``decoder`` named the network: ``"conv"``
+    (a convolutional encoder network and decoder, which ignored ``hidden_dims``), ``"mlp"`` or
+    ``"bayesian-mlp"``. Today ``network`` names the architecture of both sides and ``decoder``
+    whether its weights are ``"deterministic"`` or ``"bayesian"``. A 0.1 config never has a
+    ``network`` key, so the mapping is unambiguous; a config that mixes the two vocabularies
+    is left for build_vae to refuse.
+    """
+    if not isinstance(config, dict):
+        return config
+    old_decoder = config.get("decoder") in _OLD_DECODERS and "network" not in config
+    old_levels = "num_bins" in config and "num_levels" not in config
+    if not (old_decoder or old_levels):
+        return config
+    config = dict(config)
+    if old_levels:
+        config["num_levels"] = config.pop("num_bins")
+    if old_decoder:
+        config["network"], config["decoder"] = _OLD_DECODERS[config["decoder"]]
+        if config["network"] == "conv":
+            # 0.1 took hidden_dims with conv and ignored it; today build_vae refuses it.
+            config.pop("hidden_dims", None)
+    return config
 
 
 def save_checkpoint(
@@ -75,7 +111,13 @@ def save_checkpoint(
     """
     path = Path(path)
     try:
-        _check_config(config)  # first, to name the key of a numpy int, say
+        # A config in 0.1's names would load (mapped), but new files are written in today's.
+        if upgrade_config(config) is not config:
+            raise ValueError(
+                "config uses pyro_vae 0.1 names (num_bins, or decoder 'mlp', 'conv' or "
+                "'bayesian-mlp'); write num_levels, network and decoder as build_vae takes them"
+            )
+        _check_config(config)  # first of the checks, to name the key of a numpy int, say
         payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict()}
         payload.update(extra)
         buffer = io.BytesIO()
@@ -232,6 +274,7 @@ def _check_payload(payload: Any, file_size: int) -> None:
         if not isinstance(payload.get(key), kind):
             found = type(payload[key]).__name__ if key in payload else "nothing"
             raise ValueError(f"not a whole checkpoint: its {key!r} should be a dict, got {found}")
+    payload["config"] = upgrade_config(payload["config"])
     _check_config(payload["config"])
     state_dict = payload["state_dict"]
     for name, value in state_dict.items():
@@ -263,14 +306,14 @@ def _check_config(config: Any) -> None:
     for key in ("data_dim", "latent_dim"):
         if key not in config:
             raise ValueError(f"config has no {key!r}")
-    if config.get("decoder") == "conv" and config.get("image_shape") is None:
-        raise ValueError("config: decoder 'conv' needs an image_shape")
+    if config.get("network") == "conv" and config.get("image_shape") is None:
+        raise ValueError("config: network 'conv' needs an image_shape")
     for key, value in config.items():
-        if key in ("data_dim", "latent_dim", "flow_depth", "num_bins") or (
+        if key in ("data_dim", "latent_dim", "flow_depth", "num_levels") or (
             key == "num_components" and value is not None
         ):
             _check_size(f"config[{key!r}]", value)
-        elif key == "hidden_dims" or (key == "image_shape" and value is not None):
+        elif key in ("hidden_dims", "image_shape") and value is not None:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(
                     f"config[{key!r}] must be a list of ints, got {type(value).__name__}"
@@ -288,10 +331,10 @@ def _check_config(config: Any) -> None:
             raise ValueError(
                 f"config[{key!r}] must be a number or a name, got {type(value).__name__}"
             )
-    if config.get("num_bins", 2) > _MAX_NUM_BINS:
+    if config.get("num_levels", 2) > _MAX_NUM_LEVELS:
         raise ValueError(
-            f"config['num_bins'] is {config['num_bins']}: more pixel levels than 16-bit "
-            f"images have ({_MAX_NUM_BINS})"
+            f"config['num_levels'] is {config['num_levels']}: more pixel levels than 16-bit "
+            f"images have ({_MAX_NUM_LEVELS})"
         )
 
 
@@ -345,15 +388,15 @@ def _least_weights(config: dict[str, Any]) -> int:
 
     The terms are weight matrices of: the encoder network and its read-out of the
     posterior's parameters (loc; loc and scale; plus the off-diagonal entries for the full
-    covariance); the decoder (an MLP mirroring ``hidden_dims``, or for ``conv`` a linear map
-    from z to a 64-channel feature map of a sixteenth of the pixels, as two stride-2 layers
-    leave, and the encoder's read-out from the same map); each autoregressive flow layer
-    (latent_dim inputs, and the IAF's context, to 4 * latent_dim hidden units, to two
-    outputs per latent); the mixture's means and scales and the VampPrior's pseudo-inputs;
-    a learnt scale per feature.
+    covariance); the decoder (an MLP mirroring ``hidden_dims``, or for network ``conv`` a
+    linear map from z to a 64-channel feature map of a sixteenth of the pixels, as two
+    stride-2 layers leave, and the encoder's read-out from the same map); each
+    autoregressive flow layer (latent_dim inputs, and the IAF's context, to 4 * latent_dim
+    hidden units, to two outputs per latent); the mixture's means and scales and the
+    VampPrior's pseudo-inputs; a learnt scale per feature.
     """
     data_dim, latent_dim = config["data_dim"], config["latent_dim"]
-    hidden = list(config.get("hidden_dims", (400,)))
+    hidden = list((400,) if config.get("hidden_dims") is None else config["hidden_dims"])
     flow_depth = config.get("flow_depth", 2)
     encoder = config.get("encoder", "diagonal")
     outputs = {
@@ -361,12 +404,12 @@ def _least_weights(config: dict[str, Any]) -> int:
         "full-covariance": 2 * latent_dim + latent_dim * (latent_dim - 1) // 2,
         "iaf": 2 * latent_dim + _IAF_CONTEXT,
     }.get(encoder, 2 * latent_dim)
-    if config.get("decoder", "mlp") == "conv":
+    if config.get("network", "mlp") == "conv":
         *channels, height, width = config["image_shape"]  # _check_config asks for one
         features = 64 * math.ceil(height / 4) * math.ceil(width / 4)
         least = features * latent_dim + features * outputs
         least += 32 * 9 * (channels or [1])[0]  # the first layer: 32 filters of 3x3 per channel
-    else:  # every other decoder is an MLP latent -> reversed(hidden) -> data, or a Bayesian one
+    else:  # network mlp: latent -> reversed(hidden) -> data, deterministic or Bayesian
         widths = [data_dim, *hidden]
         least = 2 * sum(a * b for a, b in itertools.pairwise(widths))
         least += widths[-1] * latent_dim + widths[-1] * outputs

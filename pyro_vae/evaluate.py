@@ -22,7 +22,7 @@ from pyro_vae.distributions import has_density_everywhere, is_diagonal_normal
 from pyro_vae.model import VAE
 
 
-class ElboTerms(NamedTuple):
+class ELBOTerms(NamedTuple):
     """Per-example terms of the ELBO, in nats.
 
     ``reconstruction`` is E_q[log p(x | z)] and ``kl`` the Monte-Carlo estimate of
@@ -89,9 +89,9 @@ def elbo_terms(
     vae: VAE,
     x: Tensor,
     num_particles: int = 1,
-    batch_size: int = 1024,
+    chunk_size: int = 1024,
     num_data: int | None = None,
-) -> ElboTerms:
+) -> ELBOTerms:
     """The ELBO's reconstruction and KL terms per example, averaged over ``num_particles``
     draws of z ~ q(z | x) (and of the weights of a Bayesian decoder, one draw per particle and
     batch, shared by the batch as in training).
@@ -99,21 +99,21 @@ def elbo_terms(
     :param vae: a VAE.
     :param x: data ``(N, data_dim)`` inside the likelihood's support.
     :param num_particles: draws of z per example.
-    :param batch_size: examples per forward pass (bounds memory).
+    :param chunk_size: examples per forward pass (bounds memory).
     :param num_data: the dataset size over which the global KL is spread; ``None``: ``len(x)``.
         Pass the training set's size to compare with the training loss.
     """
     vae.validate_data(x)
     check_positive_int("num_particles", num_particles)
-    check_positive_int("batch_size", batch_size)
+    check_positive_int("chunk_size", chunk_size)
     num_data = len(x) if num_data is None else check_positive_int("num_data", num_data)
     reconstruction, kl, global_kl = [], [], []
-    for batch in x.split(batch_size):
+    for batch in x.split(chunk_size):
         draws = [_one_particle(vae, batch) for _ in range(num_particles)]
         reconstruction.append(torch.stack([r for r, _, _ in draws]).mean(0))
         kl.append(torch.stack([k for _, k, _ in draws]).mean(0))
         global_kl.extend(g for _, _, g in draws)
-    return ElboTerms(
+    return ELBOTerms(
         torch.cat(reconstruction), torch.cat(kl), torch.stack(global_kl).mean(), num_data
     )
 
@@ -122,30 +122,32 @@ def elbo(
     vae: VAE,
     x: Tensor,
     num_particles: int = 1,
-    batch_size: int = 1024,
+    chunk_size: int = 1024,
     num_data: int | None = None,
 ) -> Tensor:
     """Per-example ELBO in nats, ``(N,)``: E_q[log p(x | z)] − KL(q(z | x) ‖ p(z)) (less the
     example's share of a Bayesian decoder's weight KL), estimated with ``num_particles`` draws
     per example. Arguments as :func:`elbo_terms`."""
-    return elbo_terms(vae, x, num_particles, batch_size, num_data).elbo
+    return elbo_terms(vae, x, num_particles, chunk_size, num_data).elbo
 
 
 @torch.no_grad()
 def log_likelihood(
     vae: VAE,
     x: Tensor,
-    num_samples: int = 1000,
-    max_rows: int = 32768,
-    progress: bool | None = False,
+    num_particles: int = 1000,
+    chunk_size: int = 4096,
+    progress: bool | None = None,
 ) -> Tensor:
     """Per-example importance-weighted lower bound on log p(x) (Burda et al. 2016), ``(N,)``:
 
-        log (1/K) Σ_k p(x, z_k) / q(z_k | x),   z_k ~ q(z | x),   K = ``num_samples``.
+        log (1/K) Σ_k p(x, z_k) / q(z_k | x),   z_k ~ q(z | x),   K = ``num_particles``,
 
-    It is at least the ELBO in expectation, and tends to log p(x) as K grows. Work is done in
-    chunks of at most ``max_rows`` (example, sample) pairs, so memory stays bounded for any K;
-    the chunks are combined with a running log-sum-exp.
+    the bound Pyro's ``RenyiELBO(alpha=0, num_particles=K)`` trains (IWAE). It is at least the
+    ELBO in expectation, and tends to log p(x) as K grows. Work is done in chunks of at most
+    ``chunk_size`` (example, particle) rows per forward pass, so memory stays bounded for any K;
+    the chunks are combined with a running log-sum-exp, so the chunk size does not change the
+    value.
 
     With a Bayesian decoder it bounds log p(x | w̄), the likelihood *conditional on the
     posterior-mean weights* w̄ = E_q[w]: importance sampling runs over z only, with the
@@ -154,14 +156,14 @@ def log_likelihood(
     :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
     """
     vae.validate_data(x)
-    check_positive_int("num_samples", num_samples)
-    check_positive_int("max_rows", max_rows)
-    examples_per_chunk = max(1, min(len(x), max_rows))
-    samples_per_chunk = max(1, max_rows // examples_per_chunk)
+    check_positive_int("num_particles", num_particles)
+    check_positive_int("chunk_size", chunk_size)
+    examples_per_chunk = max(1, min(len(x), chunk_size))
+    particles_per_chunk = max(1, chunk_size // examples_per_chunk)
     chunks = [
-        (batch, start, min(samples_per_chunk, num_samples - start))
+        (batch, start, min(particles_per_chunk, num_particles - start))
         for batch in x.split(examples_per_chunk)
-        for start in range(0, num_samples, samples_per_chunk)
+        for start in range(0, num_particles, particles_per_chunk)
     ]
     results: list[Tensor] = []
     running: Tensor | None = None
@@ -169,14 +171,14 @@ def log_likelihood(
         chunks, desc="log p(x)", disable=None if progress is None else not progress
     ):
         n = batch.shape[0]
-        # One pass over `count` copies of the batch: row k * n + i is sample k of example i.
+        # One pass over `count` copies of the batch: row k * n + i is particle k of example i.
         repeated = batch.repeat(count, 1)
         reconstruction, kl, _ = _one_particle(vae, repeated, weights="mean")
         log_weights = (reconstruction - kl).reshape(count, n)
         chunk_lse = torch.logsumexp(log_weights, dim=0)
         running = chunk_lse if start == 0 else torch.logaddexp(running, chunk_lse)
-        if start + count == num_samples:
-            results.append(running - math.log(num_samples))
+        if start + count == num_particles:
+            results.append(running - math.log(num_particles))
     return torch.cat(results)
 
 
@@ -200,7 +202,8 @@ class ActiveUnits(NamedTuple):
     active when Cov_x(E_q[z_i | x]) exceeds ``threshold``; collapsed dimensions have a mean
     that ignores x (and a posterior equal to the prior)."""
 
-    count: int
+    num_active: int
+    """The number of active dimensions."""
     variance: Tensor
     """Cov_x(E_q[z_i | x]) for each dimension, ``(latent_dim,)``."""
     threshold: float
@@ -218,16 +221,16 @@ def active_units(vae: VAE, x: Tensor, threshold: float = 0.01) -> ActiveUnits:
 
 
 @torch.no_grad()
-def kl_per_dimension(vae: VAE, x: Tensor, batch_size: int = 1024) -> Tensor:
+def kl_per_dimension(vae: VAE, x: Tensor, chunk_size: int = 1024) -> Tensor:
     """KL(q(z_i | x) ‖ p(z_i)) per example and latent dimension, ``(N, latent_dim)``, in closed
     form; the row sums are the examples' KL terms. It needs a factorized posterior and prior
     (diagonal Normal encoder; standard or diagonal Normal prior): otherwise the KL does not
-    split into dimensions and a ``ValueError`` says so."""
+    split into dimensions and a ``ValueError`` says so. ``chunk_size``: examples per pass."""
     vae.validate_data(x)
-    check_positive_int("batch_size", batch_size)
+    check_positive_int("chunk_size", chunk_size)
     prior = vae.prior()
     rows = []
-    for batch in x.split(batch_size):
+    for batch in x.split(chunk_size):
         posterior = vae.encoder(batch)
         if not (is_diagonal_normal(posterior) and is_diagonal_normal(prior)):
             raise ValueError(
@@ -260,22 +263,24 @@ class KLDecomposition(NamedTuple):
 def kl_decomposition(
     vae: VAE,
     x: Tensor,
-    num_samples: int = 1,
-    max_elements: int = 2**24,
-    progress: bool | None = False,
+    num_particles: int = 1,
+    chunk_size: int = 2**24,
+    progress: bool | None = None,
 ) -> KLDecomposition:
     """Estimate :class:`KLDecomposition` over the examples ``x`` (the empirical data
-    distribution), drawing ``num_samples`` z ~ q(z | x_n) per example. log q(z) needs the
+    distribution), drawing ``num_particles`` z ~ q(z | x_n) per example. log q(z) needs the
     density of every posterior q(z | x_m) at every draw: N² work, done in chunks of at most
-    ``max_elements`` (draw, example) pairs. The encoder's posteriors must have a density at
-    any z (diagonal or full-covariance Normal).
+    ``chunk_size`` (draw, posterior) log-densities per pass. The encoder's posteriors must have a
+    density at any z (diagonal or full-covariance Normal).
 
     The empirical q(z) includes each draw's own posterior, so I(x; z) is biased low and the
     marginal KL high by about e^I / N; both are bounded by log N. The average KL is unbiased.
+
+    :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
     """
     vae.validate_data(x)
-    check_positive_int("num_samples", num_samples)
-    check_positive_int("max_elements", max_elements)
+    check_positive_int("num_particles", num_particles)
+    check_positive_int("chunk_size", chunk_size)
     posteriors = vae.encoder(x)
     if not has_density_everywhere(posteriors):
         raise ValueError(
@@ -284,7 +289,7 @@ def kl_decomposition(
         )
     num_data = len(x)
     prior = vae.prior()
-    chunk = max(1, max_elements // (num_data * num_samples))
+    chunk = max(1, chunk_size // (num_data * num_particles))
     mutual, marginal = [], []
     for start in tqdm(
         range(0, num_data, chunk),
@@ -292,7 +297,7 @@ def kl_decomposition(
         disable=None if progress is None else not progress,
     ):
         own = vae.encoder(x[start : start + chunk])
-        z = own.sample((num_samples,))  # (S, C, D)
+        z = own.sample((num_particles,))  # (S, C, D)
         log_q_own = own.log_prob(z)  # (S, C)
         # log q(z) = log (1/N) Σ_m q(z | x_m): every draw against every example's posterior.
         log_q_all = posteriors.log_prob(z.unsqueeze(-2))  # (S, C, N)

@@ -35,7 +35,7 @@ def explain(
     image_shape: Sequence[int],
     class_names: Sequence[str],
     out_dir: str | os.PathLike,
-    num_draws: int = 2000,
+    num_particles: int = 2000,
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNG figures for ``vae`` on the test data ``x``
     (in the likelihood's support) with their ``labels``; return the report's path.
@@ -57,8 +57,8 @@ def explain(
         _read_outs(vae, x, loc)
         if diagonal and _has_linear_read_out(vae.encoder)
         else _not_applicable(2, "What each μ_i is"),
-        _point_cloud(vae, x[:1], num_draws, out),
-        _kl_three_ways(vae, x, num_draws)
+        _point_cloud(vae, x[:1], num_particles, out),
+        _kl_three_ways(vae, x, num_particles)
         if diagonal and isinstance(vae.prior, StandardNormalPrior)
         else _not_applicable(4, "The KL term"),
         _why_standard_normal(vae, x, kl, labels, image_shape, class_names, out),
@@ -357,7 +357,8 @@ def _active_units(vae: VAE, x: Tensor, kl: Tensor, out: Path) -> str:
     return (
         "## 6. Which dimensions carry information?\n\n"
         f"Active units (Burda et al. 2016: Cov_x(E_q[z_i | x]) > {units.threshold}): "
-        f"**{units.count} of {vae.latent_dim}**. A collapsed dimension has a mean that ignores "
+        f"**{units.num_active} of {vae.latent_dim}**. "
+        "A collapsed dimension has a mean that ignores "
         "x and a posterior equal to the prior, so its KL is near 0 and the decoder cannot use "
         "it.\n\n"
         + _table(["dimension", "Cov_x(E_q[z_i])", "average KL (nats)", ""], rows)

@@ -118,20 +118,20 @@ class LaplaceLikelihood(_LocationScaleLikelihood):
 
 
 class DiscretizedLogisticLikelihood(nn.Module):
-    """p(x | z) = Π_d DiscretizedLogistic(x_d; loc_d, scale_d, num_bins): a proper probability
-    for each of ``num_bins`` pixel levels k / (num_bins − 1) (data in [0, 1] on that grid, such
+    """p(x | z) = Π_d DiscretizedLogistic(x_d; loc_d, scale_d, num_levels): a proper probability
+    for each of ``num_levels`` pixel levels k / (num_levels − 1) (data in [0, 1] on that grid, such
     as 8-bit images divided by 255), with a learnt scale.
 
-    :param int num_bins: the number of pixel levels: 256 for 8-bit images, 17 for the digits.
+    :param int num_levels: the number of pixel levels: 256 for 8-bit images, 17 for the digits.
     :param float scale: the starting scale.
     :param int data_dim: one learnt scale per feature; ``None``: one shared scale.
     """
 
-    def __init__(self, num_bins: int = 256, scale: float = 0.1, data_dim: int | None = None):
+    def __init__(self, num_levels: int = 256, scale: float = 0.1, data_dim: int | None = None):
         super().__init__()
-        self.num_bins = check_positive_int("num_bins", num_bins)
-        if num_bins < 2:
-            raise ValueError(f"num_bins must be at least 2, got {num_bins}")
+        self.num_levels = check_positive_int("num_levels", num_levels)
+        if num_levels < 2:
+            raise ValueError(f"num_levels must be at least 2, got {num_levels}")
         self.raw_scale = _learnt_scale(type(self).__name__, scale, data_dim)
 
     @property
@@ -139,4 +139,4 @@ class DiscretizedLogisticLikelihood(nn.Module):
         return _positive(self.raw_scale)
 
     def forward(self, loc: Tensor) -> dist.TorchDistribution:
-        return DiscretizedLogistic(loc, self.scale.expand(loc.shape), self.num_bins).to_event(1)
+        return DiscretizedLogistic(loc, self.scale.expand(loc.shape), self.num_levels).to_event(1)

@@ -37,7 +37,7 @@ from pyro_vae.priors import StandardNormalPrior
 _instance_ids = itertools.count()
 
 # Draws per example for the moments of a posterior that has no closed form (VAE.encode).
-ENCODE_SAMPLES = 128
+ENCODE_PARTICLES = 128
 
 
 class VAE(PyroModule):
@@ -79,6 +79,12 @@ class VAE(PyroModule):
         beta: float = 1.0,
         hidden_dims: Sequence[int] = (400,),
     ) -> None:
+        """Assemble the VAE from its parts (``None``: the default part) and check each one
+        against the component contract, raising a ``ValueError`` that names a part that
+        breaks it. A VampPrior is bound to this encoder. The VAE takes a Pyro name of its own
+        (``vae0``, ``vae1``, ...), so that two VAEs never share param-store entries. The
+        arguments are described in the class docstring.
+        """
         super().__init__(name=_new_name())
         check_positive_int("data_dim", data_dim)
         check_positive_int("latent_dim", latent_dim)
@@ -201,13 +207,13 @@ class VAE(PyroModule):
 
         They are outputs of the encoder network for each example, not parameters: a different
         pair for every x. A posterior without closed-form moments (a flow) gets Monte-Carlo
-        estimates from :data:`ENCODE_SAMPLES` draws.
+        estimates from :data:`ENCODE_PARTICLES` draws.
         """
         posterior = self.encoder(self._check_batch(x))
         try:
             return posterior.mean, posterior.stddev
         except NotImplementedError:
-            draws = posterior.rsample((ENCODE_SAMPLES,))
+            draws = posterior.rsample((ENCODE_PARTICLES,))
             return draws.mean(0), draws.std(0)
 
     def decode(self, z: Tensor, weights: str = "sample") -> Tensor:

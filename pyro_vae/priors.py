@@ -139,19 +139,20 @@ class FlowPrior(nn.Module):
     :param int latent_dim: the size of z, at least 2 (an autoregressive layer on one dimension
         is a plain affine map).
     :param int flow_depth: the number of autoregressive layers.
-    :param hidden_dims: hidden widths of each layer's autoregressive network; default
-        ``(4 * latent_dim,)``.
+    :param flow_hidden_dims: hidden widths of each layer's autoregressive network; default
+        ``(4 * latent_dim,)``. (As in :class:`~pyro_vae.encoders.IAFEncoder`; ``hidden_dims``
+        elsewhere means the widths of the encoder's and decoder's MLPs.)
     """
 
     def __init__(
-        self, latent_dim: int, flow_depth: int = 2, hidden_dims: Sequence[int] | None = None
+        self, latent_dim: int, flow_depth: int = 2, flow_hidden_dims: Sequence[int] | None = None
     ) -> None:
         super().__init__()
         self.latent_dim = check_positive_int("latent_dim", latent_dim)
         self.flow_depth = check_positive_int("flow_depth", flow_depth)
         if latent_dim < 2:
             raise ValueError(f"FlowPrior needs latent_dim >= 2, got {latent_dim}")
-        hidden = list(hidden_dims or [4 * latent_dim])
+        hidden = list(flow_hidden_dims or [4 * latent_dim])
         self.layers = nn.ModuleList(
             T.affine_autoregressive(latent_dim, hidden) for _ in range(flow_depth)
         )

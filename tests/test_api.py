@@ -1,5 +1,8 @@
 """The public API: what pyro_vae exports, and the contract every exported component keeps."""
 
+import inspect
+import pydoc
+
 import pyro
 import pytest
 import torch
@@ -112,3 +115,46 @@ def test_likelihood_contract(name):
     pyro.set_rng_seed(1)
     expected = -pv.elbo(vae, x).sum().item()
     assert abs(svi_loss - expected) < 1e-10 * abs(expected), (svi_loss, expected)
+
+
+def _public_signatures():
+    """(name, signature) of every exported function and class constructor, and the public
+    methods of the VAE."""
+    for name in pv.__all__:
+        value = getattr(pv, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            try:
+                yield name, inspect.signature(value)
+            except ValueError:  # a builtin without a signature
+                continue
+    for name, method in inspect.getmembers(pv.VAE, inspect.isfunction):
+        if not name.startswith("_"):
+            yield f"VAE.{name}", inspect.signature(method)
+
+
+# Names version 0.1 used for what now has one name (README, Changelog).
+RETIRED = {"max_rows", "max_elements", "num_draws", "num_bins", "batch_size", "num_samples"}
+
+
+def test_one_vocabulary_across_the_public_api():
+    """Chunk sizes are chunk_size, Monte-Carlo draws num_particles, pixel levels num_levels,
+    and every progress bar defaults to None (shown only on a terminal). The exceptions are
+    different things: fit's batch_size is the SGD minibatch, VAE.sample's num_samples the
+    number of images asked for."""
+    different_things = {("fit", "batch_size"), ("VAE.sample", "num_samples")}
+    progress_defaults = {}
+    for name, signature in _public_signatures():
+        for parameter in signature.parameters.values():
+            if parameter.name in RETIRED:
+                assert (name, parameter.name) in different_things, (name, parameter.name)
+            if parameter.name == "progress":
+                progress_defaults[name] = parameter.default
+    assert {"fit", "log_likelihood", "kl_decomposition"} <= set(progress_defaults)
+    assert set(progress_defaults.values()) == {None}, progress_defaults
+
+
+def test_help_on_the_vae_shows_its_own_constructor_text():
+    text = pydoc.render_doc(pv.VAE, renderer=pydoc.plaintext)
+    constructor = text[text.index("__init__(") :].split("\n |  \n")[0]
+    assert "Initialize internal Module state" not in text
+    assert "component contract" in constructor, constructor

@@ -14,7 +14,7 @@ import pyro_vae as pv
 
 
 def bayesian_vae(latent_dim: int = 3, data_dim: int = 12, hidden_dims=(8,)) -> pv.VAE:
-    return pv.build_vae(data_dim, latent_dim, hidden_dims=hidden_dims, decoder="bayesian-mlp")
+    return pv.build_vae(data_dim, latent_dim, hidden_dims=hidden_dims, decoder="bayesian")
 
 
 def test_weights_are_sampled_once_outside_the_data_plate_in_model_and_guide():
@@ -37,7 +37,7 @@ def test_weights_are_sampled_once_outside_the_data_plate_in_model_and_guide():
 
 def tiny_linear_vae() -> pv.VAE:
     """One latent, one feature: the decoder is x_logit = w z + b, w and b Bayesian."""
-    vae = pv.build_vae(1, 1, hidden_dims=(), decoder="bayesian-mlp", prior_scale=0.7)
+    vae = pv.build_vae(1, 1, hidden_dims=(), decoder="bayesian", prior_scale=0.7)
     with torch.no_grad():
         vae.decoder.locs["0_weight"].fill_(0.8)
         vae.decoder.raw_scales["0_weight"].fill_(-1.0)
@@ -118,9 +118,9 @@ def test_log_likelihood_is_conditional_on_the_posterior_mean_weights():
             linear.bias.copy_(bayesian.decoder.locs[f"{layer}_bias"])
     x = binary_data(6, 12)
     torch.manual_seed(5)
-    conditional = pv.log_likelihood(bayesian, x, num_samples=20)
+    conditional = pv.log_likelihood(bayesian, x, num_particles=20)
     torch.manual_seed(5)
-    expected = pv.log_likelihood(deterministic, x, num_samples=20)
+    expected = pv.log_likelihood(deterministic, x, num_particles=20)
     assert torch.allclose(conditional, expected, rtol=1e-12, atol=0)
 
 
@@ -140,8 +140,8 @@ def test_prior_scale_belongs_to_the_bayesian_decoder():
     with pytest.raises(ValueError, match="prior_scale is the weight prior of decoder"):
         pv.build_vae(12, 3, prior_scale=2.0)
     with pytest.raises(ValueError, match="prior_scale must be a finite number > 0"):
-        pv.build_vae(12, 3, decoder="bayesian-mlp", prior_scale=-1.0)
-    assert pv.build_vae(12, 3, decoder="bayesian-mlp", prior_scale=2.0).decoder.prior_scale == 2
+        pv.build_vae(12, 3, decoder="bayesian", prior_scale=-1.0)
+    assert pv.build_vae(12, 3, decoder="bayesian", prior_scale=2.0).decoder.prior_scale == 2
 
 
 @pytest.mark.parametrize("objective", [Trace_ELBO, TraceMeanField_ELBO], ids=lambda c: c.__name__)
@@ -150,7 +150,7 @@ def test_fit_lowers_the_loss_of_a_bayesian_vae(objective):
         pv.load_dataset("digits", dtype=torch.float64).x_train[:256],
         torch.Generator().manual_seed(0),
     )
-    vae = pv.build_vae(64, 4, hidden_dims=(32,), decoder="bayesian-mlp")
+    vae = pv.build_vae(64, 4, hidden_dims=(32,), decoder="bayesian")
     history = pv.fit(
         vae, x, num_epochs=20, batch_size=64, learning_rate=3e-3, loss=objective(), progress=False
     )
@@ -162,7 +162,7 @@ def test_explain_report_shows_the_weight_uncertainty_with_its_measured_spread(tm
     vae = bayesian_vae(data_dim=16)
     x = binary_data(8, 16)
     torch.manual_seed(7)
-    report = pv.explain(vae, x, torch.arange(8) % 2, (4, 4), ["a", "b"], tmp_path, num_draws=50)
+    report = pv.explain(vae, x, torch.arange(8) % 2, (4, 4), ["a", "b"], tmp_path, num_particles=50)
     text = report.read_text()
     assert "## 7. What the decoder's weight uncertainty does" in text
     assert (tmp_path / "weight_uncertainty.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,9 +15,20 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import checkpoint
-from pyro_vae.build import DECODERS, ENCODERS, LIKELIHOODS, PRIORS
+from pyro_vae.build import ENCODER_NAMES, LIKELIHOOD_NAMES, PRIOR_NAMES
 
 CONFIG = {"data_dim": 64, "latent_dim": 3, "hidden_dims": [16], "image_shape": [8, 8]}
+
+# Every (network, decoder) pair build_vae builds: a Bayesian decoder is an MLP.
+ARCHITECTURES = [("mlp", "deterministic"), ("conv", "deterministic"), ("mlp", "bayesian")]
+
+
+def architecture(config: dict, network: str, decoder: str) -> dict:
+    """``config`` with that network and decoder; conv's layers are fixed, so no hidden_dims."""
+    config = dict(config, network=network, decoder=decoder)
+    if network == "conv":
+        config.pop("hidden_dims", None)
+    return config
 
 
 def small_vae() -> pv.VAE:
@@ -66,14 +77,14 @@ def refused(path: Path, match: str) -> str:
 def test_a_saved_model_of_every_kind_loads_back_exactly(tmp_path):
     # Each component at least once, so that no legitimate checkpoint fails the size checks.
     parts = zip(
-        itertools.product(PRIORS, ENCODERS),
-        itertools.cycle(LIKELIHOODS),
-        itertools.cycle(DECODERS),
+        itertools.product(PRIOR_NAMES, ENCODER_NAMES),
+        itertools.cycle(LIKELIHOOD_NAMES),
+        itertools.cycle(ARCHITECTURES),
         strict=False,
     )
-    for (prior, encoder), likelihood, decoder in parts:
+    for (prior, encoder), likelihood, (network, decoder) in parts:
         config = dict(CONFIG, prior=prior, encoder=encoder, likelihood=likelihood)
-        config["decoder"] = decoder
+        config = architecture(config, network, decoder)
         try:
             vae = pv.build_vae(**config)
         except ValueError:
@@ -83,6 +94,42 @@ def test_a_saved_model_of_every_kind_loads_back_exactly(tmp_path):
         assert payload["epoch"] == 3
         for name, value in vae.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], value), (config, name)
+
+
+# Configs as pyro_vae 0.1 saved them, and the same models in today's names.
+VERSION_0_1 = [
+    (
+        dict(CONFIG, decoder="conv", likelihood="discretized-logistic", num_bins=17),
+        {
+            "data_dim": 64,
+            "latent_dim": 3,
+            "image_shape": [8, 8],
+            "network": "conv",
+            "decoder": "deterministic",
+            "likelihood": "discretized-logistic",
+            "num_levels": 17,
+        },
+    ),
+    (dict(CONFIG, decoder="mlp"), dict(CONFIG, network="mlp", decoder="deterministic")),
+    (
+        dict(CONFIG, decoder="bayesian-mlp", prior_scale=0.5),
+        dict(CONFIG, network="mlp", decoder="bayesian", prior_scale=0.5),
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), VERSION_0_1, ids=["conv", "mlp", "bayesian-mlp"])
+def test_a_checkpoint_of_version_0_1_loads_in_todays_names(tmp_path, old, new):
+    """0.1's decoder="conv" built a conv encoder network too (and ignored hidden_dims); its
+    checkpoints load as network="conv", with every weight in place."""
+    vae = pv.build_vae(**new)
+    path = crafted(tmp_path, payload_of(vae, config=old))
+    loaded, payload = pv.load_checkpoint(path)
+    assert payload["config"] == new
+    assert type(loaded.encoder.net) is type(vae.encoder.net)
+    assert type(loaded.decoder) is type(vae.decoder)
+    for name, value in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
 
 
 def sizes(config: dict) -> tuple[int, int, int]:
@@ -104,18 +151,18 @@ GROWTH = {
 }
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize(("network", "decoder"), ARCHITECTURES)
 @pytest.mark.parametrize(
     ("prior", "encoder"),
     # The VampPrior refuses encoders without a density everywhere (tested in test_components).
     [
         (p, e)
-        for p in PRIORS
-        for e in ENCODERS
+        for p in PRIOR_NAMES
+        for e in ENCODER_NAMES
         if (p, e) not in {("vamp", "iaf"), ("vamp", "delta")}
     ],
 )
-def test_the_size_bound_is_below_the_true_size_and_grows_with_it(prior, encoder, decoder):
+def test_the_size_bound_is_below_the_true_size_and_grows_with_it(prior, encoder, network, decoder):
     # Below: no real checkpoint is refused. Growing with it, within a factor: a config that
     # passes the bound cannot make building allocate much more than the checkpoint stores.
     base = {
@@ -125,17 +172,17 @@ def test_the_size_bound_is_below_the_true_size_and_grows_with_it(prior, encoder,
         "image_shape": [1, 8, 8],
         "prior": prior,
         "encoder": encoder,
-        "decoder": decoder,
         "likelihood": "normal",
         "likelihood_scale": "learned-per-feature",
     }
+    base = architecture(base, network, decoder)
     if prior in ("mixture", "vamp"):
         base["num_components"] = 10
     least, stored, allocated = sizes(base)
     assert least <= stored
     irrelevant = {  # knobs this model does not use: they would only repeat the base
-        "hidden_dims": decoder == "conv",
-        "channels": decoder != "conv",
+        "hidden_dims": network == "conv",
+        "channels": network != "conv",
         "flow_depth": prior != "flow" and encoder != "iaf",
         "num_components": "num_components" not in base,
     }
@@ -272,7 +319,7 @@ def test_a_tensor_view_claiming_more_than_its_stored_bytes_is_refused(tmp_path):
         {"prior": "mixture", "num_components": 10**8},
         {"prior": "vamp", "num_components": 10**8},
         {"encoder": "full-covariance", "latent_dim": 10**5},
-        {"decoder": "conv", "image_shape": [10**5, 10**5], "data_dim": 10**10},
+        {"network": "conv", "image_shape": [10**5, 10**5], "data_dim": 10**10},
     ],
     ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()),
 )
@@ -291,9 +338,9 @@ def test_a_crafted_config_is_refused_before_anything_is_built(tmp_path, monkeypa
 
 
 def test_an_absurd_pixel_depth_is_refused(tmp_path):
-    config = dict(CONFIG, likelihood="discretized-logistic", num_bins=10**9)
-    path = crafted(tmp_path, payload_of(pv.build_vae(**dict(config, num_bins=17)), config=config))
-    refused(path, "num_bins.* is 1000000000: more pixel levels than 16-bit images have")
+    config = dict(CONFIG, likelihood="discretized-logistic", num_levels=10**9)
+    path = crafted(tmp_path, payload_of(pv.build_vae(**dict(config, num_levels=17)), config=config))
+    refused(path, "num_levels.* is 1000000000: more pixel levels than 16-bit images have")
 
 
 # ---------------------------------------------------------------- structure
@@ -341,8 +388,8 @@ def no_state_dict(vae):
             r"config\['hidden_dims'\]\[1\] must be a positive int, got -1",
         ),
         (
-            lambda vae: payload_of(vae, config=dict(CONFIG, decoder="conv", image_shape=None)),
-            "decoder 'conv' needs an image_shape",
+            lambda vae: payload_of(vae, config=dict(CONFIG, network="conv", image_shape=None)),
+            "network 'conv' needs an image_shape",
         ),
         (
             lambda vae: payload_of(vae, config=dict(CONFIG, width=3)),
@@ -450,8 +497,17 @@ def test_a_missing_file_is_file_not_found(tmp_path):
         (dict(CONFIG, beta=object()), {}, r"config\['beta'\] must be a number or a name"),
         (CONFIG, {"epoch": object()}, "objects other than tensors and plain values"),
         (CONFIG, {"callback": lambda: None}, "cannot be saved"),
+        (dict(CONFIG, decoder="conv"), {}, "config uses pyro_vae 0.1 names"),
+        (dict(CONFIG, num_bins=17), {}, "config uses pyro_vae 0.1 names"),
     ],
-    ids=["numpy-int-in-config", "object-in-config", "object-in-extra", "lambda-in-extra"],
+    ids=[
+        "numpy-int-in-config",
+        "object-in-config",
+        "object-in-extra",
+        "lambda-in-extra",
+        "old-decoder-name",
+        "old-num-bins",
+    ],
 )
 def test_save_refuses_what_load_would_refuse_and_keeps_the_old_file(
     tmp_path, config, extra, message

@@ -34,8 +34,12 @@ REFUSED = {("vamp", "iaf"), ("vamp", "delta")}
 
 
 def test_names_cover_every_exported_component():
-    assert set(DATA) == set(pv.LIKELIHOODS)
-    kinds = {"Prior": pv.PRIORS, "Encoder": pv.ENCODERS, "Likelihood": pv.LIKELIHOODS}
+    assert set(DATA) == set(pv.LIKELIHOOD_NAMES)
+    kinds = {
+        "Prior": pv.PRIOR_NAMES,
+        "Encoder": pv.ENCODER_NAMES,
+        "Likelihood": pv.LIKELIHOOD_NAMES,
+    }
     for suffix, names in kinds.items():
         exported = [n for n in pv.__all__ if n.endswith(suffix)]
         built = set()
@@ -63,13 +67,13 @@ def prior_encoder_pairs(refused: bool) -> list:
     ids such as ``prior=vamp,encoder=full-covariance``: the names themselves hold hyphens."""
     return [
         pytest.param(prior, encoder, id=f"prior={prior},encoder={encoder}")
-        for prior, encoder in itertools.product(pv.PRIORS, pv.ENCODERS)
+        for prior, encoder in itertools.product(pv.PRIOR_NAMES, pv.ENCODER_NAMES)
         if ((prior, encoder) in REFUSED) == refused
     ]
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES), ids="objective={}".format)
-@pytest.mark.parametrize("likelihood", pv.LIKELIHOODS, ids="likelihood={}".format)
+@pytest.mark.parametrize("likelihood", pv.LIKELIHOOD_NAMES, ids="likelihood={}".format)
 @pytest.mark.parametrize("prior, encoder", prior_encoder_pairs(refused=False))
 def test_every_prior_encoder_likelihood_and_objective_takes_a_step(
     prior, encoder, likelihood, objective
@@ -92,15 +96,15 @@ def test_vamp_prior_refuses_encoders_without_a_density_everywhere(prior, encoder
         pv.build_vae(DATA_DIM, LATENT_DIM, prior=prior, encoder=encoder, num_components=4)
 
 
-@pytest.mark.parametrize("encoder", pv.ENCODERS, ids="encoder={}".format)
-@pytest.mark.parametrize("likelihood", pv.LIKELIHOODS, ids="likelihood={}".format)
+@pytest.mark.parametrize("encoder", pv.ENCODER_NAMES, ids="encoder={}".format)
+@pytest.mark.parametrize("likelihood", pv.LIKELIHOOD_NAMES, ids="likelihood={}".format)
 def test_convolutional_pair_takes_a_step(encoder, likelihood):
     vae = pv.build_vae(
         DATA_DIM,
         LATENT_DIM,
         encoder=encoder,
         likelihood=likelihood,
-        decoder="conv",
+        network="conv",
         image_shape=IMAGE_SHAPE,
     )
     assert isinstance(vae.decoder, pv.DeconvNet)
@@ -138,8 +142,22 @@ def options_id(options: dict) -> str:
         ({"prior": "gaussian"}, "unknown prior 'gaussian'; choose one of standard-normal"),
         ({"encoder": "lstm"}, "unknown encoder 'lstm'"),
         ({"likelihood": "poisson"}, "unknown likelihood 'poisson'"),
-        ({"decoder": "conv"}, "decoder 'conv' needs the data's image_shape"),
-        ({"decoder": "conv", "image_shape": (3, 3)}, "has 9 values, but data_dim is 16"),
+        ({"network": "conv"}, "network 'conv' needs the data's image_shape"),
+        ({"network": "conv", "image_shape": (3, 3)}, "has 9 values, but data_dim is 16"),
+        ({"network": "resnet"}, "unknown network 'resnet'; choose one of mlp, conv"),
+        ({"decoder": "flow"}, "unknown decoder 'flow'; choose one of deterministic, bayesian"),
+        # The conv layers are fixed: widths asked for would be silently ignored.
+        (
+            {"network": "conv", "image_shape": (4, 4), "hidden_dims": (8,)},
+            "network 'conv' has fixed layers, so leave hidden_dims out",
+        ),
+        (
+            {"network": "conv", "image_shape": (4, 4), "decoder": "bayesian"},
+            "decoder 'bayesian' is an MLP: it needs network 'mlp'",
+        ),
+        # 0.1's names, where decoder "conv" also swapped the encoder's network.
+        ({"decoder": "conv"}, "decoder 'conv' is a name of pyro_vae 0.1; write network='conv'"),
+        ({"decoder": "bayesian-mlp"}, "write decoder='bayesian'"),
         ({"num_components": 3}, "num_components is for the mixture and vamp priors"),
         ({"likelihood": "normal", "likelihood_scale": "big"}, "likelihood_scale must be"),
         ({"likelihood": "discretized-logistic", "likelihood_scale": 0.1}, "learns its scale"),
@@ -162,8 +180,8 @@ def test_build_vae_refuses_bad_names_and_combinations(options, message):
         {
             "likelihood": "discretized-logistic",
             "likelihood_scale": "learned-per-feature",
-            "num_bins": 17,
-            "decoder": "conv",
+            "num_levels": 17,
+            "network": "conv",
             "image_shape": [4, 4],
             "beta": 0.5,
         },
@@ -172,9 +190,11 @@ def test_build_vae_refuses_bad_names_and_combinations(options, message):
 )
 def test_checkpoint_rebuilds_every_component_exactly(tmp_path, options):
     x = DATA[options.get("likelihood", "bernoulli")]()
-    if options.get("num_bins") == 17:
+    if options.get("num_levels") == 17:
         x = torch.randint(0, 17, (BATCH, DATA_DIM)) / 16.0
-    config = {"data_dim": DATA_DIM, "latent_dim": LATENT_DIM, "hidden_dims": [8], **options}
+    config = {"data_dim": DATA_DIM, "latent_dim": LATENT_DIM, **options}
+    if options.get("network") != "conv":  # conv's layers are fixed
+        config["hidden_dims"] = [8]
     vae = pv.build_vae(**config)
     pv.fit(vae, x, num_epochs=2, batch_size=3, progress=False)  # move away from the init
     pv.save_checkpoint(tmp_path / "c.pt", vae, config)
@@ -259,7 +279,7 @@ def test_iaf_encode_gives_the_mean_and_standard_deviation_of_its_draws():
     centred4 = (z - mean).pow(4).mean(0)
     # Standard errors of a sample mean and a sample std (any distribution: the std's from the
     # fourth moment), for encode's draws and for the reference draws together.
-    n, big = pv.model.ENCODE_SAMPLES, len(z)
+    n, big = pv.model.ENCODE_PARTICLES, len(z)
     se_mean = std * (1 / n + 1 / big) ** 0.5
     se_std = ((centred4 - std.pow(4)) / (4 * std.pow(2))).sqrt() * (1 / n + 1 / big) ** 0.5
     assert ((std - std.pow(2)).abs() > 10 * se_std).all()  # σ and σ² are far apart here
@@ -309,9 +329,9 @@ def test_vamp_prior_is_the_equal_weight_mixture_of_its_pseudo_posteriors():
 def bayesian_decoder_cases() -> list:
     """The Bayesian decoder with every prior, every encoder and every likelihood (each varied
     alone from the defaults)."""
-    cases = [("prior", name) for name in pv.PRIORS if name != "standard-normal"]
-    cases += [("encoder", name) for name in pv.ENCODERS if name != "diagonal"]
-    cases += [("likelihood", name) for name in pv.LIKELIHOODS]
+    cases = [("prior", name) for name in pv.PRIOR_NAMES if name != "standard-normal"]
+    cases += [("encoder", name) for name in pv.ENCODER_NAMES if name != "diagonal"]
+    cases += [("likelihood", name) for name in pv.LIKELIHOOD_NAMES]
     return [pytest.param(kind, name, id=f"{kind}={name}") for kind, name in cases]
 
 
@@ -320,7 +340,31 @@ def test_bayesian_decoder_takes_a_step_with_every_part(kind, name):
     options = {kind: name}
     if name in ("mixture", "vamp"):
         options["num_components"] = 4
-    vae = pv.build_vae(DATA_DIM, LATENT_DIM, hidden_dims=(8,), decoder="bayesian-mlp", **options)
+    vae = pv.build_vae(DATA_DIM, LATENT_DIM, hidden_dims=(8,), decoder="bayesian", **options)
     x = DATA[options.get("likelihood", "bernoulli")]()
     assert_one_step_trains_everything(vae, x, Trace_ELBO())
     assert any(n.startswith("decoder.raw_scales") for n, _ in vae.named_parameters())
+
+
+def test_the_network_is_one_choice_that_the_encoder_and_decoder_both_follow():
+    """An image_shape alone swaps nothing: the encoder and decoder are MLPs unless
+    network="conv", and then both are convolutional."""
+    mlp = pv.build_vae(DATA_DIM, LATENT_DIM, image_shape=IMAGE_SHAPE, hidden_dims=(8,))
+    assert isinstance(mlp.encoder.net, pv.MLP) and isinstance(mlp.decoder, pv.MLP)
+    conv = pv.build_vae(DATA_DIM, LATENT_DIM, image_shape=IMAGE_SHAPE, network="conv")
+    assert isinstance(conv.encoder.net, pv.ConvNet) and isinstance(conv.decoder, pv.DeconvNet)
+
+
+@pytest.mark.parametrize("flow", ["prior", "encoder"])
+def test_flow_hidden_dims_sets_the_autoregressive_widths_of_both_flows(flow):
+    """flow_hidden_dims means the same in FlowPrior and IAFEncoder: each layer's
+    autoregressive network's hidden widths; hidden_dims is only ever the MLP's."""
+    if flow == "prior":
+        networks = [layer.arn for layer in pv.FlowPrior(LATENT_DIM, 2, (7, 5)).layers]
+    else:
+        encoder = pv.IAFEncoder(DATA_DIM, LATENT_DIM, (8,), flow_hidden_dims=(7, 5))
+        networks = [layer.nn for layer in encoder.layers]
+        assert encoder.net[0].out_features == 8  # hidden_dims: the encoder's MLP
+    assert len(networks) == 2
+    for network in networks:
+        assert [linear.out_features for linear in network.layers[:-1]] == [7, 5]

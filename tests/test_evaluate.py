@@ -14,7 +14,7 @@ def test_elbo_terms_with_the_exact_posterior_give_log_p_x_per_example():
     split the data (9 examples in chunks of 4). A sum over particles would give 7 log p(x)."""
     vae, marginal = ppca()
     x = marginal.sample((9,))
-    terms = pv.elbo_terms(vae, x, num_particles=7, batch_size=4)
+    terms = pv.elbo_terms(vae, x, num_particles=7, chunk_size=4)
     assert terms.reconstruction.shape == terms.kl.shape == (9,)
     torch.testing.assert_close(terms.elbo, marginal.log_prob(x), rtol=1e-10, atol=1e-10)
 
@@ -29,7 +29,7 @@ def test_elbo_terms_average_the_particles():
             p.mul_(3.0)
     x = binary_data(4, 6)
     copies = 500
-    terms = pv.elbo_terms(vae, x.repeat(copies, 1), num_particles=5, batch_size=512)
+    terms = pv.elbo_terms(vae, x.repeat(copies, 1), num_particles=5, chunk_size=512)
     kl, reconstruction = terms.kl.reshape(copies, 4), terms.reconstruction.reshape(copies, 4)
     with torch.no_grad():
         loc, scale = vae.encode(x)
@@ -61,7 +61,7 @@ def test_elbo_of_a_beta_vae_is_the_true_elbo():
 def test_importance_weighted_bound_is_above_the_elbo():
     vae = pv.VAE(12, 3, hidden_dims=(8,))
     x = binary_data(100, 12)
-    gap = pv.log_likelihood(vae, x, num_samples=200) - pv.elbo(vae, x, num_particles=200)
+    gap = pv.log_likelihood(vae, x, num_particles=200) - pv.elbo(vae, x, num_particles=200)
     # E[IWAE_K] >= ELBO, strictly when q(z|x) is not the posterior (an untrained encoder).
     assert gap.mean() > 4 * gap.std() / len(x) ** 0.5
 
@@ -70,15 +70,15 @@ def test_importance_weighted_bound_does_no_minibatch_scaling():
     vae = pv.VAE(12, 3, hidden_dims=(8,))
     x = binary_data(30, 12)
     torch.manual_seed(3)
-    whole = pv.log_likelihood(vae, x, num_samples=50)
+    whole = pv.log_likelihood(vae, x, num_particles=50)
     # Chunking over examples must not change the numbers' scale (docs/design.md, "IWAE and N/B").
     torch.manual_seed(3)
-    chunked = pv.log_likelihood(vae, x, num_samples=50, max_rows=40)
+    chunked = pv.log_likelihood(vae, x, num_particles=50, chunk_size=40)
     se = (whole - chunked).std() / len(x) ** 0.5
     assert (whole - chunked).mean().abs() < 4 * se + 1e-12
 
 
-@pytest.mark.parametrize("kwargs", [{"num_samples": 0}, {"max_rows": -1}])
+@pytest.mark.parametrize("kwargs", [{"num_particles": 0}, {"chunk_size": -1}])
 def test_log_likelihood_rejects_bad_counts(kwargs):
     vae = pv.VAE(12, 3, hidden_dims=(8,))
     with pytest.raises(ValueError, match="must be a positive integer"):

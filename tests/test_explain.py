@@ -31,7 +31,7 @@ def trained_digits_vae(**options) -> tuple[pv.VAE, pv.DataSplits, torch.Tensor]:
 def test_every_section_carries_numbers_and_every_figure_is_written(tmp_path):
     vae, data, x = trained_digits_vae()
     report = pv.explain(
-        vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, num_draws=500
+        vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, num_particles=500
     )
     text = report.read_text()
     found = sections(text)
@@ -53,7 +53,7 @@ def test_every_section_carries_numbers_and_every_figure_is_written(tmp_path):
 def test_models_without_a_diagonal_posterior_get_the_sections_that_apply(tmp_path):
     vae, data, x = trained_digits_vae(encoder="iaf", prior="mixture", num_components=3)
     report = pv.explain(
-        vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, num_draws=200
+        vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, num_particles=200
     )
     found = sections(report.read_text())
     for number in ("2", "4", "6"):
@@ -118,7 +118,7 @@ def test_a_custom_encoder_without_a_network_gets_section_2_marked(tmp_path):
     vae = pv.VAE(6, 2, encoder=IgnoresX(2), hidden_dims=(8,))
     x = torch.bernoulli(torch.full((20, 6), 0.5))
     labels = torch.arange(20) % 2
-    report = pv.explain(vae, x, labels, (2, 3), ["a", "b"], tmp_path, num_draws=100)
+    report = pv.explain(vae, x, labels, (2, 3), ["a", "b"], tmp_path, num_particles=100)
     found = sections(report.read_text())
     assert "Not measured" in found["2"] and "Not measured" not in found["1"]
 

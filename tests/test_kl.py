@@ -180,8 +180,8 @@ CLOSED_FORM = {
 # The VampPrior refuses the IAF and Delta encoders at construction (test_components).
 BUILDABLE = [
     pytest.param(prior, encoder, id=f"prior={prior},encoder={encoder}")
-    for prior in pv.PRIORS
-    for encoder in pv.ENCODERS
+    for prior in pv.PRIOR_NAMES
+    for encoder in pv.ENCODER_NAMES
     if not (prior == "vamp" and encoder in ("iaf", "delta"))
 ]
 

@@ -29,12 +29,12 @@ class IgnoresX(nn.Module):
 def test_collapsed_model_has_no_information_no_active_units_and_no_kl():
     vae = pv.VAE(6, 3, encoder=IgnoresX(3), hidden_dims=(8,))
     x = binary_data(50, 6)
-    decomposition = pv.kl_decomposition(vae, x, num_samples=4)
+    decomposition = pv.kl_decomposition(vae, x, num_particles=4)
     assert abs(decomposition.mutual_information) < 1e-12
     assert abs(decomposition.marginal_kl) < 1e-12
     assert abs(decomposition.average_kl) < 1e-12
     units = pv.active_units(vae, x)
-    assert units.count == 0 and torch.equal(units.variance, torch.zeros(3))
+    assert units.num_active == 0 and torch.equal(units.variance, torch.zeros(3))
     assert torch.equal(pv.kl_per_dimension(vae, x), torch.zeros(50, 3))
 
 
@@ -58,7 +58,7 @@ def test_gaussian_channel_matches_the_closed_forms():
     vae = pv.VAE(2, 2, encoder=GaussianChannel(rho), likelihood=pv.NormalLikelihood(1.0))
     x = torch.randn(4000, 2)
     exact_information = -0.5 * torch.log1p(-rho.pow(2)).sum().item()
-    estimate = pv.kl_decomposition(vae, x, num_samples=4)
+    estimate = pv.kl_decomposition(vae, x, num_particles=4)
     # The empirical q(z) holds each draw's own component: a positive bias of order e^I / N in
     # the marginal KL (and the same, negative, in I), about 3e-4 nats here.
     bias = math.exp(exact_information) / len(x)
@@ -71,7 +71,7 @@ def test_gaussian_channel_matches_the_closed_forms():
     assert abs(estimate.average_kl - exact_average) < 4 * estimate.average_kl_se
     # Both dimensions carry information: Var(E[z_i | x]) = ρ_i².
     units = pv.active_units(vae, x)
-    assert units.count == 2
+    assert units.num_active == 2
     standard_error = rho.pow(2) * math.sqrt(2 / len(x))  # of a Gaussian sample variance
     assert ((units.variance - rho.pow(2)).abs() < 4 * standard_error).all()
 
@@ -84,7 +84,7 @@ def test_ppca_average_kl_and_information_match_the_exact_posterior():
     x = marginal.sample((3000,))
     covariance = vae.encoder.scale_tril @ vae.encoder.scale_tril.T
     exact_information = -0.5 * torch.logdet(covariance).item()
-    estimate = pv.kl_decomposition(vae, x, num_samples=2)
+    estimate = pv.kl_decomposition(vae, x, num_particles=2)
     posterior = vae.encoder(x)
     prior = dist.MultivariateNormal(torch.zeros(LATENT_DIM), torch.eye(LATENT_DIM))
     exact_average = torch.distributions.kl_divergence(posterior, prior).mean().item()
@@ -93,7 +93,7 @@ def test_ppca_average_kl_and_information_match_the_exact_posterior():
     assert abs(estimate.mutual_information - exact_information) < (
         4 * estimate.mutual_information_se + 2 * bias
     )
-    assert pv.active_units(vae, x).count == LATENT_DIM
+    assert pv.active_units(vae, x).num_active == LATENT_DIM
 
 
 def test_kl_per_dimension_sums_to_the_closed_form_kl():
@@ -122,14 +122,14 @@ def test_estimators_refuse_posteriors_they_cannot_use():
         pv.active_units(full, x[:1])
 
 
-@pytest.mark.parametrize("max_elements", [7, 100, 2**24])
-def test_kl_decomposition_does_not_depend_on_chunking(max_elements):
+@pytest.mark.parametrize("chunk_size", [7, 100, 2**24])
+def test_kl_decomposition_does_not_depend_on_chunking(chunk_size):
     vae = pv.VAE(6, 3, hidden_dims=(8,))
     x = binary_data(30, 6)
     torch.manual_seed(3)
-    reference = pv.kl_decomposition(vae, x, max_elements=2**24)
+    reference = pv.kl_decomposition(vae, x, chunk_size=2**24)
     torch.manual_seed(3)
-    chunked = pv.kl_decomposition(vae, x, max_elements=max_elements)
+    chunked = pv.kl_decomposition(vae, x, chunk_size=chunk_size)
     # Chunks draw z in a different order, so compare in distribution: within standard errors.
     assert abs(chunked.mutual_information - reference.mutual_information) < 4 * math.hypot(
         chunked.mutual_information_se, reference.mutual_information_se
@@ -153,14 +153,14 @@ def test_kl_decomposition_counts_the_last_partial_chunk(chunk):
     vae = pv.VAE(3, 2, encoder=OneInformativeExample(), likelihood=pv.NormalLikelihood(1.0))
     x = torch.zeros(7, 3)
     x[6] = torch.tensor([2.0, -1.5, 1.0])
-    num_samples = 2000
+    num_particles = 2000
     estimate = pv.kl_decomposition(
-        vae, x, num_samples=num_samples, max_elements=chunk * len(x) * num_samples
+        vae, x, num_particles=num_particles, chunk_size=chunk * len(x) * num_particles
     )
     last, prior = vae.encoder(x[6:]), vae.prior()
     exact = torch.distributions.kl_divergence(last, prior.expand(last.batch_shape)).item()
     z = last.sample((100000,))
     draws = last.log_prob(z) - prior.log_prob(z)  # the last example's KL draws
-    standard_error = draws.std().item() / math.sqrt(num_samples) / len(x)
+    standard_error = draws.std().item() / math.sqrt(num_particles) / len(x)
     assert exact / len(x) > 20 * standard_error  # the test has something to find
     assert abs(estimate.average_kl - exact / len(x)) < 4 * standard_error

@@ -46,7 +46,7 @@ def svi_parameters(module, *args, **kwargs) -> set[int]:
 
 def test_fit_and_a_users_svi_loop_train_the_same_parameters_to_the_same_values():
     x = binary_data(24, 12)
-    vae = pv.build_vae(12, 3, hidden_dims=(8,), decoder="bayesian-mlp")
+    vae = pv.build_vae(12, 3, hidden_dims=(8,), decoder="bayesian")
     found = pv.Objective(vae, Trace_ELBO()).parameters(x, num_data=24)
     assert {id(p) for p in found} == svi_parameters(vae, x, num_data=24)
     assert {id(p) for p in found} == {id(p) for p in vae.parameters()}
@@ -76,7 +76,7 @@ def test_fit_and_a_users_svi_loop_train_the_same_parameters_to_the_same_values()
 
 def test_every_parameter_of_a_bayesian_vae_moves_between_epoch_1_and_epoch_3():
     x = pv.load_dataset("digits", dtype=torch.float64).x_train
-    vae = pv.build_vae(64, 4, decoder="bayesian-mlp")
+    vae = pv.build_vae(64, 4, decoder="bayesian")
     after_epoch: dict[int, dict] = {}
 
     def keep(epoch, history):
@@ -182,7 +182,7 @@ def test_a_deep_copy_trains_on_its_own_with_svi_and_with_fit():
 
 def test_a_model_rebuilt_from_its_checkpoint_in_the_same_process_trains_on_its_own(tmp_path):
     x = binary_data(16, 12)
-    config = {"data_dim": 12, "latent_dim": 3, "hidden_dims": [8], "decoder": "bayesian-mlp"}
+    config = {"data_dim": 12, "latent_dim": 3, "hidden_dims": [8], "decoder": "bayesian"}
     original = pv.build_vae(**config)
     pv.fit(original, x, num_epochs=1, batch_size=8, progress=False)
     pv.save_checkpoint(tmp_path / "c.pt", original, config)

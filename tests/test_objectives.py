@@ -23,7 +23,7 @@ def test_iwae_bound_is_above_the_elbo_and_rises_with_k():
     repeats = 200
     bounds = {}
     for k in (1, 5, 50):
-        draws = torch.stack([pv.log_likelihood(vae, x, num_samples=k) for _ in range(repeats)])
+        draws = torch.stack([pv.log_likelihood(vae, x, num_particles=k) for _ in range(repeats)])
         bounds[k] = draws.mean(1)  # the dataset's mean bound, once per repeat
     elbo = torch.stack([pv.elbo(vae, x) for _ in range(repeats)]).mean(1)
 
@@ -57,7 +57,7 @@ def test_fit_trains_iwae_on_minibatches_with_the_scale_outside_the_logsumexp():
         progress=False,
     )
     steps = torch.tensor(history.step_loss)
-    bound = torch.stack([pv.log_likelihood(vae, x, num_samples=k).mean() for _ in range(200)])
+    bound = torch.stack([pv.log_likelihood(vae, x, num_particles=k).mean() for _ in range(200)])
     difference = steps.mean() + bound.mean()
     error = math.sqrt(steps.var() / len(steps) + bound.var() / len(bound))
     assert difference.abs() < 4 * error, (steps.mean(), -bound.mean(), error)

@@ -45,7 +45,7 @@ def calls(vae: pv.VAE):
         "reconstruct": lambda x: vae.reconstruct(x),
         "elbo": lambda x: pv.elbo(vae, x),
         "elbo_terms": lambda x: pv.elbo_terms(vae, x),
-        "log_likelihood": lambda x: pv.log_likelihood(vae, x, num_samples=3),
+        "log_likelihood": lambda x: pv.log_likelihood(vae, x, num_particles=3),
         "binarize": lambda x: pv.binarize(x),
         "fit": lambda x: pv.fit(vae, x, num_epochs=1, batch_size=2, progress=False),
     }
@@ -120,9 +120,9 @@ def test_fit_arguments_work_or_raise_a_one_line_value_error(
 
 @settings(max_examples=100, deadline=None)
 @given(
-    prior=st.sampled_from([*pv.PRIORS, "gaussian", ""]),
-    encoder=st.sampled_from([*pv.ENCODERS, "lstm"]),
-    likelihood=st.sampled_from([*pv.LIKELIHOODS, 3]),
+    prior=st.sampled_from([*pv.PRIOR_NAMES, "gaussian", ""]),
+    encoder=st.sampled_from([*pv.ENCODER_NAMES, "lstm"]),
+    likelihood=st.sampled_from([*pv.LIKELIHOOD_NAMES, 3]),
     latent_dim=st.integers(-1, 3),
     num_components=st.sampled_from([None, 0, 2, -1]),
     flow_depth=st.integers(-1, 2),
