@@ -184,6 +184,8 @@ def fit(
     :param data: a tensor ``(N, data_dim)``, a torch ``Dataset`` whose items are tensors (or
         ``(tensor, label)`` pairs) with ``data_dim`` elements, or a tuple of tensors with N
         rows each (the model then gets one batch of each). Moved to the model's device once.
+        A module with a ``validate_inputs`` method has it called with all the data tensors
+        before training, to refuse what it cannot train on.
     :param num_epochs: passes over the data.
     :param batch_size: examples per SVI step; the ELBO is scaled by N / batch_size.
     :param learning_rate: Adam's step size.
@@ -368,6 +370,10 @@ def _prepare_data(
     validate_data = getattr(module, "validate_data", None)
     if callable(validate_data):
         validate_data(x, "training data", probabilities=binarize)
+    # The model's own check of all its data tensors (M2's labels, say), before any step.
+    validate_inputs = getattr(module, "validate_inputs", None)
+    if callable(validate_inputs):
+        validate_inputs(*tensors)
     return tensors, binarize
 
 

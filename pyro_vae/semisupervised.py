@@ -1,0 +1,533 @@
+"""The semi-supervised VAE "M2" of Kingma et al. (2014) as a Pyro model and guide, trained by
+:func:`~pyro_vae.train.fit` like any other model:
+
+- model: y ~ p(y) (uniform over ``num_labels`` classes), z ~ p(z),
+  x ~ p(x | y, z) = likelihood(decoder(z, y));
+- guide: y ~ q(y | x) = Categorical(classifier(x)), z ~ q(z | x, y) = encoder(x, y).
+
+The data are one tensor of images and one of labels, with :data:`UNLABELLED` (-1) where the label
+is unknown: ``fit(m2, (x, y), loss=m2.loss(), ...)``. For an unlabelled row the guide's y site is
+marked ``infer={"enumerate": "parallel"}``, so ``TraceEnum_ELBO`` sums y out exactly,
+
+    U(x) = Σ_y q(y | x) [log p(x, y, z_y) − log q(z_y | x, y)] + H(q(y | x)),
+
+with one draw z_y ~ q(z | x, y) for each y; nothing here writes that sum. A labelled row observes
+y in the model (its bound is L(x, y) = log p(x, y, z) − log q(z | x, y)) and adds the
+classification term α · log q(y | x) as an observed site of the model, "y_aux", scaled by α
+(Kingma et al.'s J^α; Pyro's ``ss_vae_M2`` example does the same with a second ELBO).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import TraceEnum_ELBO
+from pyro.nn import PyroModule, pyro_method
+from pyro.poutine.util import is_validation_enabled
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from pyro_vae import contract
+from pyro_vae._checks import check_positive_float, check_positive_int
+from pyro_vae.encoders import DiagonalNormalEncoder
+from pyro_vae.likelihoods import BernoulliLikelihood
+from pyro_vae.networks import MLP, DeconvNet, feature_network
+from pyro_vae.priors import StandardNormalPrior
+
+UNLABELLED = -1
+"""The label of a row whose class is unknown."""
+
+# The fraction of the dataset size N that Kingma et al. use as α (section 3.1.2: "α = 0.1·N").
+PAPER_ALPHA_FRACTION = 0.1
+
+# Each M2 gets its own Pyro name, for the reason VAE does (docs/design.md, "Pyro names").
+_instance_ids = itertools.count()
+
+
+def paper_alpha(num_data: int, num_labelled: int) -> float:
+    """Kingma et al.'s weight of the classification term, per labelled example.
+
+    Their objective is J^α = J + α · E_labelled[−log q(y | x)] with α = 0.1 · N, J summed over
+    the N examples and the expectation an average over the N_l labelled ones. Per labelled
+    example that is 0.1 · N / N_l: 60 for 100 labels among 60000 images, 2 for 3000. (Pyro's
+    ``ss_vae_M2`` uses a fixed 46 on MNIST, tuned for 3000 labels; the paper's rule keeps the
+    classification term's total weight, 0.1 · N, the same whatever N_l.)
+    """
+    check_positive_int("num_data", num_data)
+    check_positive_int("num_labelled", num_labelled)
+    if num_labelled > num_data:
+        raise ValueError(f"num_labelled={num_labelled} exceeds num_data={num_data}")
+    return PAPER_ALPHA_FRACTION * num_data / num_labelled
+
+
+def labelled_subset(labels: Tensor, num_labelled: int, seed: int) -> Tensor:
+    """A fixed, class-balanced choice of ``num_labelled`` rows to keep the labels of.
+
+    Every class gets ``num_labelled // K`` rows; the ``num_labelled % K`` left over go one each
+    to classes picked at random. The rows of each class are a random draw without replacement.
+    All randomness comes from a ``torch.Generator`` seeded with ``seed``, so the same labels,
+    count and seed give the same rows on any machine.
+
+    :param labels: all the training labels, integers 0..K-1, ``(N,)``; K is the largest + 1.
+    :returns: the chosen row indices, sorted, ``(num_labelled,)`` (``torch.long``).
+    :raises ValueError: when a class has fewer rows than its share, naming the class.
+    """
+    labels = _check_label_tensor(labels, "labels")
+    check_positive_int("num_labelled", num_labelled)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if len(labels) and int(labels.min()) < 0:
+        index = int((labels < 0).nonzero()[0])
+        raise ValueError(
+            f"labels must all be known (0..K-1) to choose a labelled subset; "
+            f"labels[{index}] = {int(labels[index])}"
+        )
+    if num_labelled > len(labels):
+        raise ValueError(f"num_labelled={num_labelled} exceeds the {len(labels)} rows")
+    labels = labels.cpu()
+    num_classes = int(labels.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    share = torch.full((num_classes,), num_labelled // num_classes)
+    share[torch.randperm(num_classes, generator=generator)[: num_labelled % num_classes]] += 1
+    chosen = []
+    for label in range(num_classes):
+        rows = (labels == label).nonzero().squeeze(1)
+        if len(rows) < share[label]:
+            raise ValueError(
+                f"class {label} has {len(rows)} rows, fewer than its share of "
+                f"{int(share[label])} in a balanced subset of {num_labelled}"
+            )
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[: share[label]]])
+    return torch.cat(chosen).sort().values
+
+
+def hide_labels(labels: Tensor, keep: Tensor) -> Tensor:
+    """A copy of ``labels`` with every row outside the indices ``keep`` set to
+    :data:`UNLABELLED`: the label tensor M2 trains on."""
+    labels = _check_label_tensor(labels, "labels")
+    hidden = torch.full_like(labels, UNLABELLED)
+    hidden[keep] = labels[keep]
+    return hidden
+
+
+class M2(PyroModule):
+    """The semi-supervised VAE M2 (Kingma et al. 2014): p(y) p(z) p(x | y, z), guide
+    q(y | x) q(z | x, y).
+
+    **Batches mix labelled and unlabelled rows.** ``fit`` draws each batch uniformly from all
+    N rows, and every site of the model and the guide is scaled by N / B (B the batch size).
+    A row, labelled or not, is in a given batch with probability B / N, so N / B times the
+    batch's sum is an unbiased estimate of the sum over all N rows, separately for each part:
+    the labelled bound Σ_l L(x, y), the unlabelled bound Σ_u U(x) and the classification term
+    α Σ_l log q(y | x). That holds whatever the mix of one batch (a batch without labels is just
+    one where those parts' estimate is 0), so the expected loss is exactly Kingma et al.'s J^α
+    on the whole data. Two streams would need one scale N_l / B_l and another N_u / B_u, which
+    one ``num_data`` cannot express. Within a batch, labelled and unlabelled rows go through
+    separate sites in separate plates ("labelled", "unlabelled"): y is enumerated only where it
+    is unknown, so a labelled row is counted once and not once per class.
+
+    **Parts.** ``classifier(x)`` gives q(y | x)'s logits ``(..., K)``; ``encoder`` maps the
+    concatenation of x and the one-hot y to q(z | x, y) (the package's encoder contract, with
+    ``data_dim + K`` inputs); ``decoder`` maps the concatenation of z and the one-hot y to the
+    likelihood's parameters. Defaults: MLPs of ``hidden_dims`` (the decoder's reversed) and a
+    :class:`~pyro_vae.encoders.DiagonalNormalEncoder`; with ``image_shape``, a
+    :class:`~pyro_vae.networks.ConvNet` classifier, a convolutional encoder that reads y as K
+    extra image channels (constant planes, 1 for the class), and a
+    :class:`~pyro_vae.networks.DeconvNet` decoder from (z, y). Likelihood default Bernoulli
+    (``fit`` then binarizes grayscale data dynamically), prior default N(0, I).
+
+    :param int data_dim: features per example.
+    :param int num_labels: the number of classes K.
+    :param int latent_dim: the size of z.
+    :param float alpha: the weight of log q(y | x) per labelled example;
+        :func:`paper_alpha` gives the paper's choice, which :meth:`from_data` uses by default.
+    :param hidden_dims: widths of the default MLPs.
+    :param image_shape: ``(height, width)`` or ``(channels, height, width)``: convolutional
+        default networks.
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        num_labels: int,
+        latent_dim: int,
+        *,
+        alpha: float,
+        hidden_dims: Sequence[int] = (500,),
+        image_shape: Sequence[int] | None = None,
+        classifier: nn.Module | None = None,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        likelihood: nn.Module | None = None,
+        prior: nn.Module | None = None,
+    ) -> None:
+        super().__init__(name=f"m2_{next(_instance_ids)}")
+        self.data_dim = check_positive_int("data_dim", data_dim)
+        self.num_labels = check_positive_int("num_labels", num_labels)
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+        self.latent_dim = check_positive_int("latent_dim", latent_dim)
+        self.alpha = check_positive_float("alpha", alpha)
+        hidden_dims = tuple(hidden_dims)
+        for width in hidden_dims:
+            check_positive_int("hidden_dims entries", width)
+        k = num_labels
+        # With images, y enters the encoder as K constant planes beside the image's channels,
+        # so that the package's ConvNet reads (x, y) unchanged; an MLP reads them concatenated.
+        self.label_planes = 1
+        encoder_shape = None
+        if image_shape is not None:
+            shape = tuple(int(s) for s in image_shape)
+            shape = (1, *shape) if len(shape) == 2 else shape
+            if len(shape) != 3 or min(shape) <= 0 or math.prod(shape) != data_dim:
+                raise ValueError(
+                    f"image_shape {tuple(image_shape)} does not describe images of "
+                    f"data_dim={data_dim} values"
+                )
+            self.label_planes = shape[1] * shape[2]
+            encoder_shape = (shape[0] + k, shape[1], shape[2])
+        self.image_shape = None if image_shape is None else tuple(image_shape)
+        self.classifier = (
+            feature_network(data_dim, k, hidden_dims, image_shape)
+            if classifier is None
+            else classifier
+        )
+        encoder_in = data_dim + k * self.label_planes
+        self.encoder = (
+            DiagonalNormalEncoder(encoder_in, latent_dim, hidden_dims, image_shape=encoder_shape)
+            if encoder is None
+            else encoder
+        )
+        if decoder is None:
+            decoder = (
+                MLP(latent_dim + k, tuple(reversed(hidden_dims)), data_dim)
+                if image_shape is None
+                else DeconvNet(latent_dim + k, image_shape)
+            )
+        self.decoder = decoder
+        self.likelihood = BernoulliLikelihood() if likelihood is None else likelihood
+        self.prior = StandardNormalPrior(latent_dim) if prior is None else prior
+        self.data_support = self._check_parts()
+
+    @classmethod
+    def from_data(
+        cls, x: Tensor, labels: Tensor, latent_dim: int, *, alpha: float | None = None, **kwargs
+    ) -> M2:
+        """An M2 sized from the training data: ``data_dim`` from ``x``, ``num_labels`` from
+        the largest label, and ``alpha`` the paper's (:func:`paper_alpha`) unless given.
+        ``labels`` is the tensor M2 will train on, with :data:`UNLABELLED` rows; pass
+        ``num_labels=`` when the labelled rows might miss the last class."""
+        x = contract.check_form(x, "x", x.shape[-1] if isinstance(x, Tensor) else 0)
+        labels = _check_label_tensor(labels, "labels")
+        known = labels[labels != UNLABELLED]
+        if len(known) == 0:
+            raise ValueError("labels has no labelled row: M2 needs some labels")
+        num_labels = kwargs.pop("num_labels", int(known.max()) + 1)
+        if alpha is None:
+            alpha = paper_alpha(len(labels), len(known))
+        return cls(x.shape[1], num_labels, latent_dim, alpha=alpha, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and unpickling come through here: the copy gets a Pyro name of its own
+        # (docs/design.md, "Pyro names").
+        super().__setstate__(state)
+        old, new = self._pyro_name, f"m2_{next(_instance_ids)}"
+        for module in self.modules():
+            if isinstance(module, PyroModule):
+                module._pyro_name = new + module._pyro_name[len(old) :]
+
+    @staticmethod
+    def loss(**kwargs: Any) -> TraceEnum_ELBO:
+        """The estimator M2 trains with: ``TraceEnum_ELBO`` with one plate level (the batch),
+        which sums the enumerated y out. Keywords go to it (``num_particles``, say).
+
+        Its warning for a trace with no enumerated site is off: a batch whose rows are all
+        labelled has none, rightly."""
+        kwargs.setdefault("strict_enumeration_warning", False)
+        return TraceEnum_ELBO(max_plate_nesting=1, **kwargs)
+
+    # ------------------------------------------------------------------ the Pyro program
+
+    def _scale(self, x: Tensor, num_data: int | None) -> float:
+        batch_size = x.shape[0]
+        if num_data is None:
+            return 1.0
+        if num_data < batch_size:
+            raise ValueError(
+                f"num_data={num_data} is smaller than the batch of {batch_size} examples"
+            )
+        return num_data / batch_size
+
+    @pyro_method
+    def model(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
+        """p(y) p(z) p(x | y, z), and α · log q(y | x) for the labelled rows.
+
+        :param x: a batch ``(B, data_dim)``.
+        :param y: its labels ``(B,)``, :data:`UNLABELLED` where unknown.
+        :param num_data: the dataset size N: every site is scaled by N / B (see the class's
+            docstring); ``None``: the batch is all the data.
+        """
+        prior, decoder, likelihood, classifier = (
+            self.prior,
+            self.decoder,
+            self.likelihood,
+            self.classifier,
+        )
+        if is_validation_enabled():
+            self.check_labels(y, len(x))
+        labelled = y != UNLABELLED
+        p_y = dist.Categorical(logits=x.new_zeros(self.num_labels))
+        with poutine.scale(scale=self._scale(x, num_data)):
+            if not bool(labelled.all()):
+                x_u = x[~labelled]
+                with pyro.plate("unlabelled", len(x_u)):
+                    z = pyro.sample("z_unlabelled", prior())
+                    # Its value is the guide's: each class in turn, summed over by
+                    # TraceEnum_ELBO with q(y | x)'s weights.
+                    y_u = pyro.sample("y_unlabelled", p_y)
+                    params = decoder(self._decoder_input(z, y_u))
+                    pyro.sample("x_unlabelled", likelihood(params), obs=x_u)
+            if bool(labelled.any()):
+                x_l, y_l = x[labelled], y[labelled]
+                with pyro.plate("labelled", len(x_l)):
+                    z = pyro.sample("z_labelled", prior())
+                    pyro.sample("y_labelled", p_y, obs=y_l)
+                    params = decoder(self._decoder_input(z, y_l))
+                    pyro.sample("x_labelled", likelihood(params), obs=x_l)
+                    # The classification term: log q(y | x) of the observed label, weighted α.
+                    with poutine.scale(scale=self.alpha):
+                        pyro.sample("y_aux", dist.Categorical(logits=classifier(x_l)), obs=y_l)
+
+    @pyro_method
+    def guide(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
+        """q(y | x) q(z | x, y); y is enumerated where it is unknown. Arguments as
+        :meth:`model`."""
+        encoder, classifier = self.encoder, self.classifier
+        labelled = y != UNLABELLED
+        with poutine.scale(scale=self._scale(x, num_data)):
+            if not bool(labelled.all()):
+                x_u = x[~labelled]
+                with pyro.plate("unlabelled", len(x_u)):
+                    y_u = pyro.sample(
+                        "y_unlabelled",
+                        dist.Categorical(logits=classifier(x_u)),
+                        infer={"enumerate": "parallel"},
+                    )
+                    pyro.sample("z_unlabelled", encoder(self._encoder_input(x_u, y_u)))
+            if bool(labelled.any()):
+                x_l, y_l = x[labelled], y[labelled]
+                with pyro.plate("labelled", len(x_l)):
+                    pyro.sample("z_labelled", encoder(self._encoder_input(x_l, y_l)))
+
+    def _one_hot(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        return F.one_hot(y, self.num_labels).to(dtype)
+
+    def _encoder_input(self, x: Tensor, y: Tensor) -> Tensor:
+        """(x, one-hot y) as one tensor, broadcast over y's enumeration dimension."""
+        one_hot = self._one_hot(y, x.dtype)
+        if self.label_planes > 1:
+            one_hot = one_hot.repeat_interleave(self.label_planes, dim=-1)
+        return _concat(x, one_hot)
+
+    def _decoder_input(self, z: Tensor, y: Tensor) -> Tensor:
+        return _concat(z, self._one_hot(y, z.dtype))
+
+    # ------------------------------------------------------------------ using a trained M2
+
+    def label_posterior(self, x: Tensor) -> dist.Categorical:
+        """q(y | x), the classifier."""
+        return dist.Categorical(logits=self.classifier(self._check_batch(x)))
+
+    @torch.no_grad()
+    def classify(self, x: Tensor) -> Tensor:
+        """The most probable class under q(y | x), ``(B,)``."""
+        return self.label_posterior(x).logits.argmax(-1)
+
+    @torch.no_grad()
+    def accuracy(self, x: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+        """The fraction of rows whose most probable class under q(y | x) is their label."""
+        labels = self.check_labels(labels, len(x))
+        if bool((labels == UNLABELLED).any()):
+            raise ValueError("accuracy needs every label known")
+        right = sum(
+            int((self.classify(xs) == ys).sum())
+            for xs, ys in zip(x.split(batch_size), labels.split(batch_size), strict=True)
+        )
+        return right / len(x)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """μ and σ of q(z | x, y), ``(B, latent_dim)`` each (y a class per row)."""
+        posterior = self.encoder(self._encoder_input(self._check_batch(x), y))
+        return posterior.mean, posterior.stddev
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, y: Tensor) -> Tensor:
+        """The likelihood's mean at (z, y): for figures of y fixed and z varied, or z fixed and
+        y varied (style transfer)."""
+        return self.likelihood(self.decoder(self._decoder_input(z, y))).mean
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_parts(self) -> constraints.Constraint:
+        b, k = contract.CHECK_BATCH, self.num_labels
+        with torch.no_grad():
+            x = torch.zeros(b, self.data_dim)
+            y = torch.zeros(b, dtype=torch.long)
+            logits = contract._call_part("classifier", self.classifier, x)
+            if not isinstance(logits, Tensor) or tuple(logits.shape) != (b, k):
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(
+                    f"classifier: must return logits ({b}, {k}) for x ({b}, {self.data_dim}), "
+                    f"got {got}"
+                )
+            encoder_in = self._encoder_input(x, y)
+            posterior = contract._call_part("encoder", self.encoder, encoder_in)
+            contract._check_shapes(
+                "encoder",
+                posterior,
+                batch_shape=(b,),
+                event_shape=(self.latent_dim,),
+                given=f"(x, y) of shape {tuple(encoder_in.shape)}",
+            )
+            if not posterior.has_rsample:
+                raise ValueError("encoder: q(z | x, y) must be reparameterized (has_rsample)")
+            prior = contract._call_part("prior", self.prior)
+            contract._check_shapes(
+                "prior", prior, batch_shape=(), event_shape=(self.latent_dim,), given="()"
+            )
+            decoder_in = self._decoder_input(posterior.rsample(), y)
+            params = contract._call_part("decoder", self.decoder, decoder_in)
+            observation = contract._call_part("likelihood", self.likelihood, params)
+            contract._check_shapes(
+                "likelihood",
+                observation,
+                batch_shape=(b,),
+                event_shape=(self.data_dim,),
+                given=f"decoder output for (z, y) of shape {tuple(decoder_in.shape)}",
+            )
+        return observation.support
+
+    def check_labels(self, labels: object, num_rows: int) -> Tensor:
+        """``labels`` must be an integer tensor ``(num_rows,)`` of classes 0..K-1 or
+        :data:`UNLABELLED`; the error names the first offending row and its value."""
+        labels = _check_label_tensor(labels, "labels")
+        if len(labels) != num_rows:
+            raise ValueError(f"labels has {len(labels)} rows, the data {num_rows}")
+        bad = (labels < UNLABELLED) | (labels >= self.num_labels)
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0])
+            raise ValueError(
+                f"labels[{index}] = {int(labels[index])} is not a class of this M2 "
+                f"(0..{self.num_labels - 1}) nor {UNLABELLED} (unlabelled)"
+            )
+        return labels
+
+    def validate_inputs(self, x: Tensor, labels: Tensor, *rest: Tensor) -> None:
+        """What ``fit`` calls with all its data before training: the labels must be known
+        classes or :data:`UNLABELLED` (:meth:`check_labels`)."""
+        if rest:
+            raise ValueError(f"M2 trains on (x, labels), got {2 + len(rest)} tensors")
+        self.check_labels(labels, len(x))
+
+    def validate_data(
+        self, x: object, what: str = "data", *, probabilities: bool = False
+    ) -> Tensor:
+        """``x`` must be a finite floating tensor ``(N, data_dim)`` in the likelihood's support
+        (or in [0, 1] with ``probabilities``: data that ``fit`` binarizes), of the model's
+        dtype and device."""
+        x = contract.check_form(x, what, self.data_dim)
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is empty: it has no examples")
+        contract.check_finite(x, what)
+        if probabilities:
+            support = constraints.independent(constraints.unit_interval, 1)
+            expected = "the probabilities in [0, 1] that dynamic binarization needs"
+        else:
+            support = self.data_support
+            expected = f"the support of {type(self.likelihood).__name__} ({support})"
+        contract.check_support(x, what, support, expected)
+        contract.check_dtype_and_device(x, what, self.dtype, self.device)
+        return x
+
+    def _check_batch(self, x: object) -> Tensor:
+        x = contract.check_form(x, "x", self.data_dim)
+        contract.check_finite(x, "x")
+        contract.check_dtype_and_device(x, "x", self.dtype, self.device)
+        return x
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class SupervisedClassifier(PyroModule):
+    """The supervised-only baseline of M2: y ~ Categorical(classifier(x)) observed, nothing
+    latent, trained by ``fit`` on labelled rows alone (``Trace_ELBO``: the loss is then the
+    cross-entropy). Give it the very network M2 starts with (``copy.deepcopy(m2.classifier)``)
+    for a comparison of like with like."""
+
+    def __init__(self, classifier: nn.Module, num_labels: int) -> None:
+        super().__init__(name=f"classifier_{next(_instance_ids)}")
+        self.classifier = classifier
+        self.num_labels = check_positive_int("num_labels", num_labels)
+
+    @pyro_method
+    def model(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
+        classifier = self.classifier
+        size = len(x) if num_data is None else num_data
+        with pyro.plate("data", size=size, subsample=x):
+            pyro.sample("y", dist.Categorical(logits=classifier(x)), obs=y)
+
+    def guide(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
+        """Nothing is latent."""
+
+    def validate_inputs(self, x: Tensor, labels: Tensor) -> None:
+        labels = _check_label_tensor(labels, "labels")
+        bad = (labels < 0) | (labels >= self.num_labels)
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0])
+            raise ValueError(
+                f"labels[{index}] = {int(labels[index])} is not a class (0..{self.num_labels - 1})"
+            )
+
+    @torch.no_grad()
+    def classify(self, x: Tensor) -> Tensor:
+        return self.classifier(x).argmax(-1)
+
+    @torch.no_grad()
+    def accuracy(self, x: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+        right = sum(
+            int((self.classify(xs) == ys).sum())
+            for xs, ys in zip(x.split(batch_size), labels.split(batch_size), strict=True)
+        )
+        return right / len(x)
+
+
+def _concat(a: Tensor, b: Tensor) -> Tensor:
+    """``a`` and ``b`` side by side along the last dimension, their leading dimensions
+    broadcast (an enumerated y has an extra one in front)."""
+    leading = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*leading, a.shape[-1]), b.expand(*leading, b.shape[-1])], dim=-1)
+
+
+def _check_label_tensor(labels: object, what: str) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{what} must be an integer tensor (class indices), got {labels.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"{what} must have shape (N,), got {tuple(labels.shape)}")
+    return labels
