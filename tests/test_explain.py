@@ -74,7 +74,7 @@ def test_explain_script_runs_end_to_end_on_a_tiny_run(tmp_path):
             "3",
             "--hidden-dims",
             "16",
-            "--num-iw-samples",
+            "--num-iw-particles",
             "0",
             "--out-dir",
             str(run_dir),
@@ -86,7 +86,7 @@ def test_explain_script_runs_end_to_end_on_a_tiny_run(tmp_path):
     )
     assert trained.returncode == 0, trained.stderr
     result = subprocess.run(
-        [sys.executable, str(EXPLAIN), str(run_dir), "--num-draws", "300"],
+        [sys.executable, str(EXPLAIN), str(run_dir), "--num-particles", "300"],
         capture_output=True,
         text=True,
         timeout=300,
