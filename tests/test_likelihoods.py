@@ -7,14 +7,14 @@ import pyro_vae as pv
 from pyro_vae.distributions import DiscretizedLogistic
 
 
-@pytest.mark.parametrize("num_bins", [2, 17, 256])
-def test_discretized_logistic_probabilities_of_all_levels_sum_to_one(num_bins):
+@pytest.mark.parametrize("num_levels", [2, 17, 256])
+def test_discretized_logistic_probabilities_of_all_levels_sum_to_one(num_levels):
     # Locations inside, at the edge of and far outside [0, 1]; scales from sharp to flat.
     loc = torch.tensor([0.3, 0.0, 1.0, -3.0, 4.0, 0.5])
     scale = torch.tensor([0.05, 1e-3, 0.2, 0.5, 2.0, 1e-4])
-    d = DiscretizedLogistic(loc, scale, num_bins)
-    levels = torch.linspace(0, 1, num_bins).unsqueeze(-1)  # (num_bins, 1) broadcasts over loc
-    log_probs = d.log_prob(levels.expand(num_bins, len(loc)))
+    d = DiscretizedLogistic(loc, scale, num_levels)
+    levels = torch.linspace(0, 1, num_levels).unsqueeze(-1)  # (num_levels, 1) broadcasts over loc
+    log_probs = d.log_prob(levels.expand(num_levels, len(loc)))
     assert torch.isfinite(log_probs).all()
     torch.testing.assert_close(log_probs.exp().sum(0), torch.ones(len(loc)), rtol=0, atol=1e-12)
     torch.testing.assert_close(d.mean, (log_probs.exp() * levels).sum(0), rtol=1e-12, atol=1e-12)
