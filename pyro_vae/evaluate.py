@@ -107,7 +107,9 @@ def elbo_terms(
     check_positive_int("num_particles", num_particles)
     check_positive_int("chunk_size", chunk_size)
     num_data = len(x) if num_data is None else check_positive_int("num_data", num_data)
-    reconstruction, kl, global_kl = [], [], []
+    reconstruction: list[Tensor] = []
+    kl: list[Tensor] = []
+    global_kl: list[Tensor] = []
     for batch in x.split(chunk_size):
         draws = [_one_particle(vae, batch) for _ in range(num_particles)]
         reconstruction.append(torch.stack([r for r, _, _ in draws]).mean(0))
@@ -176,7 +178,10 @@ def log_likelihood(
         reconstruction, kl, _ = _one_particle(vae, repeated, weights="mean")
         log_weights = (reconstruction - kl).reshape(count, n)
         chunk_lse = torch.logsumexp(log_weights, dim=0)
-        running = chunk_lse if start == 0 else torch.logaddexp(running, chunk_lse)
+        # A new example batch starts at its first particle chunk.
+        running = (
+            chunk_lse if running is None or start == 0 else torch.logaddexp(running, chunk_lse)
+        )
         if start + count == num_particles:
             results.append(running - math.log(num_particles))
     return torch.cat(results)
