@@ -87,7 +87,8 @@ def quadrant_mask(image_shape: Sequence[int], given_quadrants: int) -> Tensor:
     :param int given_quadrants: 1, 2 or 3.
     :returns: a bool tensor of ``channels * height * width`` elements.
     """
-    if isinstance(given_quadrants, bool) or given_quadrants not in _GIVEN:
+    # type(...) is int: True and 2.0 compare equal to 1 and 2 but are not a count of quadrants.
+    if type(given_quadrants) is not int or given_quadrants not in _GIVEN:
         raise ValueError(
             f"given_quadrants must be 1, 2 or 3 (0 leaves nothing to condition on, 4 nothing "
             f"to predict), got {given_quadrants!r}"
