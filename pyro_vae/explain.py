@@ -72,7 +72,8 @@ def explain(
         f"{len(x)} test examples of {vae.data_dim} features; latent size {vae.latent_dim}; "
         f"prior {type(vae.prior).__name__}, encoder {type(vae.encoder).__name__}, "
         f"likelihood {type(vae.likelihood).__name__}. Every number below was computed when "
-        "this report was written.\n"
+        "this report was written. Test inputs and latent dimensions are numbered from 1, "
+        "here and in the figures.\n"
     )
     with atomic_write(report, "w") as file:
         file.write("\n".join([header, *sections]))
@@ -111,7 +112,7 @@ def _per_example(vae: VAE, x: Tensor, loc: Tensor, scale: Tensor) -> str:
     rows = []
     for n in range(SHOWN):
         rows.append(
-            [f"test #{n}", float(x[n].mean()), float(x[n].std())]
+            [f"test #{n + 1}", float(x[n].mean()), float(x[n].std())]
             + [float(loc[n, i]) for i in range(shown_dims)]
             + [float(scale[n, i]) for i in range(shown_dims)]
         )
@@ -157,7 +158,7 @@ def _read_outs(vae: VAE, x: Tensor, loc: Tensor) -> str:
     error = float((rebuilt - loc).abs().max())
     shown_dims = min(3, d)
     rows = [
-        [f"test #{n}", float(hidden[n].mean())] + [float(loc[n, i]) for i in range(shown_dims)]
+        [f"test #{n + 1}", float(hidden[n].mean())] + [float(loc[n, i]) for i in range(shown_dims)]
         for n in range(SHOWN)
     ]
     header = ["input", "mean of h(x)"] + [f"μ_{i + 1}(x)" for i in range(shown_dims)]
@@ -215,7 +216,7 @@ def _point_cloud(vae: VAE, x0: Tensor, num_draws: int, out: Path) -> str:
     )
     return (
         "## 3. The reparameterization: z = μ(x) + σ(x)·ε\n\n"
-        f"For test input #0, {num_draws} draws of z from the guide (Pyro's sample site `z`). "
+        f"For test input #1, {num_draws} draws of z from the guide (Pyro's sample site `z`). "
         "Each is z = μ(x) + σ(x)·ε with ε ~ N(0, I), so the cloud has mean μ(x) and standard "
         "deviation σ(x), and gradients reach μ and σ through z:\n\n"
         + _table(["dim", "μ(x)", "mean of z", "± SE", "σ(x)", "std of z", "± SE"], rows)
@@ -246,7 +247,7 @@ def _kl_three_ways(vae: VAE, x: Tensor, num_draws: int) -> str:
         wrong_kl = float(-0.5 * (1 + log_sigma - loc.pow(2) - log_sigma.exp()).mean())
         rows.append(
             [
-                f"test #{n}",
+                f"test #{n + 1}",
                 formula,
                 torch_kl,
                 float(draws.mean()),
@@ -300,7 +301,14 @@ def _why_standard_normal(
     if vae.latent_dim > 1 and kl is not None:
         top = torch.argsort(kl, descending=True)[:2]
         dims = (int(top[0]), int(top[1]))
-    plots.plot_aggregate_posterior(z, labels, class_names, dims, out / "aggregate_posterior.png")
+    plots.plot_aggregate_posterior(
+        z,
+        labels,
+        class_names,
+        dims,
+        out / "aggregate_posterior.png",
+        standard_prior=isinstance(vae.prior, StandardNormalPrior),
+    )
     plots.plot_samples(vae.sample(64), image_shape, out / "prior_samples.png")
     # The dimensions that carry the most KL change the image most; others may have collapsed.
     ranked = torch.argsort(kl, descending=True).tolist() if kl is not None else None
@@ -315,14 +323,21 @@ def _why_standard_normal(
     plots.plot_traversal(decoded, traversal_dims, values, image_shape, out / "traversal.png")
     try:
         parts = kl_decomposition(vae, x)
+        closed_form = f"; in closed form {float(kl.sum()):.3f}" if kl is not None else ""
         decomposition = (
-            f"The average KL term, {parts.average_kl:.3f} ± {parts.average_kl_se:.3f} nats, "
-            f"splits (Hoffman & Johnson 2016) into I(x; z) = {parts.mutual_information:.3f} ± "
-            f"{parts.mutual_information_se:.3f} nats, the information the code carries about "
-            f"the input (at most log N = {math.log(len(x)):.2f} with this estimator), and "
-            f"KL(q(z) ‖ p(z)) = {parts.marginal_kl:.3f} ± {parts.marginal_kl_se:.3f} nats, how far "
-            "the aggregate posterior is from the prior. Only the second is a mismatch the "
-            "prior could fix; the first is the price of the code being informative.\n\n"
+            "Three KL averages measure different things; the first is the sum of the other "
+            "two (Hoffman & Johnson 2016), each a Monte-Carlo estimate ± its standard error:\n\n"
+            f"- **Average KL term** (1/N) Σ_n KL(q(z | x_n) ‖ p(z)) = {parts.average_kl:.3f} ± "
+            f"{parts.average_kl_se:.3f} nats{closed_form}: the KL of the ELBO, how far each "
+            "input's own posterior is from the prior, averaged over the test inputs.\n"
+            f"- **Mutual information** I(x; z) = {parts.mutual_information:.3f} ± "
+            f"{parts.mutual_information_se:.3f} nats: how much the code tells the inputs "
+            f"apart (at most log N = {math.log(len(x)):.2f} with this estimator), the price of "
+            "an informative code, which no prior can remove.\n"
+            f"- **Marginal KL** KL(q(z) ‖ p(z)) = {parts.marginal_kl:.3f} ± "
+            f"{parts.marginal_kl_se:.3f} nats: how far the aggregate posterior, the mixture of "
+            "all the inputs' posteriors, is from the prior, the only part a better prior could "
+            "remove.\n\n"
         )
     except ValueError as error:
         decomposition = f"The KL decomposition is not available here: {error}.\n\n"
@@ -356,11 +371,17 @@ def _active_units(vae: VAE, x: Tensor, kl: Tensor, out: Path) -> str:
     ]
     return (
         "## 6. Which dimensions carry information?\n\n"
-        f"Active units (Burda et al. 2016: Cov_x(E_q[z_i | x]) > {units.threshold}): "
-        f"**{units.num_active} of {vae.latent_dim}**. "
-        "A collapsed dimension has a mean that ignores "
-        "x and a posterior equal to the prior, so its KL is near 0 and the decoder cannot use "
-        "it.\n\n"
+        f"Active units (Burda et al. 2016): **{units.num_active} of {vae.latent_dim}**. "
+        "Dimension i counts as active when the variance over the test inputs of its posterior "
+        f"mean, Cov_x(E_q[z_i | x]), exceeds {units.threshold:g} (the prior's variance is 1). "
+        "That says the mean moves with x, which is not the same as carrying information: a "
+        "mean that moves by 0.1 (variance 0.01) while σ_i stays near 1 leaves q(z_i | x) close "
+        "to the prior, and the decoder can read little from z_i. What z_i carries is bounded "
+        "by its average KL in the table below (the information I(x; z_i) is at most that KL): "
+        "near 0 nats means next to nothing, whatever the count says. A collapsed dimension has "
+        "a mean that ignores x and a posterior equal to the prior, so its KL is near 0 and the "
+        "decoder cannot use it. Summed over the dimensions, the KL column is the average KL "
+        "term of section 5.\n\n"
         + _table(["dimension", "Cov_x(E_q[z_i])", "average KL (nats)", ""], rows)
         + "\n![KL per dimension](kl_per_dimension.png)\n"
     )

@@ -226,3 +226,42 @@ def test_sections_1_to_3_print_the_encoders_mu_and_sigma_and_their_measurements(
         assert abs(mean - loc0[i].item()) < 4 * se_mean + 1e-3, (i, mean, mu)
         assert abs(std - scale0[i].item()) < 4 * se_std + 1e-3, (i, std, sigma)
     assert "within 4 standard errors of μ(x), σ(x) in every dimension: yes" in found["3"]
+
+
+def test_the_report_counts_from_1_and_says_what_its_kl_numbers_and_active_units_mean(tmp_path):
+    data = pv.load_dataset("digits", dtype=torch.float64)
+    x = pv.binarize(data.x_test[:60], torch.Generator().manual_seed(0))
+    vae = pv.VAE(64, 3, hidden_dims=(16,))
+    report = pv.explain(vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, 100)
+    found = sections(report.read_text())
+    # Test inputs are numbered from 1, as latent dimensions are (z_1 is index 0), and the rows
+    # are those of x[0], x[1], ... (their values are checked in the test above).
+    for number in ("1", "2", "4"):
+        lines = found[number].splitlines()
+        firsts = [line.split("|")[1].strip() for line in lines if line.startswith("| test #")]
+        assert firsts == [f"test #{n}" for n in range(1, 6)], number
+    assert "For test input #1," in found["3"]
+
+    # Section 5: one line for each of the three KL averages, saying what it is.
+    bullets = [line for line in found["5"].splitlines() if line.startswith("- **")]
+    assert [line.split("**")[1] for line in bullets] == [
+        "Average KL term",
+        "Mutual information",
+        "Marginal KL",
+    ]
+    kl = pv.kl_per_dimension(vae, x)
+    closed = re.search(r"in closed form (\S+):", bullets[0])
+    assert closed, bullets[0]
+    assert_printed(closed.group(1), kl.sum(1).mean().item(), 3, "closed-form average KL")
+    estimates = [float(re.search(r"= (\S+) ±", line).group(1)) for line in bullets]
+    assert abs(estimates[0] - estimates[1] - estimates[2]) <= 0.0015  # an identity, rounded
+
+    # Section 6: the threshold, what passing it means, and the KL of each dimension.
+    units = pv.active_units(vae, x)
+    assert f"Cov_x(E_q[z_i | x]), exceeds {units.threshold:g}" in found["6"]
+    assert "the mean moves with x, which is not the same as carrying information" in found["6"]
+    rows = table_rows(found["6"], "z_")
+    assert len(rows) == 3
+    for i, row in enumerate(rows):
+        assert_printed(row[0], units.variance[i].item(), 3, f"Cov_x of z_{i + 1}")
+        assert_printed(row[1], kl[:, i].mean().item(), 3, f"average KL of z_{i + 1}")
