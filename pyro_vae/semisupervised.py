@@ -225,7 +225,8 @@ class M2(PyroModule):
         the largest label, and ``alpha`` the paper's (:func:`paper_alpha`) unless given.
         ``labels`` is the tensor M2 will train on, with :data:`UNLABELLED` rows; pass
         ``num_labels=`` when the labelled rows might miss the last class."""
-        x = contract.check_form(x, "x", x.shape[-1] if isinstance(x, Tensor) else 0)
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            raise ValueError("x must be a tensor (N, data_dim)")
         labels = _check_label_tensor(labels, "labels")
         known = labels[labels != UNLABELLED]
         if len(known) == 0:
@@ -236,13 +237,8 @@ class M2(PyroModule):
         return cls(x.shape[1], num_labels, latent_dim, alpha=alpha, **kwargs)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # copy.deepcopy and unpickling come through here: the copy gets a Pyro name of its own
-        # (docs/design.md, "Pyro names").
         super().__setstate__(state)
-        old, new = self._pyro_name, f"m2_{next(_instance_ids)}"
-        for module in self.modules():
-            if isinstance(module, PyroModule):
-                module._pyro_name = new + module._pyro_name[len(old) :]
+        _rename(self, "m2")
 
     @staticmethod
     def loss(**kwargs: Any) -> TraceEnum_ELBO:
@@ -484,6 +480,10 @@ class SupervisedClassifier(PyroModule):
         self.classifier = classifier
         self.num_labels = check_positive_int("num_labels", num_labels)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _rename(self, "classifier")
+
     @pyro_method
     def model(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
         classifier = self.classifier
@@ -514,6 +514,16 @@ class SupervisedClassifier(PyroModule):
             for xs, ys in zip(x.split(batch_size), labels.split(batch_size), strict=True)
         )
         return right / len(x)
+
+
+def _rename(root: PyroModule, prefix: str) -> None:
+    """A fresh Pyro name for ``root`` and its PyroModule children. ``copy.deepcopy`` and
+    unpickling go through ``__setstate__``, which calls this, so that training a copy leaves
+    the original's param-store entries alone (docs/design.md, "Pyro names")."""
+    old, new = root._pyro_name, f"{prefix}_{next(_instance_ids)}"
+    for module in root.modules():
+        if isinstance(module, PyroModule):
+            module._pyro_name = new + module._pyro_name[len(old) :]
 
 
 def _concat(a: Tensor, b: Tensor) -> Tensor:
