@@ -244,3 +244,44 @@ def test_the_supervised_baseline_trains_through_fit():
         pv.fit(
             baseline, (x[:3], torch.tensor([0, -1, 1])), num_epochs=1, batch_size=3, progress=False
         )
+
+
+def _fit_m2(weights=None, resume=None, seed=0):
+    pyro.set_rng_seed(seed)
+    x, labels = easy_problem(30, torch.Generator().manual_seed(3))
+    y = hide_labels(labels, labelled_subset(labels, 6, seed=0))
+    m2 = M2.from_data(x, y, 2, hidden_dims=(8,))
+    if weights is not None:
+        m2.load_state_dict(weights)
+    saved = []
+
+    def checkpoint(state):
+        # What a script writes to disk: copies, taken at this instant.
+        saved.append((copy.deepcopy(state.to_dict()), copy.deepcopy(m2.state_dict())))
+
+    history = pv.fit(
+        m2,
+        (x, y),
+        loss=m2.loss(),
+        num_epochs=2,
+        batch_size=8,  # 4 steps per epoch, the last of 6 rows
+        checkpoint=checkpoint,
+        checkpoint_every=3,
+        resume=resume,
+        generator=torch.Generator().manual_seed(seed + 1),
+        progress=False,
+    )
+    return m2, history, saved
+
+
+def test_resume_of_an_m2_fit_ends_exactly_like_an_uninterrupted_one():
+    reference, reference_history, saved = _fit_m2()
+    state, weights = saved[2]  # after global steps 3 and 4 (end of epoch 1), then step 6
+    assert (state["epoch"], state["step"]) == (1, 2)
+    # Another seed and fresh weights: everything that matters must come from the checkpoint.
+    resumed, history, _ = _fit_m2(weights, pv.TrainingState.from_dict(state), seed=99)
+    for (name, expected), actual in zip(
+        reference.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+    assert history.step_loss == reference_history.step_loss
