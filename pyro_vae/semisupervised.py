@@ -14,7 +14,8 @@ marked ``infer={"enumerate": "parallel"}``, so ``TraceEnum_ELBO`` sums y out exa
 with one draw z_y ~ q(z | x, y) for each y; nothing here writes that sum. A labelled row observes
 y in the model (its bound is L(x, y) = log p(x, y, z) − log q(z | x, y)) and adds the
 classification term α · log q(y | x) as an observed site of the model, "y_aux", scaled by α
-(Kingma et al.'s J^α; Pyro's ``ss_vae_M2`` example does the same with a second ELBO).
+(Kingma et al.'s J^α). Pyro's ``ss_vae_M2`` example observes the same site in a second model
+with a loss of its own; here it is a site of the one model, so that one ``fit`` trains it all.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def paper_alpha(num_data: int, num_labelled: int) -> float:
     Their objective is J^α = J + α · E_labelled[−log q(y | x)] with α = 0.1 · N, J summed over
     the N examples and the expectation an average over the N_l labelled ones. Per labelled
     example that is 0.1 · N / N_l: 60 for 100 labels among 60000 images, 2 for 3000. (Pyro's
-    ``ss_vae_M2`` uses a fixed 46 on MNIST, tuned for 3000 labels; the paper's rule keeps the
-    classification term's total weight, 0.1 · N, the same whatever N_l.)
+    ``ss_vae_M2`` uses a fixed 46 on MNIST, whatever the number of labels, 3000 by default; the
+    paper's rule keeps the classification term's total weight, 0.1 · N, the same whatever
+    N_l. In a short budget on Fashion-MNIST the paper's value taught the classifier more
+    slowly than 50 did: benchmarks/README.md, "M2".)
     """
     check_positive_int("num_data", num_data)
     check_positive_int("num_labelled", num_labelled)
