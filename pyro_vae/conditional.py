@@ -163,6 +163,12 @@ def merge_by_mask(x: Tensor, c: Tensor, mask: Tensor) -> Tensor:
     return images
 
 
+def _joined(z: Tensor, c: Tensor) -> Tensor:
+    """[z, c] for the decoder; c broadcast over z's leading dimensions (draws of z, or the
+    particles of an ELBO with ``vectorize_particles=True``)."""
+    return torch.cat([z, c.expand(*z.shape[:-1], c.shape[-1])], -1)
+
+
 def _is_2d(x: object) -> bool:
     return isinstance(x, Tensor) and x.ndim == 2
 
@@ -430,7 +436,7 @@ class ConditionalVAE(_PyroProgram):
         with data_plate:
             with self._beta_scale():
                 z = pyro.sample("z", prior(c))
-            params = decoder(torch.cat([z, c], -1))
+            params = decoder(_joined(z, c))
             pyro.sample("x", likelihood(params), obs=x)
         return params
 
@@ -449,7 +455,7 @@ class ConditionalVAE(_PyroProgram):
         check_positive_int("num_samples", num_samples)
         c = self.validate_condition(c, len(c) if isinstance(c, Tensor) else 0)
         z = self.prior(c).sample((num_samples,))
-        params = self.decoder(torch.cat([z, c.expand(num_samples, *c.shape)], -1))
+        params = self.decoder(_joined(z, c))
         return self.likelihood(params).mean
 
 

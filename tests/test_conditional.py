@@ -11,7 +11,7 @@ import sys
 import pyro
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO
 from torch import distributions as td
 from torch.nn import functional as F
 
@@ -124,8 +124,9 @@ def linear_gaussian_data(num: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("beta", [1.0, 0.5])
 def test_exact_guide_gives_log_p_x_given_c_exactly(beta):
     """With q(z | x, c) the true posterior, every importance weight is p(x | c) itself: the
-    estimate equals the closed form for any K, chunked or not, and so does the ELBO that fit
-    trains (Trace_ELBO's loss, N/B-scaled for a minibatch). β must not enter log p(x | c)."""
+    estimate equals the closed form for any K, chunked or not, and so do the losses fit
+    trains with (Trace_ELBO, N/B-scaled for a minibatch, and RenyiELBO). β must not enter
+    log p(x | c)."""
     cvae = ConditionalVAE(X_DIM, C_DIM, Z_DIM, encoder=exact_guide(), beta=beta,
                           **linear_gaussian_parts())  # fmt: skip
     x, c = linear_gaussian_data(5)
@@ -134,9 +135,14 @@ def test_exact_guide_gives_log_p_x_given_c_exactly(beta):
         estimate = conditional_log_likelihood(cvae, x, c, num_samples, max_rows=max_rows)
         torch.testing.assert_close(estimate, expected, rtol=0, atol=1e-10)
     if beta == 1.0:
-        # The objective fit trains: Trace_ELBO on the minibatch, scaled by N / B = 4.
+        # The objectives fit trains: Trace_ELBO on the minibatch, scaled by N / B = 4, and
+        # IWAE's RenyiELBO, its particles looped or vectorized (c broadcast over them).
         loss = Trace_ELBO().loss(cvae.model, cvae.guide, x, c, num_data=20)
         assert loss == pytest.approx(-4 * float(expected.sum()), rel=1e-12)
+        for vectorize in (False, True):
+            renyi = RenyiELBO(alpha=0, num_particles=3, vectorize_particles=vectorize)
+            loss = renyi.loss(cvae.model, cvae.guide, x, c)
+            assert loss == pytest.approx(-float(expected.sum()), rel=1e-12), vectorize
 
 
 def test_importance_weights_converge_to_the_closed_form_within_standard_errors():
