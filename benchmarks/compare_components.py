@@ -92,7 +92,7 @@ def markdown(rows: list[dict], args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="fashion-mnist", choices=pv.DATASETS)
+    parser.add_argument("--dataset", default="fashion-mnist", choices=pv.DATASET_NAMES)
     parser.add_argument("--num-epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

@@ -10,7 +10,7 @@ from pyro_vae.build import (
     build_vae,
 )
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_vae.data import DATASETS, DataSplits, DataUnavailableError, binarize, load_dataset
+from pyro_vae.data import DATASET_NAMES, DataSplits, DataUnavailableError, binarize, load_dataset
 from pyro_vae.distributions import DiscretizedLogistic
 from pyro_vae.encoders import (
     DeltaEncoder,
@@ -60,7 +60,7 @@ __all__ = [
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "ConvNet",
-    "DATASETS",
+    "DATASET_NAMES",
     "DECODER_NAMES",
     "DataSplits",
     "DataUnavailableError",

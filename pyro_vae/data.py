@@ -9,6 +9,7 @@ to get it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import math
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-DATASETS = ("digits", "fashion-mnist", "mnist")
+DATASET_NAMES = ("digits", "fashion-mnist", "mnist")
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -103,7 +104,7 @@ def load_dataset(
       a replaced file is always the one read, and a read-only directory is enough. Images and
       labels are checked together (counts, label values) before anything is returned.
 
-    :param name: one of :data:`DATASETS`.
+    :param name: one of :data:`DATASET_NAMES`.
     :param data_dir: where to look for (and download) the files; ``None`` means the cache
         directory ``$XDG_CACHE_HOME/pyro_vae`` (``~/.cache/pyro_vae``).
     :param device: where the tensors go; checked before anything is read.
@@ -112,8 +113,8 @@ def load_dataset(
         files that cannot be read or do not hold what they should; the message names the file.
     :raises DataUnavailableError: when the files are missing and cannot be downloaded.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         # An integer dtype would truncate every pixel value in [0, 1) to 0.
         raise ValueError(f"dtype must be a floating torch.dtype (pixels in [0, 1]), got {dtype!r}")
@@ -167,12 +168,13 @@ def _load_torchvision(name: str, data_dir: Path | None) -> DataSplits:
     class_name, system_dir = _TORCHVISION_SOURCES[name]
     # torchvision's download puts the files in root/<Class>/raw; look there too, so that a
     # download is made once.
+    # A data_dir given is the only place looked in (and downloaded into): a directory the
+    # user named that lacks the files must not be passed over silently for other files.
     root = data_dir if data_dir is not None else _cache_dir()
-    search = [] if data_dir is None else [data_dir / class_name / "raw", data_dir]
-    if system_dir is not None:
-        search.append(system_dir)
-    if data_dir is None:
-        search.append(root / class_name / "raw")
+    if data_dir is not None:
+        search = [data_dir / class_name / "raw", data_dir]
+    else:
+        search = [*([] if system_dir is None else [system_dir]), root / class_name / "raw"]
     found = _find_idx_files(search)
     if found is None:
         _download(name, class_name, root, search)
@@ -202,11 +204,17 @@ def _load_torchvision(name: str, data_dir: Path | None) -> DataSplits:
 def _download(name: str, class_name: str, root: Path, search: list[Path]) -> None:
     import torchvision
 
+    # torchvision makes root/<Class>/raw before it downloads; a failed download must not
+    # leave those directories behind, empty.
+    made = [d for d in (root, root / class_name, root / class_name / "raw") if not d.exists()]
     try:
         # One dataset object downloads all four files.
         getattr(torchvision.datasets, class_name)(root, train=True, download=True)
     except Exception as error:  # network errors come in many types; all mean "not here"
-        looked = ", ".join(str(d) for d in search) or "nowhere (no --data-dir given)"
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):  # not empty after all: leave it
+                directory.rmdir()
+        looked = ", ".join(str(d) for d in search)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DataUnavailableError(
             f"{name}: the IDX files ({', '.join(_IDX_FILES)}, gzipped or not) are not in "

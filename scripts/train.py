@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and figures.",
     )
     add = parser.add_argument
-    add("--dataset", choices=pv.DATASETS, default="digits", help="digits is always offline")
+    add("--dataset", choices=pv.DATASET_NAMES, default="digits", help="digits is always offline")
     add(
         "--data-dir",
         type=Path,

@@ -78,6 +78,27 @@ def test_missing_files_offline_give_a_clear_error(tmp_path, monkeypatch):
         pv.load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
 
 
+def test_a_data_dir_without_the_files_is_not_passed_over_for_other_files(tmp_path, monkeypatch):
+    """Debian's files are there, but the user named another directory: they get an error
+    about theirs, not a model of other data; and the failed download leaves no empty
+    directories behind."""
+    debian = tmp_path / "debian"
+    write_idx(debian, 20, 10, gzipped=True)
+    monkeypatch.setitem(data_module._TORCHVISION_SOURCES, "fashion-mnist", ("FashionMNIST", debian))
+
+    def no_network(self):  # as torchvision's does: the directories first, then the network
+        os.makedirs(self.raw_folder, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", no_network)
+    assert len(pv.load_dataset("fashion-mnist").x_train) == 20  # the control: found by default
+    with pytest.raises(pv.DataUnavailableError, match=r"are not in .*theirs"):
+        pv.load_dataset("fashion-mnist", data_dir=tmp_path / "theirs")
+    assert not (tmp_path / "theirs").exists()
+
+
 def test_unknown_dataset_is_named():
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         pv.load_dataset("cifar")
