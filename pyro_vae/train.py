@@ -441,6 +441,10 @@ class _Flag:
         self._set = False
 
     def set(self, *_: object) -> None:
+        if self._set:
+            # A second Ctrl-C: the user will not wait for the step and the checkpoint. Stop at
+            # once; every file on disk is whole (atomic writes), the newest checkpoint with it.
+            raise KeyboardInterrupt
         self._set = True
 
     def is_set(self) -> bool:
@@ -451,7 +455,7 @@ class _Flag:
 def _sigint_flag(enabled: bool) -> Iterator[_Flag]:
     """While enabled (and in the main thread, the only one that receives signals), Ctrl-C sets
     a flag instead of raising at an arbitrary point, such as half-way through an optimizer
-    step; the loop checks the flag between steps."""
+    step; the loop checks the flag between steps. A second Ctrl-C raises at once."""
     flag = _Flag()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag

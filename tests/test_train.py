@@ -213,3 +213,19 @@ def test_clip_norm_bounds_the_gradient_norm(monkeypatch):
     pv.fit(vae, binary_data(40, 6), num_epochs=2, batch_size=10, clip_norm=0.5, progress=False)
     assert len(norms) == 8 and max(norms) <= 0.5 + 1e-9
     assert max(norms) > 0.49  # the clip was active: unclipped norms here are far above 0.5
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first Ctrl-C asks fit to finish its step and checkpoint; a second one, from a user
+    who will not wait (say, for an epoch's evaluation), raises at once."""
+    import os
+    import signal
+
+    from pyro_vae.train import _sigint_flag
+
+    with _sigint_flag(enabled=True) as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted.is_set()  # the handler ran, and nothing was raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
