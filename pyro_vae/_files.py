@@ -12,8 +12,9 @@ from typing import IO
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Yield a temporary file beside ``path``; on success flush it to disk and rename it to
-    ``path`` (atomic on POSIX), on error remove it. Readers see the old file or the new one."""
+    """Yield a temporary file beside ``path``; on success flush it to disk, rename it to
+    ``path`` (atomic on POSIX) and sync the directory; on error remove it. Readers see the
+    old file or the new one."""
     path = Path(path)
     with tempfile.NamedTemporaryFile(
         mode, dir=path.parent, prefix=f".{path.name}.", delete=False
@@ -30,6 +31,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp.name)
             raise
     os.replace(tmp.name, path)
+    # The rename lives in the directory: sync it too, so that after a power loss the new
+    # name is there (not only the data behind it).
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _umask() -> int:

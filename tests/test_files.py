@@ -59,3 +59,24 @@ def test_the_data_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert ("fsync", inode, 100) in events
     assert ("replace", inode, 100) in events
     assert events.index(("fsync", inode, 100)) < events.index(("replace", inode, 100))
+
+
+def test_the_directory_is_synced_after_the_rename(tmp_path, monkeypatch):
+    """The new name is an entry of the directory: without an fsync of the directory after
+    os.replace, a power cut can bring back the old name after the run moved on."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", None))
+        real_replace(source, target)
+
+    monkeypatch.setattr(_files.os, "fsync", fsync)
+    monkeypatch.setattr(_files.os, "replace", replace)
+    with atomic_write(tmp_path / "out.bin") as file:
+        file.write(b"x")
+    assert events[-2:] == [("replace", None), ("fsync", tmp_path.stat().st_ino)]
