@@ -89,15 +89,15 @@ def run_one(given: int, data: pv.DataSplits, args: argparse.Namespace) -> dict:
         row[f"{name}_train_seconds"] = time.perf_counter() - started
         row[f"{name}_train_loss"] = history.loss
         started = time.perf_counter()
-        num_samples = args.num_samples if name == "cvae" else 1
-        log_p = conditional_log_likelihood(module, x_test, c_test, num_samples=num_samples)
+        num_particles = args.num_samples if name == "cvae" else 1
+        log_p = conditional_log_likelihood(module, x_test, c_test, num_particles, progress=False)
         row[f"{name}_nll"], row[f"{name}_nll_se"] = mean_and_se(-log_p)
         if name == "cvae" and args.check_size:
             n = args.check_size
             # The same images with K and with check_samples samples: the paired difference
             # says how much more K would buy.
             more = conditional_log_likelihood(
-                module, x_test[:n], c_test[:n], num_samples=args.check_samples
+                module, x_test[:n], c_test[:n], args.check_samples, progress=False
             )
             row["check_size"], row["check_samples"] = n, args.check_samples
             row["cvae_nll_check_K"] = float(-log_p[:n].mean())
@@ -117,7 +117,7 @@ def run_one(given: int, data: pv.DataSplits, args: argparse.Namespace) -> dict:
         data.x_test[: args.figure_images],
         mask,
         data.image_shape,
-        num_samples=args.figure_samples,
+        num_completions=args.figure_samples,
     )
     path = args.out.parent / f"cvae-q{given}-{args.dataset}.png"
     plot_completions(figure, path)

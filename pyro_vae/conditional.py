@@ -556,21 +556,23 @@ def conditional_log_likelihood(
     module: ConditionalVAE | ConditionalBaseline,
     x: Tensor,
     c: Tensor,
-    num_samples: int = 1000,
-    max_rows: int = 32768,
-    progress: bool | None = False,
+    num_particles: int = 1000,
+    chunk_size: int = 4096,
+    progress: bool | None = None,
 ) -> Tensor:
     """Per-example importance-weighted estimate of log p(x | c) in nats, ``(N,)``:
 
         log (1/K) Σ_k p(x | z_k, c) p(z_k | c) / q(z_k | x, c),   z_k ~ q(z | x, c),
 
-    ``K = num_samples`` (Burda et al.'s bound, conditioned on c). Its exponential is an
-    unbiased estimate of p(x | c); the log is a lower bound in expectation that tends to
-    log p(x | c) as K grows. For :class:`ConditionalBaseline`, which has no latent, every
-    weight is log p(x | c) itself, exact for any K (pass ``num_samples=1``).
+    ``K = num_particles`` (Burda et al.'s bound, conditioned on c: the one Pyro's
+    ``RenyiELBO(alpha=0, num_particles=K)`` trains). Its exponential is an unbiased estimate
+    of p(x | c); the log is a lower bound in expectation that tends to log p(x | c) as K
+    grows. For :class:`ConditionalBaseline`, which has no latent, every weight is
+    log p(x | c) itself, exact for any K (pass ``num_particles=1``).
 
-    Work is done in chunks of at most ``max_rows`` (example, sample) pairs, combined with a
-    running log-sum-exp, so memory stays bounded for any K.
+    Work is done in chunks of at most ``chunk_size`` (example, particle) rows per forward
+    pass, combined with a running log-sum-exp, so memory stays bounded for any K and the
+    chunk size does not change the value.
 
     :param x: the part to predict ``(N, data_dim)``, in the likelihood's support (binarized,
         for a Bernoulli likelihood).
@@ -583,14 +585,14 @@ def conditional_log_likelihood(
         )
     x = module.validate_data(x, "x")
     c = module.validate_condition(c, x.shape[0])
-    check_positive_int("num_samples", num_samples)
-    check_positive_int("max_rows", max_rows)
-    examples_per_chunk = max(1, min(len(x), max_rows))
-    samples_per_chunk = max(1, max_rows // examples_per_chunk)
+    check_positive_int("num_particles", num_particles)
+    check_positive_int("chunk_size", chunk_size)
+    examples_per_chunk = max(1, min(len(x), chunk_size))
+    particles_per_chunk = max(1, chunk_size // examples_per_chunk)
     chunks = [
-        (start_row, min(samples_per_chunk, num_samples - start))
+        (start_row, min(particles_per_chunk, num_particles - start))
         for start_row in range(0, len(x), examples_per_chunk)
-        for start in range(0, num_samples, samples_per_chunk)
+        for start in range(0, num_particles, particles_per_chunk)
     ]
     results: list[Tensor] = []
     running: Tensor | None = None
@@ -600,25 +602,25 @@ def conditional_log_likelihood(
     ):
         rows = slice(start_row, start_row + examples_per_chunk)
         xb, cb = x[rows], c[rows]
-        # One pass over `count` copies of the batch: row k * n + i is sample k of example i.
+        # One pass over `count` copies of the batch: row k * n + i is particle k of example i.
         log_weights = _log_weights(module, xb.repeat(count, 1), cb.repeat(count, 1))
         chunk_lse = torch.logsumexp(log_weights.reshape(count, len(xb)), dim=0)
         running = chunk_lse if done == 0 else torch.logaddexp(running, chunk_lse)
         done += count
-        if done == num_samples:
-            results.append(running - math.log(num_samples))
+        if done == num_particles:
+            results.append(running - math.log(num_particles))
             done = 0
     return torch.cat(results)
 
 
 @torch.no_grad()
-def sample_spread(cvae: ConditionalVAE, c: Tensor, num_samples: int = 100) -> Tensor:
+def sample_spread(cvae: ConditionalVAE, c: Tensor, num_particles: int = 100) -> Tensor:
     """How much the CVAE's completions vary for one condition: the standard deviation over
-    ``num_samples`` draws z ~ p(z | c) of the likelihood's mean, averaged over the predicted
+    ``num_particles`` draws z ~ p(z | c) of the likelihood's mean, averaged over the predicted
     features, ``(B,)``. 0 would mean a deterministic map, like the baseline's."""
-    if check_positive_int("num_samples", num_samples) < 2:
-        raise ValueError("sample_spread needs num_samples >= 2 for a standard deviation")
-    return cvae.sample(c, num_samples).std(0).mean(-1)
+    if check_positive_int("num_particles", num_particles) < 2:
+        raise ValueError("sample_spread needs num_particles >= 2 for a standard deviation")
+    return cvae.sample(c, num_particles).std(0).mean(-1)
 
 
 # ---------------------------------------------------------------------------- the figure
@@ -626,7 +628,7 @@ def sample_spread(cvae: ConditionalVAE, c: Tensor, num_samples: int = 100) -> Te
 
 class Completions(NamedTuple):
     """The rows of the completion figure, each a batch of flattened images ``(B, D)``
-    (``samples``: ``(num_samples, B, D)``). The predicted rows keep the given pixels and fill
+    (``samples``: ``(num_completions, B, D)``). The predicted rows keep the given pixels and fill
     in the missing ones, as Pyro's example does; ``inputs`` has NaN where pixels are missing."""
 
     inputs: Tensor
@@ -644,10 +646,11 @@ def completions(
     images: Tensor,
     mask: Tensor,
     image_shape: Sequence[int],
-    num_samples: int = 5,
+    num_completions: int = 5,
 ) -> Completions:
     """The figure's data for ``images`` ``(B, D)``: inputs (given pixels only), ground truth,
-    the baseline's prediction and ``num_samples`` CVAE completions, each draw z ~ p(z | c)."""
+    the baseline's prediction and ``num_completions`` CVAE completions of each, one draw
+    z ~ p(z | c) apiece."""
     shape = _image_shape(image_shape)
     images = contract.check_form(images, "images", math.prod(shape))
     mask = check_mask(mask, images.shape[1]).to(images.device)
@@ -667,7 +670,7 @@ def completions(
         inputs=inputs,
         truth=images,
         baseline=merge_by_mask(baseline.predict(c), c, mask),
-        samples=merge_by_mask(cvae.sample(c, num_samples), c, mask),
+        samples=merge_by_mask(cvae.sample(c, num_completions), c, mask),
         mask=mask,
         image_shape=shape,
     )

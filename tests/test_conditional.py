@@ -131,8 +131,8 @@ def test_exact_guide_gives_log_p_x_given_c_exactly(beta):
                           **linear_gaussian_parts())  # fmt: skip
     x, c = linear_gaussian_data(5)
     expected = exact_conditional(c).log_prob(x)
-    for num_samples, max_rows in [(1, 32768), (7, 32768), (7, 10), (7, 3)]:
-        estimate = conditional_log_likelihood(cvae, x, c, num_samples, max_rows=max_rows)
+    for num_particles, chunk_size in [(1, 4096), (7, 4096), (7, 10), (7, 3)]:
+        estimate = conditional_log_likelihood(cvae, x, c, num_particles, chunk_size=chunk_size)
         torch.testing.assert_close(estimate, expected, rtol=0, atol=1e-10)
     if beta == 1.0:
         # The objectives fit trains: Trace_ELBO on the minibatch, scaled by N / B = 4, and
@@ -170,17 +170,19 @@ def test_importance_weights_converge_to_the_closed_form_within_standard_errors()
         td.MultivariateNormal(posterior_mean, q_cov), td.MultivariateNormal(posterior_mean, cov)
     )
 
-    elbo = conditional_log_likelihood(cvae, xs, cs, num_samples=1).reshape(replicates, 4)
+    elbo = conditional_log_likelihood(cvae, xs, cs, num_particles=1, chunk_size=32768).reshape(
+        replicates, 4
+    )
     se = elbo.std(0) / math.sqrt(replicates)
     assert bool(((elbo.mean(0) - (log_p - kl)).abs() < 4 * se).all()), (elbo.mean(0), log_p - kl)
     assert bool((kl > 10 * se).all())  # the ELBO's gap is resolved: K = 1 is far from log p
 
     gaps = []
-    for num_samples in (10, 50):
-        estimate = conditional_log_likelihood(cvae, xs, cs, num_samples, max_rows=400_000)
+    for num_particles in (10, 50):
+        estimate = conditional_log_likelihood(cvae, xs, cs, num_particles, chunk_size=400_000)
         ratio = torch.exp(estimate.reshape(replicates, 4) - log_p)  # p̂ / p, mean 1
         se = ratio.std(0) / math.sqrt(replicates)
-        assert bool(((ratio.mean(0) - 1).abs() < 4 * se).all()), (num_samples, ratio.mean(0), se)
+        assert bool(((ratio.mean(0) - 1).abs() < 4 * se).all()), (num_particles, ratio.mean(0), se)
         gaps.append(float((log_p - estimate.reshape(replicates, 4).mean(0)).mean()))
     assert 0 < gaps[1] < gaps[0] < float(kl.mean())
 
@@ -194,9 +196,9 @@ def test_baseline_log_likelihood_is_its_bernoulli_cross_entropy():
     with torch.no_grad():
         logits = baseline.net(c)
     expected = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
-    for num_samples in (1, 3):
+    for num_particles in (1, 3):
         torch.testing.assert_close(
-            conditional_log_likelihood(baseline, x, c, num_samples), expected, rtol=0, atol=1e-12
+            conditional_log_likelihood(baseline, x, c, num_particles), expected, rtol=0, atol=1e-12
         )
     loss = Trace_ELBO().loss(baseline.model, baseline.guide, x, c, num_data=14)
     assert float(loss) == pytest.approx(-2 * float(expected.sum()), rel=1e-12)
@@ -330,7 +332,7 @@ def test_cvae_learns_a_two_mode_conditional_the_baseline_cannot():
     budget = {"num_epochs": 20, "batch_size": 100, "learning_rate": 1e-2}
     pv.fit(cvae, (x, c), **budget)
     pv.fit(baseline, (x, c), **budget)
-    cvae_nll = -conditional_log_likelihood(cvae, x_test, c_test, num_samples=200)
+    cvae_nll = -conditional_log_likelihood(cvae, x_test, c_test, num_particles=200)
     baseline_nll = -conditional_log_likelihood(baseline, x_test, c_test)
     # The baseline cannot beat 4 log 2 in expectation.
     se = float(baseline_nll.std()) / math.sqrt(len(baseline_nll))
@@ -373,7 +375,7 @@ def test_completions_keep_the_given_pixels_and_fill_the_missing(tmp_path):
     cvae = ConditionalVAE(12, 4, 2, hidden_dims=(8,))
     baseline = ConditionalBaseline(12, 4, hidden_dims=(8,))
     images = merge_by_mask(x, c, mask)
-    rows = completions(cvae, baseline, images, mask, (4, 4), num_samples=3)
+    rows = completions(cvae, baseline, images, mask, (4, 4), num_completions=3)
     assert rows.samples.shape == (3, 6, 16)
     assert torch.isnan(rows.inputs[:, ~mask]).all() and torch.equal(rows.inputs[:, mask], c)
     assert torch.equal(rows.truth, images)
