@@ -95,6 +95,17 @@ def widths(text: str) -> list[int]:
         ) from None
 
 
+def likelihood_scale(text: str) -> float | str:
+    if text in ("learned", "learned-per-feature"):
+        return text
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number > 0, learned or learned-per-feature, got {text!r}"
+        ) from None
+
+
 def device(text: str) -> str:
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,6 +39,7 @@ from torch import Tensor
 from pyro_vae._files import atomic_write
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
+from pyro_vae.evaluate import elbo_terms
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
 
@@ -116,6 +117,20 @@ def evaluation_sets(vae: VAE, data: DataSplits, seed: int) -> tuple[Tensor, Tens
     (state,) = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)
     generator = torch.Generator().manual_seed(int(state))
     return binarize(x_test, generator), binarize(x_train, generator)
+
+
+def epoch_metrics(vae: VAE, x: Tensor, prefix: str, num_data: int) -> dict[str, float]:
+    """Mean ELBO terms per example. A Bayesian decoder's weight KL is spread over the
+    ``num_data`` training examples, as in the training loss, and also reported whole."""
+    terms = elbo_terms(vae, x, num_data=num_data)
+    row = {
+        f"{prefix}_elbo": terms.elbo.mean().item(),
+        f"{prefix}_reconstruction": terms.reconstruction.mean().item(),
+        f"{prefix}_kl": terms.kl.mean().item(),
+    }
+    if vae.weight_guide is not None:
+        row[f"{prefix}_weight_kl"] = terms.global_kl.item()
+    return row
 
 
 def digest(x: Tensor) -> str:
@@ -287,6 +302,15 @@ class RunDirectory:
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / EXPLAIN_DIR, ignore_errors=True)
+
+    def where_it_stands(self) -> str:
+        """What the newest checkpoint holds, for a message after a stop: never a checkpoint
+        this run did not write (or resume from)."""
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        epoch, step = self.last_checkpoint
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+        return f"{CHECKPOINT} holds the run at {where}"
 
     def write_text(self, name: str, text: str) -> None:
         with atomic_write(self.path / name, "w") as file:

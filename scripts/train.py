@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parts.add_argument("--flow-depth", type=cli.positive_int, default=2, help="flow/IAF layers")
     parts.add_argument(
         "--likelihood-scale",
-        type=_likelihood_scale,
+        type=cli.likelihood_scale,
         default="learned",
         help="normal / laplace: a number, learned (shared) or learned-per-feature",
     )
@@ -163,31 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "meanfield"
         )
     return args
-
-
-def _likelihood_scale(text: str) -> float | str:
-    if text in ("learned", "learned-per-feature"):
-        return text
-    try:
-        return cli.positive_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number > 0, learned or learned-per-feature, got {text!r}"
-        ) from None
-
-
-def epoch_metrics(vae: pv.VAE, x: torch.Tensor, prefix: str, num_data: int) -> dict[str, float]:
-    """Mean ELBO terms per example. A Bayesian decoder's weight KL is spread over the
-    ``num_data`` training examples, as in the training loss, and also reported whole."""
-    terms = pv.elbo_terms(vae, x, num_data=num_data)
-    row = {
-        f"{prefix}_elbo": terms.elbo.mean().item(),
-        f"{prefix}_reconstruction": terms.reconstruction.mean().item(),
-        f"{prefix}_kl": terms.kl.mean().item(),
-    }
-    if vae.weight_guide is not None:
-        row[f"{prefix}_weight_kl"] = terms.global_kl.item()
-    return row
 
 
 def main(args: argparse.Namespace) -> int:
@@ -272,8 +247,8 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
 
     def after_epoch(epoch: int, history: pv.History) -> None:
         row = {"epoch": epoch, "train_loss": history.loss[-1]}
-        row.update(epoch_metrics(vae, x_train_eval, "train", len(data.x_train)))
-        row.update(epoch_metrics(vae, x_test, "test", len(data.x_train)))
+        row.update(pv.runs.epoch_metrics(vae, x_train_eval, "train", len(data.x_train)))
+        row.update(pv.runs.epoch_metrics(vae, x_test, "test", len(data.x_train)))
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
         run_dir.write_metrics(metrics)
@@ -373,20 +348,16 @@ def write_figures(
 
 
 def _stopped(error: BaseException, run_dir: RunDirectory) -> int:
-    """Say why training stopped and what it left; never claim a checkpoint that is not there."""
-    if run_dir.last_checkpoint is None:
-        left = "no checkpoint was written yet"
-    else:
-        epoch, step = run_dir.last_checkpoint
-        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-        left = f"checkpoint.pt holds the run at {where}"
+    """Say why training stopped and what it left on disk."""
+    left = run_dir.where_it_stands()
+    # Resuming a diverged run would diverge again at the same step: no hint to do so.
     resume = f"; continue with --resume {run_dir.path}" if run_dir.last_checkpoint else ""
     if isinstance(error, KeyboardInterrupt):
         message, code = f"interrupted; {left}{resume}", 130
     elif isinstance(error, pv.TrainingDivergedError):
         message, code = f"training diverged: {error}; {left}", 1
     else:
-        message, code = f"cannot write into {run_dir.path}: {error}; {left}", 1
+        message, code = f"cannot write into {run_dir.path}: {error}; {left}{resume}", 1
     print(f"{PROG}: {message}", file=sys.stderr)
     return code
 
