@@ -8,10 +8,12 @@ import importlib.util
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from test_explain import sections
 
 import pyro_vae as pv
 from pyro_vae.runs import RunDirectory
@@ -272,8 +274,9 @@ def test_explain_writes_its_report_and_refuses_a_directory_of_other_files(
 ):
     code, _, err = call(explain_script, str(tiny_run), "--num-particles", "300", capsys=capsys)
     assert code == 0, err
-    report = (tiny_run / "explain" / "report.md").read_text()
-    assert report.count("\n## ") >= 6
+    found = sections((tiny_run / "explain" / "report.md").read_text())
+    assert sorted(found) == ["1", "2", "3", "4", "5", "6"]
+    assert all(re.search(r"\d\.\d{3}", body) for body in found.values())
     # Writing again replaces its own report; a directory of someone else's files is refused.
     assert call(explain_script, str(tiny_run), "--num-particles", "300", capsys=capsys)[0] == 0
     theirs = tmp_path / "theirs"
