@@ -229,6 +229,8 @@ class RunDirectory:
         self._lock_fd = lock_fd
         self.last_checkpoint: tuple[int, int] | None = None
         """(epochs done, steps into the next) of the newest checkpoint, if there is one."""
+        self.leftovers: list[str] = []
+        """Temporary files of an interrupted write, removed when the directory was claimed."""
 
     @classmethod
     @contextlib.contextmanager
@@ -258,6 +260,7 @@ class RunDirectory:
                 f"output directory {path} holds files that are not a pyro_vae run ({shown}); "
                 "choose another --out-dir"
             )
+        _refuse_links(path)
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -271,7 +274,7 @@ class RunDirectory:
             directory = cls(path, lock_fd)
             if mode == "new" and held_before:
                 raise ValueError(directory._occupied_message())
-            directory._remove_temporary_files()
+            directory.leftovers = directory._remove_temporary_files()
             if mode == "overwrite":
                 directory._remove_run_files()
             yield directory
@@ -292,11 +295,14 @@ class RunDirectory:
             f"output directory {self.path} already holds a run; {how}, or choose another --out-dir"
         )
 
-    def _remove_temporary_files(self) -> None:
+    def _remove_temporary_files(self) -> list[str]:
         # Left by a kill in the middle of a write; no one else writes here while we hold it.
+        removed = []
         for name in RUN_FILES:
             for leftover in self.path.glob(f".{name}.*"):
                 leftover.unlink(missing_ok=True)
+                removed.append(leftover.name)
+        return removed
 
     def _remove_run_files(self) -> None:
         for name in RUN_FILES:
@@ -333,6 +339,17 @@ class RunDirectory:
         ``epoch`` and ``step`` it was taken at."""
         save_checkpoint(self.path / CHECKPOINT, vae, config, **extra)
         self.last_checkpoint = (extra["epoch"], extra["step"])
+
+
+def _refuse_links(path: Path) -> None:
+    """A symbolic link in place of a run's file or of the report's directory would make the
+    run read or write outside its directory (and --overwrite delete there): refuse it."""
+    for name in (LOCK, *RUN_FILES, EXPLAIN_DIR):
+        if (path / name).is_symlink():
+            raise ValueError(
+                f"{path / name} is a symbolic link; a run directory holds its own files and "
+                "follows no link out of it: remove the link"
+            )
 
 
 def _holds_a_run(path: Path) -> bool:

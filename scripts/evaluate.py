@@ -18,6 +18,7 @@ RUN_DIR/evaluation.json:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,12 @@ def evaluate(run: pv.Run, args: argparse.Namespace) -> dict:
     )
     result: dict = {
         "run": str(run.directory),
+        "dataset": run.args["dataset"],
+        # Which checkpoint and which test set, exactly: the numbers belong to these bytes.
+        "checkpoint_sha256": hashlib.sha256(
+            (run.directory / pv.runs.CHECKPOINT).read_bytes()
+        ).hexdigest(),
+        "test_set_sha256": run.checkpoint["evaluation_digest"],
         "epoch": run.checkpoint["epoch"],
         "step": run.checkpoint["step"],
         "model": pv.build.describe(run.config),

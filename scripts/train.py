@@ -233,6 +233,10 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     state = None if saved is None else pv.TrainingState.from_dict(saved)
     if state is not None:
         run_dir.last_checkpoint = (state.epoch, state.step)
+        if metrics:  # a kill between checkpoint and metrics could have left these behind
+            run_dir.write_metrics(metrics)
+    if run_dir.leftovers:
+        cli.say(f"removed {', '.join(run_dir.leftovers)}: left by a write that was interrupted")
     kl_kind = "closed form" if args.elbo == "meanfield" and pv.has_closed_form_kl(vae) else "MC"
     cli.say(
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
@@ -251,7 +255,6 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         row.update(pv.runs.epoch_metrics(vae, x_test, "test", len(data.x_train)))
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
-        run_dir.write_metrics(metrics)
         weight_kl = f", weight KL {row['test_weight_kl']:.0f}" if "test_weight_kl" in row else ""
         cli.say(
             f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  train ELBO "
@@ -273,6 +276,9 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
             training=training.to_dict(),
             evaluation_digest=test_digest,
         )
+        # After the checkpoint, so that metrics.json is never ahead of what a resume restores.
+        if metrics:
+            run_dir.write_metrics(metrics)
 
     pv.fit(
         vae,

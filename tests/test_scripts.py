@@ -4,6 +4,7 @@ Ctrl-C, closed pipes) in subprocesses."""
 
 import argparse
 import errno
+import hashlib
 import importlib.util
 import json
 import math
@@ -247,7 +248,10 @@ def test_evaluate_reports_every_metric_per_class_and_where_it_came_from(tiny_run
     report = json.loads((tiny_run / "evaluation.json").read_text())
     assert report["num_examples"] == 360 and report["latent_dim"] == 3
     assert (report["epoch"], report["step"], report["seed"]) == (2, 0, 0)
-    assert report["num_iw_particles"] == 20
+    assert report["num_iw_particles"] == 20 and report["dataset"] == "digits"
+    checkpoint = (tiny_run / "checkpoint.pt").read_bytes()
+    assert report["checkpoint_sha256"] == hashlib.sha256(checkpoint).hexdigest()
+    assert report["test_set_sha256"] == pv.runs.digest(pv.load_run(tiny_run).x_test)
     assert len(report["kl_per_dimension"]) == 3 and 0 <= report["active_units"] <= 3
     # The identity average KL = I + marginal KL holds for the estimates, and the closed-form
     # KL per dimension sums to the Monte-Carlo average KL within its standard errors.
@@ -404,3 +408,52 @@ def test_resumed_arguments_come_from_the_run_except_the_overrides():
     args = train_script._resumed_args(saved, given, {"epoch": 3, "step": 0})
     assert (args.num_epochs, args.no_progress, args.seed, args.latent_dim) == (9, False, 3, 4)
     assert args.out_dir == Path("r")
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "explain", ".pyro_vae.lock"])
+def test_a_symbolic_link_in_a_run_directory_is_not_followed(tiny_run, tmp_path, capsys, name):
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    run_dir.mkdir()
+    outside.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes((tiny_run / "checkpoint.pt").read_bytes())
+    if name == "checkpoint.pt":
+        (outside / name).write_bytes((run_dir / name).read_bytes())
+        (run_dir / name).unlink()
+    (run_dir / name).symlink_to(outside / name)
+    for script, argv in [(train_script, ["--resume", str(run_dir)]),
+                         (explain_script, [str(run_dir)])]:  # fmt: skip
+        code, _, err = call(script, *argv, capsys=capsys)
+        assert code == 2 and "is a symbolic link" in err and name in err, err
+    # Nothing was written out there: the pid of a lock, a report, a checkpoint.
+    assert [p.name for p in outside.iterdir()] == (
+        ["checkpoint.pt"] if name == "checkpoint.pt" else []
+    )
+
+
+def test_metrics_are_never_ahead_of_the_checkpoint_and_a_resume_heals_them(
+    tmp_path, capsys, monkeypatch
+):
+    """A stop between the checkpoint and metrics.json leaves metrics.json behind (never
+    ahead); the resume rewrites it from the checkpoint before going on."""
+    out = tmp_path / "run"
+    real = RunDirectory.write_metrics
+    calls = []
+
+    def fails_second_time(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, rows)
+
+    monkeypatch.setattr(RunDirectory, "write_metrics", fails_second_time)
+    code, _, err = train(*TINY, "--num-iw-particles", "0", "--out-dir", str(out), capsys=capsys)
+    assert code == 1 and "No space left on device" in err, err
+    assert "checkpoint.pt holds the run at the end of epoch 2" in err
+    assert len(json.loads((out / "metrics.json").read_text())) == 1  # behind, not ahead
+    monkeypatch.setattr(RunDirectory, "write_metrics", real)
+    (out / ".checkpoint.pt.x1y2z3").write_bytes(b"half")  # and a kill mid-write, too
+    code, stdout, err = train("--resume", str(out), capsys=capsys)
+    assert code == 0, err
+    assert "removed .checkpoint.pt.x1y2z3: left by a write that was interrupted" in stdout
+    assert len(json.loads((out / "metrics.json").read_text())) == 2
+    assert not (out / ".checkpoint.pt.x1y2z3").exists()
