@@ -29,7 +29,7 @@ import itertools
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import pyro
 import pyro.distributions as dist
@@ -173,6 +173,41 @@ def _is_2d(x: object) -> bool:
     return isinstance(x, Tensor) and x.ndim == 2
 
 
+def _distribution(
+    name: str,
+    part: nn.Module,
+    argument: Tensor,
+    *,
+    batch_shape: tuple[int, ...],
+    event_shape: tuple[int, ...],
+    given: str,
+) -> torch.distributions.Distribution:
+    """``part(argument)``, which must be a distribution of these shapes (the contract's checks,
+    each error naming the part)."""
+    d = contract._call_part(name, part, argument)
+    contract._check_shapes(name, d, batch_shape=batch_shape, event_shape=event_shape, given=given)
+    return cast(torch.distributions.Distribution, d)  # _check_shapes made sure
+
+
+def _support(observation: torch.distributions.Distribution) -> constraints.Constraint:
+    # The data are checked against it before training and evaluation.
+    if observation.support is None:
+        raise ValueError(f"likelihood: {type(observation).__name__} declares no support")
+    return observation.support
+
+
+def _parameters(name: str, part: nn.Module, argument: Tensor, what: str) -> Tensor:
+    """``part(argument)``, which must be a tensor with the argument's batch size."""
+    params = contract._call_part(name, part, argument)
+    if not isinstance(params, Tensor) or params.ndim == 0 or params.shape[0] != len(argument):
+        got = tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__
+        raise ValueError(
+            f"{name}: must return a tensor (B, ...) for {what} of shape "
+            f"{tuple(argument.shape)}, got {got}"
+        )
+    return params
+
+
 # ---------------------------------------------------------------------------- the parts
 
 
@@ -232,7 +267,10 @@ class _PyroProgram(PyroModule):
         super().__setstate__(state)
         _fresh_names(self, self._kind)
 
-    def _data_plate(self, x: Tensor, c: Tensor | None, num_data: int | None) -> pyro.plate:
+    def _data_plate(
+        self, x: Tensor, c: Tensor | None, num_data: int | None
+    ) -> tuple[pyro.plate, Tensor]:
+        """The data plate of the batch, and the condition, checked."""
         # Shapes only, every call (a few integer comparisons): a condition of the wrong shape
         # is refused here, before fit's first step, rather than deep inside a network.
         if not _is_2d(x) or x.shape[1] != self.data_dim:
@@ -256,7 +294,7 @@ class _PyroProgram(PyroModule):
                 f"num_data={num_data} is smaller than the batch of {batch_size} examples"
             )
         # subsample=x: the batch is the subsample, so Pyro scales by num_data / batch_size.
-        return pyro.plate("data", size=num_data, subsample=x)
+        return pyro.plate("data", size=num_data, subsample=x), c
 
     @property
     def device(self) -> torch.device:
@@ -284,6 +322,7 @@ class _PyroProgram(PyroModule):
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
         contract.check_finite(x, what)
+        support: constraints.Constraint
         if probabilities:
             support = constraints.independent(constraints.unit_interval, 1)
             expected = "the probabilities in [0, 1] that dynamic binarization needs"
@@ -388,40 +427,33 @@ class ConditionalVAE(_PyroProgram):
         latent = (self.latent_dim,)
         # On a fork of the random state: building a model draws nothing from it.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            prior = contract._call_part("prior", self.prior, c)
-            contract._check_shapes(
-                "prior", prior, batch_shape=(batch,), event_shape=latent, given="c (2, ·)"
+            _distribution(
+                "prior", self.prior, c, batch_shape=(batch,), event_shape=latent, given="c"
             )
-            posterior = contract._call_part("encoder", self.encoder, torch.cat([x, c], -1))
-            contract._check_shapes(
+            xc = torch.cat([x, c], -1)
+            posterior = _distribution(
                 "encoder",
-                posterior,
+                self.encoder,
+                xc,
                 batch_shape=(batch,),
                 event_shape=latent,
-                given=f"[x, c] of shape ({batch}, {self.data_dim + self.condition_dim})",
+                given="[x, c]",
             )
             if not posterior.has_rsample:
                 raise ValueError(
                     f"encoder: q(z|x,c) ({type(posterior).__name__}) must be reparameterized "
                     "(has_rsample=True) so that gradients reach the encoder through z"
                 )
-            zc = torch.cat([posterior.rsample(), c], -1)
-            params = contract._call_part("decoder", self.decoder, zc)
-            if not isinstance(params, Tensor) or params.ndim == 0 or params.shape[0] != batch:
-                got = tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__
-                raise ValueError(
-                    f"decoder: must return a tensor (B, ...) for [z, c] of shape "
-                    f"{tuple(zc.shape)}, got {got}"
-                )
-            observation = contract._call_part("likelihood", self.likelihood, params)
-            contract._check_shapes(
+            params = _parameters("decoder", self.decoder, _joined(posterior.rsample(), c), "[z, c]")
+            observation = _distribution(
                 "likelihood",
-                observation,
+                self.likelihood,
+                params,
                 batch_shape=(batch,),
                 event_shape=(self.data_dim,),
-                given=f"decoder output of shape {tuple(params.shape)}",
+                given="decoder output",
             )
-        return observation.support
+        return _support(observation)
 
     def _beta_scale(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.beta == 1.0 else poutine.scale(scale=self.beta)
@@ -432,7 +464,7 @@ class ConditionalVAE(_PyroProgram):
         condition_dim)`` an input; ``num_data`` the dataset size for a minibatch (``None``:
         the batch is all the data). Returns the decoder's output."""
         prior, decoder, likelihood = self.prior, self.decoder, self.likelihood
-        data_plate = self._data_plate(x, c, num_data)
+        data_plate, c = self._data_plate(x, c, num_data)
         with data_plate:
             with self._beta_scale():
                 z = pyro.sample("z", prior(c))
@@ -444,7 +476,8 @@ class ConditionalVAE(_PyroProgram):
     def guide(self, x: Tensor, c: Tensor | None = None, num_data: int | None = None) -> Tensor:
         """q(z | x, c); arguments as :meth:`model`. Returns the sampled z."""
         encoder = self.encoder
-        with self._data_plate(x, c, num_data), self._beta_scale():
+        data_plate, c = self._data_plate(x, c, num_data)
+        with data_plate, self._beta_scale():
             return pyro.sample("z", encoder(torch.cat([x, c], -1)))
 
     @torch.no_grad()
@@ -494,22 +527,23 @@ class ConditionalBaseline(_PyroProgram):
         self.likelihood = BernoulliLikelihood() if likelihood is None else likelihood
         with torch.no_grad():
             c = torch.zeros(contract.CHECK_BATCH, condition_dim, dtype=self.dtype)
-            params = contract._call_part("net", self.net, c.to(self.device))
-            observation = contract._call_part("likelihood", self.likelihood, params)
-        contract._check_shapes(
-            "likelihood",
-            observation,
-            batch_shape=(contract.CHECK_BATCH,),
-            event_shape=(data_dim,),
-            given=f"the network's output of shape {tuple(params.shape)}",
-        )
-        self.data_support = observation.support
+            params = _parameters("net", self.net, c.to(self.device), "c")
+            observation = _distribution(
+                "likelihood",
+                self.likelihood,
+                params,
+                batch_shape=(contract.CHECK_BATCH,),
+                event_shape=(data_dim,),
+                given="the network's output",
+            )
+        self.data_support = _support(observation)
 
     @pyro_method
     def model(self, x: Tensor, c: Tensor | None = None, num_data: int | None = None) -> Tensor:
         """p(x | c); arguments as :meth:`ConditionalVAE.model`."""
         net, likelihood = self.net, self.likelihood
-        with self._data_plate(x, c, num_data):
+        data_plate, c = self._data_plate(x, c, num_data)
+        with data_plate:
             params = net(c)
             pyro.sample("x", likelihood(params), obs=x)
         return params
@@ -605,7 +639,8 @@ def conditional_log_likelihood(
         # One pass over `count` copies of the batch: row k * n + i is particle k of example i.
         log_weights = _log_weights(module, xb.repeat(count, 1), cb.repeat(count, 1))
         chunk_lse = torch.logsumexp(log_weights.reshape(count, len(xb)), dim=0)
-        running = chunk_lse if done == 0 else torch.logaddexp(running, chunk_lse)
+        # A new batch of examples starts at its first chunk of particles.
+        running = chunk_lse if running is None or done == 0 else torch.logaddexp(running, chunk_lse)
         done += count
         if done == num_particles:
             results.append(running - math.log(num_particles))

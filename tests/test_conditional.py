@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO
@@ -300,9 +301,18 @@ def test_conditions_of_the_wrong_shape_are_refused_before_training(kind):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+class OnePriorForAllConditions(torch.nn.Module):
+    """Takes c but returns one N(0, I) for the whole batch: batch_shape () instead of (B,)."""
+
+    def forward(self, c: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(torch.zeros(2), 1.0).to_event(1)
+
+
 def test_parts_that_ignore_the_condition_are_refused_when_built():
-    with pytest.raises(ValueError, match="prior"):
-        ConditionalVAE(12, 4, 2, prior=pv.StandardNormalPrior(2))
+    with pytest.raises(ValueError, match="prior: failed when called"):
+        ConditionalVAE(12, 4, 2, prior=pv.StandardNormalPrior(2))  # takes no argument
+    with pytest.raises(ValueError, match=r"prior: for c expected batch_shape \(2,\)"):
+        ConditionalVAE(12, 4, 2, prior=OnePriorForAllConditions())
     with pytest.raises(ValueError, match="encoder"):
         # An encoder of x alone cannot read [x, c].
         ConditionalVAE(12, 4, 2, encoder=pv.DiagonalNormalEncoder(12, 2))
