@@ -42,6 +42,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 
 from pyro_vae._files import atomic_write
@@ -106,8 +107,9 @@ def save_checkpoint(
     and the config's sizes plain ints.
 
     :raises ValueError: before anything is written, for what :func:`load_checkpoint` would
-        refuse: a config value of the wrong type, an object ``weights_only`` loading refuses,
-        non-finite weights.
+        refuse: a config value of the wrong type, a config whose model is not ``vae``'s (its
+        weights differ in name or shape; the first that differs is named), an object
+        ``weights_only`` loading refuses, non-finite weights.
     """
     path = Path(path)
     try:
@@ -118,6 +120,7 @@ def save_checkpoint(
                 "'bayesian-mlp'); write num_levels, network and decoder as build_vae takes them"
             )
         _check_config(config)  # first of the checks, to name the key of a numpy int, say
+        _check_describes(config, vae)
         payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict()}
         payload.update(extra)
         buffer = io.BytesIO()
@@ -264,6 +267,55 @@ def _unpickle(data: bytes, device: torch.device) -> Any:
         raise ValueError(
             f"not a loadable checkpoint ({type(error).__name__}: {first_line})"
         ) from error
+
+
+def _check_describes(config: dict[str, Any], vae: VAE) -> None:
+    """``build_vae(**config)`` has ``vae``'s weights: the same names, the same shapes.
+
+    Otherwise the checkpoint would be written and refused only when loaded, when the model it
+    came from may be gone. The config's model is built with its tensors on the ``meta``
+    device, which records shapes and allocates nothing; Pyro's autoregressive networks (the
+    ``flow`` prior, the ``iaf`` encoder) cannot be built there, and those models are built
+    on the CPU instead. The build draws no random numbers from the caller's stream.
+    """
+    try:
+        expected = _shapes_of_built(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"its config does not describe a model: {error}") from error
+    actual = {name: tuple(value.shape) for name, value in vae.state_dict().items()}
+    for name, shape in actual.items():
+        if name not in expected:
+            problem = f"the model has {name!r} {shape}, which the config's model has not"
+        elif expected[name] != shape:
+            problem = f"{name!r} is {shape} in the model but {expected[name]} for the config"
+        else:
+            continue
+        break
+    else:
+        missing = [name for name in expected if name not in actual]
+        if not missing:
+            return
+        name = missing[0]
+        problem = f"the config's model has {name!r} {expected[name]}, which the model has not"
+    raise ValueError(
+        f"the config (latent_dim {config['latent_dim']}, {describe(config)}) does not describe "
+        f"the model saved: {problem}"
+    )
+
+
+def _shapes_of_built(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``build_vae(**config)``'s state_dict, built on the meta device when it
+    can be (see :func:`_check_describes`)."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            # Validation reads values (a meta tensor has none); the shapes are checked anyway.
+            with torch.device("meta"), pyro.validation_enabled(False):
+                model = build_vae(**config)
+        except Exception:
+            # Some operation did not run on meta (Pyro's autoregressive networks read a value
+            # while they are built). The CPU build decides, also whether the config is at fault.
+            model = build_vae(**config)
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
 
 def _check_payload(payload: Any, file_size: int) -> None:

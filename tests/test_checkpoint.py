@@ -499,6 +499,45 @@ def test_a_missing_file_is_file_not_found(tmp_path):
         (CONFIG, {"callback": lambda: None}, "cannot be saved"),
         (dict(CONFIG, decoder="conv"), {}, "config uses pyro_vae 0.1 names"),
         (dict(CONFIG, num_bins=17), {}, "config uses pyro_vae 0.1 names"),
+        # A config that builds another model than the one saved: the first weight that differs
+        # is named, in the model's order.
+        (
+            dict(CONFIG, latent_dim=4),
+            {},
+            r"does not describe the model saved: 'prior\.loc' is \(3,\) in the model but "
+            r"\(4,\) for the config$",
+        ),
+        (
+            dict(CONFIG, hidden_dims=[8]),
+            {},
+            r"'encoder\.net\.0\.weight' is \(16, 64\) in the model but \(8, 64\) for the config$",
+        ),
+        (
+            dict(CONFIG, encoder="delta"),
+            {},
+            r"'encoder\.net\.2\.weight' is \(6, 16\) in the model but \(3, 16\) for the config$",
+        ),
+        (
+            dict(CONFIG, likelihood="normal"),
+            {},
+            r"the config's model has 'likelihood\.raw_scale' \(\), which the model has not$",
+        ),
+        (
+            architecture(CONFIG, "conv", "deterministic"),
+            {},
+            r"the model has 'encoder\.net\.0\.weight' \(16, 64\), which the config's model "
+            r"has not$",
+        ),
+        (  # built on the CPU: Pyro's autoregressive networks cannot be built on meta
+            dict(CONFIG, prior="flow"),
+            {},
+            r"the config's model has 'prior\.reverse' \(3,\), which the model has not$",
+        ),
+        (
+            architecture(CONFIG, "conv", "bayesian"),
+            {},
+            "its config does not describe a model: decoder 'bayesian' is an MLP",
+        ),
     ],
     ids=[
         "numpy-int-in-config",
@@ -507,6 +546,13 @@ def test_a_missing_file_is_file_not_found(tmp_path):
         "lambda-in-extra",
         "old-decoder-name",
         "old-num-bins",
+        "other-latent-dim",
+        "other-hidden-dims",
+        "other-encoder",
+        "other-likelihood",
+        "other-network",
+        "other-prior-with-a-flow",
+        "config-build-vae-refuses",
     ],
 )
 def test_save_refuses_what_load_would_refuse_and_keeps_the_old_file(
@@ -530,3 +576,36 @@ def test_save_refuses_non_finite_weights(tmp_path):
     ):
         pv.save_checkpoint(tmp_path / "c.pt", vae, CONFIG)
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "devices"),
+    [({}, ["meta"]), ({"prior": "flow"}, ["meta", "cpu"]), ({"encoder": "iaf"}, ["meta", "cpu"])],
+    ids=["mlp", "flow-prior", "iaf-encoder"],
+)
+def test_save_builds_the_configs_model_on_meta_when_it_can_and_draws_no_random_numbers(
+    tmp_path, monkeypatch, options, devices
+):
+    # The config's model is built to compare its weights' shapes with the model's: on the meta
+    # device, which allocates nothing, except where Pyro's autoregressive networks need the
+    # CPU (they read a value while being built). Either way the caller's random stream is
+    # left as it was, so that saving mid-training changes no later draw.
+    config = dict(CONFIG, **options)
+    vae = pv.build_vae(**config)
+    attempts = []
+
+    def spy(**kwargs):
+        attempts.append(torch.empty(0).device.type)  # the default device of this build
+        return pv.build_vae(**kwargs)
+
+    monkeypatch.setattr(checkpoint, "build_vae", spy)
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    pv.save_checkpoint(tmp_path / "c.pt", vae, config)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert attempts == devices
+    monkeypatch.undo()
+    loaded, _ = pv.load_checkpoint(tmp_path / "c.pt")
+    for name, value in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

@@ -6,6 +6,7 @@ from conftest import binary_data
 from test_ppca import ppca
 
 import pyro_vae as pv
+from pyro_vae import checkpoint
 
 
 def test_elbo_terms_with_the_exact_posterior_give_log_p_x_per_example():
@@ -107,15 +108,22 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a loadable checkpoint"):
         pv.load_checkpoint(bad)
     vae = pv.VAE(12, 3, hidden_dims=(8,))
-    mismatched = tmp_path / "mismatched.pt"
-    pv.save_checkpoint(mismatched, vae, {"data_dim": 12, "latent_dim": 4, "hidden_dims": [8]})
+
+    def written_past_save_checks(path, config):
+        # save_checkpoint refuses a config that does not describe its model; a file written
+        # otherwise (by hand, or by an older version) must still be refused when loaded.
+        payload = {"format": checkpoint.FORMAT, "config": config, "state_dict": vae.state_dict()}
+        torch.save(payload, path)
+        return path
+
+    mismatched = written_past_save_checks(
+        tmp_path / "mismatched.pt", {"data_dim": 12, "latent_dim": 4, "hidden_dims": [8]}
+    )
     with pytest.raises(ValueError, match="do not fit the saved config") as refused:
         pv.load_checkpoint(mismatched)
     assert "\n" not in str(refused.value) and "size mismatch" in str(refused.value)
-    other_architecture = tmp_path / "other.pt"
-    pv.save_checkpoint(
-        other_architecture,
-        vae,
+    other_architecture = written_past_save_checks(
+        tmp_path / "other.pt",
         {"data_dim": 12, "latent_dim": 3, "hidden_dims": [8], "encoder": "delta"},
     )
     with pytest.raises(ValueError, match="do not fit the saved config") as refused:
