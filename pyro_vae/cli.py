@@ -76,6 +76,12 @@ def seed(text: str) -> int:
     return value
 
 
+# The scripts' models are float32 (torch's default dtype), and every number flag meets their
+# parameters: a learning rate or a clip norm below float32's smallest normal number rounds to
+# nothing there (the run would train nothing), and one above its largest is infinite.
+FLOAT32 = torch.finfo(torch.float32)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -83,6 +89,11 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    if not FLOAT32.tiny <= value <= FLOAT32.max:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from {FLOAT32.tiny:.3g} to {FLOAT32.max:.3g} (a normal float32, "
+            f"the models' dtype), got {text!r}"
+        )
     return value
 
 

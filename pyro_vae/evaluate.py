@@ -109,15 +109,22 @@ def elbo_terms(
     num_data = len(x) if num_data is None else check_positive_int("num_data", num_data)
     reconstruction: list[Tensor] = []
     kl: list[Tensor] = []
-    global_kl: list[Tensor] = []
+    global_kl = torch.zeros(())
+    # Running sums over the particles, not a list of them: memory stays that of one pass for
+    # any num_particles.
     for batch in x.split(chunk_size):
-        draws = [_one_particle(vae, batch) for _ in range(num_particles)]
-        reconstruction.append(torch.stack([r for r, _, _ in draws]).mean(0))
-        kl.append(torch.stack([k for _, k, _ in draws]).mean(0))
-        global_kl.extend(g for _, _, g in draws)
-    return ELBOTerms(
-        torch.cat(reconstruction), torch.cat(kl), torch.stack(global_kl).mean(), num_data
-    )
+        reconstruction_sum, kl_sum = torch.zeros(()), torch.zeros(())
+        for _ in range(num_particles):
+            r, k, g = _one_particle(vae, batch)
+            reconstruction_sum, kl_sum, global_kl = (
+                reconstruction_sum + r,
+                kl_sum + k,
+                global_kl + g,
+            )
+        reconstruction.append(reconstruction_sum / num_particles)
+        kl.append(kl_sum / num_particles)
+    num_passes = num_particles * math.ceil(len(x) / chunk_size)
+    return ELBOTerms(torch.cat(reconstruction), torch.cat(kl), global_kl / num_passes, num_data)
 
 
 def elbo(
@@ -162,15 +169,23 @@ def log_likelihood(
     check_positive_int("chunk_size", chunk_size)
     examples_per_chunk = max(1, min(len(x), chunk_size))
     particles_per_chunk = max(1, chunk_size // examples_per_chunk)
-    chunks = [
+    # The chunks are made as they are needed, not listed up front: a list would hold one entry
+    # per pass, unbounded in K.
+    chunks = (
         (batch, start, min(particles_per_chunk, num_particles - start))
         for batch in x.split(examples_per_chunk)
         for start in range(0, num_particles, particles_per_chunk)
-    ]
+    )
+    num_chunks = math.ceil(len(x) / examples_per_chunk) * math.ceil(
+        num_particles / particles_per_chunk
+    )
     results: list[Tensor] = []
     running: Tensor | None = None
     for batch, start, count in tqdm(
-        chunks, desc="log p(x)", disable=None if progress is None else not progress
+        chunks,
+        desc="log p(x)",
+        total=num_chunks,
+        disable=None if progress is None else not progress,
     ):
         n = batch.shape[0]
         # One pass over `count` copies of the batch: row k * n + i is particle k of example i.
@@ -195,8 +210,16 @@ def weight_spread(vae: VAE, x: Tensor, num_particles: int = 100) -> tuple[Tensor
     deterministic decoder the spread is zero."""
     check_positive_int("num_particles", num_particles)
     loc, _ = vae.encode(x)
-    draws = torch.stack([vae.likelihood(vae.decode(loc)).mean for _ in range(num_particles)])
-    return draws.mean(0), draws.std(0) if num_particles > 1 else torch.zeros_like(draws[0])
+    # Welford's running mean and sum of squared deviations, not a stack of the draws: memory
+    # stays that of one reconstruction for any num_particles.
+    mean = vae.likelihood(vae.decode(loc)).mean
+    squares = torch.zeros_like(mean)
+    for count in range(2, num_particles + 1):
+        draw = vae.likelihood(vae.decode(loc)).mean
+        delta = draw - mean
+        mean = mean + delta / count
+        squares = squares + delta * (draw - mean)
+    return mean, (squares / (num_particles - 1)).sqrt() if num_particles > 1 else squares
 
 
 # ---------------------------------------------------------------- how the latent space is used
@@ -269,14 +292,16 @@ def kl_decomposition(
     vae: VAE,
     x: Tensor,
     num_particles: int = 1,
-    chunk_size: int = 2**24,
+    chunk_size: int = 2**20,
     progress: bool | None = None,
 ) -> KLDecomposition:
     """Estimate :class:`KLDecomposition` over the examples ``x`` (the empirical data
     distribution), drawing ``num_particles`` z ~ q(z | x_n) per example. log q(z) needs the
     density of every posterior q(z | x_m) at every draw: N² work, done in chunks of at most
-    ``chunk_size`` (draw, posterior) log-densities per pass. The encoder's posteriors must have a
-    density at any z (diagonal or full-covariance Normal).
+    ``chunk_size`` (draw, posterior) log-densities per pass, each computed over the latent_dim
+    coordinates; the draws, the posteriors and the examples are all split as needed, so memory
+    stays bounded for any N and K. The encoder's posteriors must have a density at any z
+    (diagonal or full-covariance Normal).
 
     The empirical q(z) includes each draw's own posterior, so I(x; z) is biased low and the
     marginal KL high by about e^I / N; both are bounded by log N. The average KL is unbiased.
@@ -286,30 +311,43 @@ def kl_decomposition(
     vae.validate_data(x)
     check_positive_int("num_particles", num_particles)
     check_positive_int("chunk_size", chunk_size)
-    posteriors = vae.encoder(x)
-    if not has_density_everywhere(posteriors):
+    num_data = len(x)
+    # Posteriors in blocks of at most chunk_size, each block scored against at most
+    # chunk_size // block draws per pass: (particles per pass) x (examples per pass) x block.
+    block = min(num_data, chunk_size)
+    draws_per_pass = max(1, chunk_size // block)
+    examples_per_pass = max(1, min(num_data, draws_per_pass // num_particles))
+    particles_per_pass = max(1, min(num_particles, draws_per_pass // examples_per_pass))
+    blocks = [vae.encoder(part) for part in x.split(block)]
+    if not has_density_everywhere(blocks[0]):
         raise ValueError(
             "kl_decomposition needs posteriors with a density at any z (diagonal or "
-            f"full-covariance Normal), not {type(posteriors).__name__}"
+            f"full-covariance Normal), not {type(blocks[0]).__name__}"
         )
-    num_data = len(x)
     prior = vae.prior()
-    chunk = max(1, chunk_size // (num_data * num_particles))
     mutual, marginal = [], []
     for start in tqdm(
-        range(0, num_data, chunk),
+        range(0, num_data, examples_per_pass),
         desc="I(x; z)",
         disable=None if progress is None else not progress,
     ):
-        own = vae.encoder(x[start : start + chunk])
-        z = own.sample((num_particles,))  # (S, C, D)
-        log_q_own = own.log_prob(z)  # (S, C)
-        # log q(z) = log (1/N) Σ_m q(z | x_m): every draw against every example's posterior.
-        log_q_all = posteriors.log_prob(z.unsqueeze(-2))  # (S, C, N)
-        log_q_aggregate = torch.logsumexp(log_q_all, dim=-1) - math.log(num_data)
-        log_p = prior.log_prob(z)
-        mutual.append((log_q_own - log_q_aggregate).mean(0))
-        marginal.append((log_q_aggregate - log_p).mean(0))
+        own = vae.encoder(x[start : start + examples_per_pass])
+        mutual_sum, marginal_sum = torch.zeros(()), torch.zeros(())
+        for first in range(0, num_particles, particles_per_pass):
+            z = own.sample((min(particles_per_pass, num_particles - first),))  # (S, C, D)
+            log_q_own = own.log_prob(z)  # (S, C)
+            # log q(z) = log (1/N) Σ_m q(z | x_m): every draw against every example's
+            # posterior, a block of them at a time, combined by a running log-sum-exp.
+            log_q_sum = torch.logsumexp(blocks[0].log_prob(z.unsqueeze(-2)), dim=-1)
+            for posteriors in blocks[1:]:
+                log_q_block = torch.logsumexp(posteriors.log_prob(z.unsqueeze(-2)), dim=-1)
+                log_q_sum = torch.logaddexp(log_q_sum, log_q_block)
+            log_q_aggregate = log_q_sum - math.log(num_data)
+            log_p = prior.log_prob(z)
+            mutual_sum = mutual_sum + (log_q_own - log_q_aggregate).sum(0)
+            marginal_sum = marginal_sum + (log_q_aggregate - log_p).sum(0)
+        mutual.append(mutual_sum / num_particles)
+        marginal.append(marginal_sum / num_particles)
     mi, mk = torch.cat(mutual), torch.cat(marginal)
     total = mi + mk
 

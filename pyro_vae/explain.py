@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 from pyro import poutine
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
 from pyro_vae import plots
+from pyro_vae._checks import check_positive_int
 from pyro_vae._files import atomic_write
+from pyro_vae._sites import site_distribution, site_value
 from pyro_vae.distributions import is_diagonal_normal
 from pyro_vae.evaluate import active_units, kl_decomposition, kl_per_dimension, weight_spread
 from pyro_vae.model import VAE
@@ -25,6 +27,9 @@ from pyro_vae.networks import output_layer
 from pyro_vae.priors import StandardNormalPrior
 
 SHOWN = 5  # test inputs in the per-example tables
+# Draws per pass in sections 3 and 4: bounds their memory for any num_particles (the moments are
+# merged across passes; the point-cloud figure shows the first pass's draws).
+DRAW_CHUNK = 4096
 
 
 @torch.no_grad()
@@ -44,6 +49,7 @@ def explain(
     standard normal prior. Where a model lacks them, the section says so instead.
     """
     vae.validate_data(x, "test data")
+    check_positive_int("num_particles", num_particles)
     if len(x) < SHOWN:
         raise ValueError(f"explain needs at least {SHOWN} test examples, got {len(x)}")
     out = Path(out_dir)
@@ -80,10 +86,10 @@ def explain(
     return report
 
 
-def _has_linear_read_out(encoder: object) -> bool:
+def _has_linear_read_out(encoder: nn.Module) -> bool:
     """Whether the encoder reads μ off its network's last linear layer (the shipped ones do)."""
     try:
-        output_layer(encoder.net)  # type: ignore[attr-defined]
+        output_layer(encoder.net)
     except (AttributeError, TypeError, IndexError):
         return False
     return True
@@ -190,15 +196,21 @@ def _read_outs(vae: VAE, x: Tensor, loc: Tensor) -> str:
 
 def _point_cloud(vae: VAE, x0: Tensor, num_draws: int, out: Path) -> str:
     # The draws come from the guide itself, as SVI makes them: z ~ q(z | x) via Pyro.
-    trace = poutine.trace(vae.guide).get_trace(x0.expand(num_draws, -1))
-    z = trace.nodes["z"]["value"]
+    moments = _Moments()
+    shown: Tensor | None = None
+    for size in _chunk_sizes(num_draws):
+        trace = poutine.trace(vae.guide).get_trace(x0.expand(size, -1))
+        z = site_value(trace.nodes["z"])
+        shown = z if shown is None else shown
+        moments.add(z)
+    assert shown is not None  # num_draws >= 1, checked by explain
     loc, scale = vae.encode(x0)
     loc, scale = loc[0], scale[0]
-    mean, std = z.mean(0), z.std(0)
+    mean, std = moments.mean, moments.std
     se_mean = std / math.sqrt(num_draws)
     se_std = std / math.sqrt(2 * (num_draws - 1))
     dims = (0, 1) if vae.latent_dim > 1 else (0, 0)
-    plots.plot_point_cloud(z, loc, scale, dims, out / "point_cloud.png")
+    plots.plot_point_cloud(shown, loc, scale, dims, out / "point_cloud.png")
     rows = [
         [
             f"z_{i + 1}",
@@ -225,6 +237,38 @@ def _point_cloud(vae: VAE, x0: Tensor, num_draws: int, out: Path) -> str:
     )
 
 
+def _chunk_sizes(num_draws: int) -> list[int]:
+    return [min(DRAW_CHUNK, num_draws - start) for start in range(0, num_draws, DRAW_CHUNK)]
+
+
+class _Moments:
+    """The mean and standard deviation over the first dimension of tensors added one chunk at
+    a time (Chan et al.'s pairwise merge), without keeping the chunks: for a single chunk, its
+    own mean and standard deviation."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = torch.zeros(())
+        self._squares = torch.zeros(())  # the sum of squared deviations from the mean
+
+    def add(self, values: Tensor) -> None:
+        size = len(values)
+        chunk_mean = values.mean(0)
+        delta = chunk_mean - self.mean
+        total = self.count + size
+        self.mean = self.mean + delta * (size / total)
+        self._squares = (
+            self._squares
+            + (values - chunk_mean).pow(2).sum(0)
+            + delta.pow(2) * (self.count * size / total)
+        )
+        self.count = total
+
+    @property
+    def std(self) -> Tensor:
+        return (self._squares / (self.count - 1)).sqrt()
+
+
 def _kl_three_ways(vae: VAE, x: Tensor, num_draws: int) -> str:
     rows = []
     for n in range(SHOWN):
@@ -234,12 +278,16 @@ def _kl_three_ways(vae: VAE, x: Tensor, num_draws: int) -> str:
         formula = float(0.5 * (loc.pow(2) + log_var.exp() - 1 - log_var).sum())
         q = vae.encoder(xn)
         torch_kl = float(kl_divergence(q, vae.prior().expand(q.batch_shape)))
-        guide = poutine.trace(vae.guide).get_trace(xn.expand(num_draws, -1))
-        model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(
-            xn.expand(num_draws, -1)
-        )
-        z_guide, z_model = guide.nodes["z"], model.nodes["z"]
-        draws = z_guide["fn"].log_prob(z_guide["value"]) - z_model["fn"].log_prob(z_model["value"])
+        draws = _Moments()
+        for size in _chunk_sizes(num_draws):
+            guide = poutine.trace(vae.guide).get_trace(xn.expand(size, -1))
+            model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(
+                xn.expand(size, -1)
+            )
+            z_guide, z_model = guide.nodes["z"], model.nodes["z"]
+            log_q = site_distribution(z_guide).log_prob(site_value(z_guide))
+            log_p = site_distribution(z_model).log_prob(site_value(z_model))
+            draws.add(log_q - log_p)
         # The wrong formulas people write: log(0.5σ) as the noise scale, and log σ where the
         # formula needs log σ², averaged instead of summed over dimensions.
         wrong_std = float((0.5 * scale).log().abs().mean())
@@ -250,8 +298,8 @@ def _kl_three_ways(vae: VAE, x: Tensor, num_draws: int) -> str:
                 f"test #{n + 1}",
                 formula,
                 torch_kl,
-                float(draws.mean()),
-                float(draws.std() / math.sqrt(num_draws)),
+                float(draws.mean),
+                float(draws.std / math.sqrt(num_draws)),
                 wrong_kl,
                 float(scale.mean()),
                 wrong_std,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from pyro_vae import contract
 from pyro_vae._checks import check_positive_float, check_positive_int
+from pyro_vae._sites import site_distribution
 from pyro_vae.encoders import DiagonalNormalEncoder
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.networks import MLP
@@ -38,6 +39,9 @@ _instance_ids = itertools.count()
 
 # Draws per example for the moments of a posterior that has no closed form (VAE.encode).
 ENCODE_PARTICLES = 128
+# Samples per pass of VAE.sample: bounds the memory of the draws of z (a mixture prior draws
+# from every component for each), of the decoder's activations and of the likelihood.
+SAMPLE_CHUNK = 4096
 
 
 class VAE(PyroModule):
@@ -224,14 +228,19 @@ class VAE(PyroModule):
             predictive); ``"mean"`` uses the guide's mean weights. A deterministic decoder
             ignores it.
         """
+        return self._decoder(weights)(z)
+
+    def _decoder(self, weights: str) -> Callable[[Tensor], Tensor]:
+        """The decoder with its global latents fixed as ``weights`` says: one draw (or the
+        mean) for every batch it is then called on."""
         if weights not in ("sample", "mean"):
             raise ValueError(f"weights must be 'sample' or 'mean', got {weights!r}")
         guide = self.weight_guide
         if guide is None:
-            return self.decoder(z)
+            return self.decoder
         if weights == "mean":
-            return poutine.condition(self.decoder, data=self.weight_means())(z)
-        return poutine.replay(self.decoder, trace=poutine.trace(guide).get_trace())(z)
+            return poutine.condition(self.decoder, data=self.weight_means())
+        return poutine.replay(self.decoder, trace=poutine.trace(guide).get_trace())
 
     def weight_means(self) -> dict[str, Tensor]:
         """The posterior mean of every global latent site, read off :attr:`weight_guide`
@@ -245,7 +254,9 @@ class VAE(PyroModule):
         with torch.random.fork_rng(devices=devices):
             trace = poutine.trace(guide).get_trace()
         return {
-            name: site["fn"].mean for name, site in trace.nodes.items() if site["type"] == "sample"
+            name: site_distribution(site).mean
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample"
         }
 
     @torch.no_grad()
@@ -259,11 +270,29 @@ class VAE(PyroModule):
         """Decode z ~ p(z): the likelihood's mean, ``(num_samples, data_dim)``.
 
         The mean (pixel probabilities, for Bernoulli) rather than a noisy draw: what a person
-        wants to look at. ``weights`` as in :meth:`decode`.
+        wants to look at. ``weights`` as in :meth:`decode`: a Bayesian decoder's weights are
+        drawn once for all the samples. The work is done :data:`SAMPLE_CHUNK` samples at a
+        time, so that memory beyond the result stays bounded for any ``num_samples``; a result
+        too large to allocate raises a ``ValueError`` giving its size, before any work.
         """
         check_positive_int("num_samples", num_samples)
-        z = self.prior().sample((num_samples,))
-        return self.likelihood(self.decode(z, weights)).mean
+        decoder = self._decoder(weights)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        try:
+            samples = torch.empty(
+                (num_samples, self.data_dim), dtype=self.dtype, device=self.device
+            )
+        except RuntimeError as error:  # torch's out-of-memory errors are RuntimeErrors
+            raise ValueError(
+                f"num_samples={num_samples} asks for {num_samples * self.data_dim * itemsize:.3g} "
+                f"bytes of samples ({num_samples} x {self.data_dim} features of {self.dtype}), "
+                f"more than can be allocated on {self.device}"
+            ) from error
+        prior = self.prior()
+        for chunk in samples.split(SAMPLE_CHUNK):
+            z = prior.sample((len(chunk),))
+            chunk.copy_(self.likelihood(decoder(z)).mean)
+        return samples
 
     # ------------------------------------------------------------------ device, dtype, checks
 
@@ -307,6 +336,7 @@ class VAE(PyroModule):
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
         contract.check_finite(x, what)
+        support: constraints.Constraint
         if probabilities:
             support = constraints.independent(constraints.unit_interval, 1)
             expected = "the probabilities in [0, 1] that dynamic binarization needs"

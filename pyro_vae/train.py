@@ -134,7 +134,8 @@ class TrainingState:
         torch.set_rng_state(self.torch_rng)
         if self.cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self.cuda_rng)
-        if generator is not None:
+        # Both or neither, checked above; the second test is for the type checker.
+        if generator is not None and self.generator_rng is not None:
             generator.set_state(self.generator_rng)
         order = None if self.order is None else self.order.to(device)
         return copy.deepcopy(self.history), self.epoch + 1, self.step, order
@@ -228,6 +229,7 @@ def fit(
         resume,
         kl_warmup_epochs,
         module,
+        generator,
     )
     tensors, binarize = _prepare_data(module, data, binarize)
     objective = Objective(module, Trace_ELBO() if loss is None else loss)
@@ -243,7 +245,9 @@ def fit(
         history, first_epoch, first_step, order = resume.restore(
             optimizer, generator, num_data, tensors[0].device
         )
-    target_beta = getattr(module, "beta", None)
+    # The KL weight the warm-up climbs to: the model's own (a warm-up needs one, checked above;
+    # without one this value is never read).
+    target_beta: float = module.beta if kl_warmup_epochs else 1.0
     warmup_steps = kl_warmup_epochs * num_steps
 
     def state(epoch: int, step: int, order: Tensor | None) -> TrainingState:
@@ -285,6 +289,9 @@ def fit(
                     # checked up front and the shapes do not change between steps.
                     validate=global_step == 1,
                     where=f"at epoch {epoch}, step {step} of {num_steps}",
+                    # The first step of a fresh run starts from the initial parameters: a loss
+                    # that is not finite there is no learning rate's doing.
+                    data=tensors[0] if global_step == 1 else None,
                 )
                 history.step_loss.append(per_example)
                 if step % 25 == 0:
@@ -318,12 +325,37 @@ def _check_arguments(
     resume: TrainingState | None,
     kl_warmup_epochs: int,
     module: Any,
+    generator: object,
 ) -> None:
     check_positive_int("num_epochs", num_epochs)
     check_positive_int("batch_size", batch_size)
+    device, dtype = _device_and_dtype(module)
+    if dtype == torch.float16:
+        # Not a matter of the learning rate: in float16 a dataset's ELBO (N examples times
+        # their log-densities) overflows at 65504, and Adam's eps (1e-8) rounds to 0.
+        raise ValueError(
+            "the model's parameters are torch.float16, which fit cannot train in: the loss of "
+            "a dataset overflows its largest value (65504) and Adam's eps (1e-8) rounds to 0 "
+            "in it; convert the model with .float() (the data follow the model's dtype)"
+        )
+    # A step or a gradient norm below the smallest normal number of the parameters' dtype
+    # rounds to nothing (or to a subnormal, far less precise) when it meets the parameters:
+    # such a run would train nothing and say nothing.
+    tiny = torch.finfo(dtype).tiny
     check_positive_float("learning_rate", learning_rate)
+    if learning_rate < tiny:
+        raise ValueError(
+            f"learning_rate={learning_rate!r} is below the smallest normal {dtype} number "
+            f"({tiny:.3g}), the model's dtype: every step would round to nothing"
+        )
     if clip_norm is not None:
         check_positive_float("clip_norm", clip_norm)
+        if clip_norm < tiny:
+            raise ValueError(
+                f"clip_norm={clip_norm!r} is below the smallest normal {dtype} number "
+                f"({tiny:.3g}), the model's dtype: the clipped gradients would round to zero"
+            )
+    _check_generator(generator, device)
     if checkpoint_every is not None:
         check_positive_int("checkpoint_every", checkpoint_every)
     if resume is not None and not isinstance(resume, TrainingState):
@@ -336,6 +368,26 @@ def _check_arguments(
         raise ValueError(
             f"kl_warmup_epochs needs a model with a beta (KL weight); "
             f"{type(module).__name__} has none"
+        )
+
+
+def _check_generator(generator: object, device: torch.device) -> None:
+    """fit's ``generator`` must be a ``torch.Generator`` on the device of the model and data
+    (the shuffles and the binarization draw on that device)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        kind = f"{type(generator).__module__}.{type(generator).__qualname__}"
+        raise ValueError(
+            f"generator must be a torch.Generator (or None), got {kind}: {generator!r}"
+        )
+    made_on = generator.device
+    if made_on.type != device.type or (
+        made_on.index is not None and device.index is not None and made_on.index != device.index
+    ):
+        raise ValueError(
+            f"generator is on {made_on} but the model and data are on {device}; make it "
+            f"there: torch.Generator({str(device)!r})"
         )
 
 
@@ -354,9 +406,12 @@ def _prepare_data(
         tensors = data
     else:
         data_dim = getattr(module, "data_dim", None)
-        if not isinstance(data, Tensor) and data_dim is None:
+        if isinstance(data, Tensor):
+            tensors = (data,)  # as to_tensor would return it
+        elif data_dim is None:
             raise ValueError("pass data as a tensor or a tuple of tensors for this model")
-        tensors = (to_tensor(data, data_dim),)
+        else:
+            tensors = (to_tensor(data, data_dim),)
     x = tensors[0]
     if not x.is_floating_point():  # checked before the cast below would hide it
         raise ValueError(f"training data must have a floating dtype, got {x.dtype}")
@@ -396,25 +451,44 @@ def _take_step(
     *,
     validate: bool,
     where: str,
+    data: Tensor | None = None,
 ) -> float:
     """One SVI step; returns the per-example loss. A loss or gradient that is not finite
-    raises before the optimizer changes anything."""
+    raises before the optimizer changes anything: a :class:`TrainingDivergedError`, or, on
+    the first step of a fresh run (``data``: all the training data), a ``ValueError`` about
+    the data, since no learning rate has acted yet."""
     optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(validate):
         per_example = float(objective.loss_and_grads(*batch, num_data=num_data)) / num_data
     if not math.isfinite(per_example):
+        if data is not None:
+            raise ValueError(_not_scored(f"the loss is {per_example}", data))
         raise TrainingDivergedError(
             f"loss is {per_example} {where}; the parameters are those before this "
             "step (try a smaller learning_rate)"
         )
     gradient_norm = _gradient_norm(objective.trained, clip_norm)
     if not math.isfinite(gradient_norm):
+        if data is not None:
+            raise ValueError(_not_scored(f"the gradient norm is {gradient_norm}", data))
         raise TrainingDivergedError(
             f"gradient norm is {gradient_norm} {where}; the parameters are those "
             "before this step (try a smaller learning_rate or clip_norm)"
         )
     optimizer.step()
     return per_example
+
+
+def _not_scored(what: str, data: Tensor) -> str:
+    largest = float(data.abs().max())
+    finfo = torch.finfo(data.dtype)
+    return (
+        f"{what} at the first step, from the initial parameters, before any learning rate "
+        f"acted: the model cannot score the training data in {data.dtype} (their largest "
+        f"magnitude is {largest:.3g}; the largest {data.dtype} is {finfo.max:.3g}, and a "
+        "likelihood squares values and sums them over features and examples): rescale the "
+        "data, use float64, or check the model's settings (such as beta)"
+    )
 
 
 @contextlib.contextmanager
