@@ -7,6 +7,8 @@ Each raises a ``ValueError`` that names the part or the data at fault.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pyro.distributions import constraints
 from torch import Tensor, nn
@@ -117,7 +119,9 @@ def check_support(
         )
 
 
-def _call_part(name: str, part: nn.Module, *args: Tensor) -> object:
+def _call_part(name: str, part: nn.Module, *args: Tensor) -> Any:
+    # Any, as nn.Module.__call__ returns: what a part returns is for its caller to check
+    # (_check_shapes for a distribution, the decoder's tensor check in check_components).
     if not callable(part):
         raise ValueError(f"{name}: must be a callable nn.Module, got {type(part).__name__}")
     try:

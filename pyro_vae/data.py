@@ -188,7 +188,8 @@ def _load_torchvision(name: str, data_dir: Path | None) -> DataSplits:
     # replaced file is always the one read, and a read-only directory is enough.
     x_train, y_train = _read_split(found, "train", len(class_names))
     x_test, y_test = _read_split(found, "t10k", len(class_names))
-    image_shape = tuple(x_train.shape[1:])
+    _, rows, cols = x_train.shape  # _read_idx checked: three dimensions
+    image_shape = (rows, cols)
     if tuple(x_test.shape[1:]) != image_shape:
         raise ValueError(
             f"{found['t10k-images-idx3-ubyte']}: test images are {x_test.shape[1:]}, "

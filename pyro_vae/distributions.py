@@ -3,13 +3,16 @@ normalized ``log_prob``, a ``support`` the VAE checks data against, and an exact
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
+
+# What torch's Distribution.expand and .sample accept as a shape.
+_Shape: TypeAlias = "torch.Size | list[int] | tuple[int, ...]"
 
 
 class _Grid(constraints.Constraint):
@@ -61,7 +64,9 @@ class DiscretizedLogistic(TorchDistribution):
     def support(self) -> constraints.Constraint:
         return _Grid(self.num_levels)
 
-    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+    def expand(
+        self, batch_shape: _Shape, _instance: DiscretizedLogistic | None = None
+    ) -> DiscretizedLogistic:
         new = self._get_checked_instance(DiscretizedLogistic, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape)
@@ -111,7 +116,7 @@ class DiscretizedLogistic(TorchDistribution):
         return (probs * levels.pow(2)).sum(-1) - (probs * levels).sum(-1).pow(2)
 
     @torch.no_grad()
-    def sample(self, sample_shape: tuple[int, ...] = ()) -> Tensor:
+    def sample(self, sample_shape: _Shape = ()) -> Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
         u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)

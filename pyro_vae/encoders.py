@@ -11,6 +11,7 @@ convolutional network when ``image_shape`` is given. Only the read-out of its ou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -193,7 +194,8 @@ class IAFEncoder(_NetworkEncoder):
         for i, layer in enumerate(self.layers):
             if i > 0:
                 transforms.append(T.Permute(self.reverse))
-            transforms.append(layer.condition(context))
+            # A ModuleList yields plain Modules to mypy; these are the layers built above.
+            transforms.append(cast(T.ConditionalAffineAutoregressive, layer).condition(context))
         return dist.TransformedDistribution(base, transforms)
 
 

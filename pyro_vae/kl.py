@@ -12,6 +12,7 @@ Each is tested against a Monte-Carlo estimate (tests/test_kl.py).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from torch.distributions.kl import register_kl
 
@@ -19,7 +20,7 @@ from pyro_vae.model import VAE
 
 
 @register_kl(MultivariateNormal, Independent)
-def _kl_full_covariance_normal_diagonal_normal(q: MultivariateNormal, p: Independent):
+def _kl_full_covariance_normal_diagonal_normal(q: MultivariateNormal, p: Independent) -> Tensor:
     """½ [tr(S⁻¹Σ) + (m − μ)ᵀ S⁻¹ (m − μ) − D + log det S − log det Σ], S = diag s²."""
     if not (isinstance(p.base_dist, Normal) and p.reinterpreted_batch_ndims == 1):
         # NotImplementedError is what kl_divergence raises for an unregistered pair, and what

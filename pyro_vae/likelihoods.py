@@ -14,6 +14,8 @@ real values → Normal or Laplace.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
@@ -69,7 +71,11 @@ def _positive(raw_scale: Tensor) -> Tensor:
 class _LocationScaleLikelihood(nn.Module):
     """p(x | z) = Π_d family(x_d; loc_d, scale); the scale fixed or learnt."""
 
-    family: type[dist.TorchDistribution]
+    # The distribution's class, called as family(loc, scale).
+    family: Callable[[Tensor, Tensor], dist.TorchDistribution]
+    # A buffer when the scale is fixed; declared for type checkers, since nn.Module's attribute
+    # lookup returns Tensor | Module.
+    fixed_scale: Tensor
 
     def __init__(
         self, scale: float = 1.0, *, learn_scale: bool = False, data_dim: int | None = None

@@ -125,7 +125,7 @@ def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
             f"image_shape must be (height, width) or (channels, height, width) of positive "
             f"sizes, got {shape}"
         )
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def feature_network(
@@ -144,10 +144,15 @@ def feature_network(
     return net
 
 
-def output_layer(net: nn.Module) -> nn.Linear:
+def output_layer(net: object) -> nn.Linear:
     """The final linear layer of an :class:`MLP` or a :class:`ConvNet`: the read-out whose
     rows produce the network's outputs."""
-    layer = net.linear if isinstance(net, ConvNet) else net[-1]
+    if isinstance(net, ConvNet):
+        layer: object = net.linear
+    elif isinstance(net, nn.Sequential):
+        layer = net[-1]
+    else:
+        layer = None
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"{type(net).__name__} does not end in a linear layer")
     return layer

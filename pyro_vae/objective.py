@@ -11,6 +11,7 @@ trace of the model and guide.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -21,6 +22,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
+from pyro_vae._sites import site_distribution
 from pyro_vae.distributions import describe
 
 
@@ -74,7 +76,10 @@ class Objective:
         self._check_traces(model_trace, guide_trace)
         found: dict[int, Tensor] = {}
         for site in param_capture.trace.nodes.values():
-            unconstrained = site["value"].unconstrained()
+            # A param site's value is the constrained tensor, on which Pyro's param store hangs
+            # the leaf that is trained (Any: Pyro types it as an optional anything).
+            value: Any = site["value"]
+            unconstrained = value.unconstrained()
             found.setdefault(id(unconstrained), unconstrained)
         own = list(self.module.parameters()) if isinstance(self.module, nn.Module) else []
         unused = [
@@ -105,7 +110,7 @@ class Objective:
             if site["type"] == "sample"
             and not site["is_observed"]
             # TraceEnum_ELBO sums enumerated sites out in the model: they need no guide.
-            and not site["infer"].get("enumerate")
+            and not (site["infer"] or {}).get("enumerate")
         ]
         guided = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
         missing = [name for name in latent if name not in guided]
@@ -120,7 +125,8 @@ class Objective:
             )
         if isinstance(self.loss, TraceMeanField_ELBO):
             for name in latent:
-                q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+                q = site_distribution(guide_trace.nodes[name])
+                p = site_distribution(model_trace.nodes[name])
                 try:
                     kl_divergence(q, p)
                 except NotImplementedError:
@@ -144,9 +150,12 @@ class Objective:
         """Pyro's loss for the whole dataset estimated from ``batch`` (N / B times the
         minibatch's), with its gradients accumulated into the parameters' ``.grad``. Call
         :meth:`parameters` first."""
+        # Pyro's ELBO base class declares no loss_and_grads, but every estimator Pyro ships
+        # defines it (SVI calls it the same way).
+        loss_and_grads: Callable[..., float] = self.loss.loss_and_grads  # type: ignore[attr-defined]
         if not self.scale_outside:
-            return self.loss.loss_and_grads(self.model, self.guide, *batch, num_data=num_data)
-        loss = self.loss.loss_and_grads(self.model, self.guide, *batch)
+            return loss_and_grads(self.model, self.guide, *batch, num_data=num_data)
+        loss = loss_and_grads(self.model, self.guide, *batch)
         factor = num_data / len(batch[0])
         for parameter in self.trained:
             if parameter.grad is not None:

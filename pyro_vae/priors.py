@@ -10,11 +10,12 @@ method, which :class:`~pyro_vae.model.VAE` calls when it is built.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
@@ -32,6 +33,10 @@ class StandardNormalPrior(nn.Module):
 
     :param int latent_dim: the size of z.
     """
+
+    # Buffers, declared for type checkers (nn.Module's attribute lookup returns Tensor | Module).
+    loc: Tensor
+    scale: Tensor
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -100,6 +105,9 @@ class VampPrior(nn.Module):
     :param encoder: the encoder to use; ``None`` until the VAE binds its own.
     """
 
+    # Set by bind_encoder outside nn.Module's registry; declared here for type checkers.
+    _encoder: nn.Module | None
+
     def __init__(
         self, data_dim: int, num_pseudo_inputs: int = 100, encoder: nn.Module | None = None
     ) -> None:
@@ -144,6 +152,11 @@ class FlowPrior(nn.Module):
         elsewhere means the widths of the encoder's and decoder's MLPs.)
     """
 
+    # Buffers, declared for type checkers (nn.Module's attribute lookup returns Tensor | Module).
+    loc: Tensor
+    scale: Tensor
+    reverse: Tensor
+
     def __init__(
         self, latent_dim: int, flow_depth: int = 2, flow_hidden_dims: Sequence[int] | None = None
     ) -> None:
@@ -166,7 +179,8 @@ class FlowPrior(nn.Module):
             if i > 0:
                 transforms.append(T.Permute(self.reverse))
             # .inv: sampling runs the autoregressive inverse, log_prob the one-pass direction.
-            transforms.append(layer.inv)
+            # (A ModuleList yields plain Modules to mypy; these are the layers built above.)
+            transforms.append(cast(T.AffineAutoregressive, layer).inv)
         # TransformedDistribution applies the list from the base, so reverse the f⁻¹ order.
         base = dist.Normal(self.loc, self.scale).to_event(1)
         return dist.TransformedDistribution(base, transforms[::-1])
