@@ -27,6 +27,7 @@ from pyro_vae.conditional import (
     merge_by_mask,
     plot_completions,
     quadrant_mask,
+    sample_spread,
     split_by_mask,
 )
 
@@ -378,6 +379,27 @@ def test_copies_get_their_own_pyro_names_and_train_on_their_own():
     for name in store.keys():
         owner = owners[re.split(r"[.$]", name)[0]]
         assert any(store._params[name] is p for p in owner.parameters()), name
+
+
+def test_sample_spread_is_the_spread_of_completions_per_condition():
+    """The per-condition standard deviation of the completions over draws of z, averaged over
+    pixels: the direct computation from the same draws; 0 when the decoder ignores z."""
+    _, _, c = small_quadrant_data(5)
+    cvae = ConditionalVAE(12, 4, 2, hidden_dims=(8,))
+    pyro.set_rng_seed(3)
+    spread = sample_spread(cvae, c, num_particles=50)
+    pyro.set_rng_seed(3)
+    draws = cvae.sample(c, num_samples=50)  # (50, 5, 12)
+    expected = torch.stack([draws[:, i].std(0).mean() for i in range(5)])
+    torch.testing.assert_close(spread, expected, rtol=0, atol=1e-12)
+    assert bool((spread > 0).all())
+    with torch.no_grad():
+        cvae.decoder[0].weight[:, :2] = 0  # the decoder reads [z, c]: z's columns cut
+    torch.testing.assert_close(  # zero up to the rounding of a mean of equal numbers
+        sample_spread(cvae, c, num_particles=50), torch.zeros(5), rtol=0, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="num_particles >= 2"):
+        sample_spread(cvae, c, num_particles=1)
 
 
 def test_completions_keep_the_given_pixels_and_fill_the_missing(tmp_path):
