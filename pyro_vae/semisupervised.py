@@ -222,7 +222,13 @@ class M2(PyroModule):
 
     @classmethod
     def from_data(
-        cls, x: Tensor, labels: Tensor, latent_dim: int, *, alpha: float | None = None, **kwargs
+        cls,
+        x: Tensor,
+        labels: Tensor,
+        latent_dim: int,
+        *,
+        alpha: float | None = None,
+        **kwargs: Any,
     ) -> M2:
         """An M2 sized from the training data: ``data_dim`` from ``x``, ``num_labels`` from
         the largest label, and ``alpha`` the paper's (:func:`paper_alpha`) unless given.
@@ -447,6 +453,7 @@ class M2(PyroModule):
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
         contract.check_finite(x, what)
+        support: constraints.Constraint
         if probabilities:
             support = constraints.independent(constraints.unit_interval, 1)
             expected = "the probabilities in [0, 1] that dynamic binarization needs"
