@@ -282,7 +282,8 @@ class VAE(PyroModule):
             samples = torch.empty(
                 (num_samples, self.data_dim), dtype=self.dtype, device=self.device
             )
-        except RuntimeError as error:  # torch's out-of-memory errors are RuntimeErrors
+        except (RuntimeError, TypeError, OverflowError) as error:
+            # torch's out-of-memory errors are RuntimeErrors; a size beyond 64 bits, a TypeError.
             raise ValueError(
                 f"num_samples={num_samples} asks for {num_samples * self.data_dim * itemsize:.3g} "
                 f"bytes of samples ({num_samples} x {self.data_dim} features of {self.dtype}), "

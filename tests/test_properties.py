@@ -4,6 +4,7 @@ torch or Pyro."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -142,3 +143,110 @@ def test_build_vae_works_or_raises_a_one_line_value_error(
             hidden_dims=(4,),
         )
     )
+
+
+def more_calls(vae: pv.VAE):
+    """The rest of the public functions that take data."""
+    return {
+        "kl_per_dimension": lambda x: pv.kl_per_dimension(vae, x),
+        "kl_decomposition": lambda x: pv.kl_decomposition(vae, x, num_particles=2),
+        "active_units": lambda x: pv.active_units(vae, x),
+        "weight_spread": lambda x: pv.weight_spread(vae, x, num_particles=3),
+    }
+
+
+@pytest.mark.parametrize("function", sorted(more_calls(pv.VAE(DATA_DIM, LATENT_DIM))))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=tensors())
+def test_more_data_functions_work_or_raise_a_one_line_value_error(function, x):
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, hidden_dims=(8,))
+    assert_works_or_says_why(more_calls(vae)[function], x)
+
+
+# Counts and chunk sizes: small, zero, negative, of the wrong type; and for sample, sizes whose
+# result could never be allocated (a ValueError giving the size, not torch's out-of-memory).
+counts = st.one_of(st.integers(-3, 12), st.sampled_from([None, True, 2.5, "3", 0]))
+sample_sizes = st.one_of(counts, st.sampled_from([2**62, 2**70, 10**30]))
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    function=st.sampled_from(
+        ["log_likelihood", "elbo", "elbo_terms", "kl_decomposition", "kl_per_dimension"]
+    ),
+    count=counts,
+    chunk=counts,
+)
+def test_counts_and_chunk_sizes_work_or_raise_a_one_line_value_error(function, count, chunk):
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, hidden_dims=(4,))
+    x = torch.bernoulli(torch.full((5, DATA_DIM), 0.5))
+    if function == "kl_per_dimension":
+        assert_works_or_says_why(lambda: pv.kl_per_dimension(vae, x, chunk_size=chunk))
+        return
+    call = getattr(pv, function)
+    assert_works_or_says_why(lambda: call(vae, x, num_particles=count, chunk_size=chunk))
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_samples=sample_sizes, weights=st.sampled_from(["sample", "mean", "median", 1]))
+def test_sample_works_or_raises_a_one_line_value_error(num_samples, weights):
+    vae = pv.build_vae(DATA_DIM, LATENT_DIM, decoder="bayesian", hidden_dims=(4,))
+    assert_works_or_says_why(lambda: vae.sample(num_samples, weights))
+
+
+class _OtherDevice(torch.Generator):
+    """A generator that says it lives on another device: this torch builds no meta generator,
+    and a CUDA one needs CUDA."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("meta")
+
+
+generators = st.sampled_from(
+    [
+        None,
+        "torch",
+        "numpy",
+        5,
+        "cpu",
+        "other-device",
+        1.5,
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    generator=generators,
+    model_dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+    data_dtype=st.sampled_from([torch.float64, torch.float32, torch.float16]),
+    learning_rate=st.sampled_from([1e-3, 1e-39, 1e-320, 5e-324, 1e-300]),
+    scale=st.sampled_from([1.0, 1e30, 1e38]),
+)
+def test_fit_with_any_generator_dtype_and_scale_works_or_raises_a_one_line_value_error(
+    generator, model_dtype, data_dtype, learning_rate, scale
+):
+    made = {
+        "torch": torch.Generator().manual_seed(0),
+        "numpy": np.random.default_rng(0),
+        "other-device": _OtherDevice(),
+    }
+    vae = pv.build_vae(DATA_DIM, LATENT_DIM, likelihood="normal", hidden_dims=(4,))
+    vae = vae.to(model_dtype)
+    x = (torch.bernoulli(torch.full((6, DATA_DIM), 0.5)) * scale).to(data_dtype)
+    try:
+        pv.fit(
+            vae,
+            x,
+            num_epochs=1,
+            batch_size=3,
+            learning_rate=learning_rate,
+            generator=made.get(generator, generator),
+            progress=False,
+        )
+    except ValueError as error:
+        assert str(error) and "\n" not in str(error)
+        # Nothing but the model's dtype or the data's scale may make the first step fail,
+        # and then the message is about them, not the learning rate.
+        assert "learning_rate" not in str(error) or "learning_rate=" in str(error), str(error)
