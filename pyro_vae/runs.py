@@ -26,7 +26,8 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,12 @@ from torch import Tensor
 
 from pyro_vae._files import atomic_write
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.cli import say
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
 from pyro_vae.evaluate import elbo_terms
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
+from pyro_vae.train import TrainingDivergedError, TrainingState
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".pyro_vae.lock"
@@ -196,6 +199,13 @@ def load_run(directory: str | os.PathLike) -> Run:
     )
 
 
+def saved_model(directory: str | os.PathLike) -> str:
+    """Which model the run in ``directory`` trains: ``"vae"``, ``"m2"`` or ``"cvae"`` (the
+    ``"model"`` entry of its checkpoint's config; runs without one are VAEs)."""
+    _, payload = load_checkpoint(checkpoint_path(Path(directory)))
+    return str(payload["config"].get("model", "vae"))
+
+
 def checkpoint_path(directory: Path) -> Path:
     """``directory``'s checkpoint, or a ValueError that says what was given instead."""
     if directory.is_file():
@@ -334,11 +344,71 @@ class RunDirectory:
         writer.writerows(rows)
         self.write_text("metrics.csv", table.getvalue())
 
+    def resume_state(self, checkpoint: dict[str, Any]) -> tuple[list[dict], TrainingState | None]:
+        """The metrics so far and the training state of a claimed run's ``checkpoint`` (empty
+        and ``None`` for a new run). A kill between the checkpoint and ``metrics.json`` may
+        have left the latter behind: it is rewritten from the checkpoint here."""
+        metrics = list(checkpoint.get("metrics", []))
+        saved = checkpoint.get("training")
+        state = None if saved is None else TrainingState.from_dict(saved)
+        if state is not None:
+            self.last_checkpoint = (state.epoch, state.step)
+            if metrics:
+                self.write_metrics(metrics)
+        if self.leftovers:
+            say(f"removed {', '.join(self.leftovers)}: left by a write that was interrupted")
+        return metrics, state
+
+    def checkpointer(
+        self, module: Any, config: dict[str, Any], metrics: list[dict], **extra: Any
+    ) -> Callable[[TrainingState], None]:
+        """fit's ``checkpoint`` callback: ``checkpoint.pt`` with the weights, ``config``, the
+        metrics so far, the training state and ``extra``, then ``metrics.json`` (after, so
+        that it is never ahead of what a resume restores)."""
+
+        def checkpoint(training: TrainingState) -> None:
+            self.save_checkpoint(
+                module,
+                config,
+                epoch=training.epoch,
+                step=training.step,
+                metrics=metrics,
+                training=training.to_dict(),
+                **extra,
+            )
+            if metrics:
+                self.write_metrics(metrics)
+
+        return checkpoint
+
+    def stopped(self, prog: str, error: BaseException) -> int:
+        """Say on stderr why training stopped and what it left on disk; the exit code."""
+        left = self.where_it_stands()
+        # Resuming a diverged run would diverge again at the same step: no hint to do so.
+        resume = f"; continue with --resume {self.path}" if self.last_checkpoint else ""
+        if isinstance(error, KeyboardInterrupt):
+            message, code = f"interrupted; {left}{resume}", 130
+        elif isinstance(error, TrainingDivergedError):
+            message, code = f"training diverged: {error}; {left}", 1
+        else:
+            message, code = f"cannot write into {self.path}: {error}; {left}{resume}", 1
+        print(f"{prog}: {message}", file=sys.stderr)
+        return code
+
     def save_checkpoint(self, vae: VAE, config: dict[str, Any], **extra: Any) -> None:
         """Write ``checkpoint.pt`` (see :func:`save_checkpoint`); ``extra`` must hold the
         ``epoch`` and ``step`` it was taken at."""
         save_checkpoint(self.path / CHECKPOINT, vae, config, **extra)
         self.last_checkpoint = (extra["epoch"], extra["step"])
+
+
+def run_arguments(args: Any) -> dict[str, Any]:
+    """A script's parsed arguments as plain values for the checkpoint, without those that
+    only steer this invocation (resume, overwrite)."""
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    for key in ("resume", "overwrite", "given"):
+        plain.pop(key, None)
+    return plain
 
 
 def _refuse_links(path: Path) -> None:

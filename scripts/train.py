@@ -23,10 +23,12 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae import cli, plots
+from pyro_vae import cli, conditional_job, plots, semisupervised_job
 from pyro_vae.runs import ELBOS, RunDirectory
 
 PROG = "train.py"
+# The models other than the VAE, each with its flags and its main job.
+JOBS = {"m2": semisupervised_job, "cvae": conditional_job}
 # What a resumed run may change: nothing that alters the model or the maths.
 RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every", "--num-threads")
 
@@ -38,6 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and figures.",
     )
     add = parser.add_argument
+    add(
+        "--model",
+        choices=("vae", *JOBS),
+        default="vae",
+        help="vae; m2: semi-supervised with enumerated labels; cvae: conditional, completes "
+        "missing quadrants",
+    )
+    for name, job in JOBS.items():
+        job.add_arguments(parser.add_argument_group(f"--model {name}"))
     add("--dataset", choices=pv.DATASET_NAMES, default="digits", help="digits is always offline")
     add(
         "--data-dir",
@@ -144,6 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.overwrite:
             parser.error("--resume and --overwrite exclude each other")
         return args
+    # Each model takes the flags of its own group, and of the VAE's those it says it uses.
+    for name, job in JOBS.items():
+        theirs = {a.option_strings[0] for a in parser._actions if a.dest in job.OWN_FLAGS}
+        if args.model != name and args.given & theirs:
+            parser.error(f"{', '.join(sorted(args.given & theirs))} is for --model {name}")
+    if args.model != "vae":
+        JOBS[args.model].check_arguments(args, parser)
+        return args
     # The defaults that depend on other arguments.
     args.out_dir = args.out_dir or Path("runs") / args.dataset
     args.num_epochs = args.num_epochs or (200 if args.dataset == "digits" else 20)
@@ -173,6 +192,9 @@ def main(args: argparse.Namespace) -> int:
     can write a checkpoint between our reading it and going on from it.
     """
     cli.set_num_threads(args.num_threads)
+    kind = args.model if args.resume is None else pv.runs.saved_model(args.resume)
+    if kind != "vae":
+        return JOBS[kind].main(args, PROG)
     if args.resume is not None:
         with RunDirectory.claim(args.resume, mode="existing") as run_dir:
             run = pv.load_run(args.resume)
@@ -215,7 +237,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     try:
         return _train(args, run_dir, run)
     except (KeyboardInterrupt, pv.TrainingDivergedError, OSError) as error:
-        return _stopped(error, run_dir)
+        return run_dir.stopped(PROG, error)
 
 
 def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
@@ -224,19 +246,8 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     vae, config, data = run.vae.to(args.device), run.config, run.data.to(args.device)
     x_test, x_train_eval = (x.to(args.device, vae.dtype) for x in (run.x_test, run.x_train_eval))
     loss = pv.runs.make_loss(args.elbo, args.num_particles)
-    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    for key in ("resume", "overwrite", "given"):
-        run_args.pop(key, None)
     # A new run's checkpoint is empty; a resumed one goes on from its own.
-    metrics: list[dict] = list(run.checkpoint.get("metrics", []))
-    saved = run.checkpoint.get("training")
-    state = None if saved is None else pv.TrainingState.from_dict(saved)
-    if state is not None:
-        run_dir.last_checkpoint = (state.epoch, state.step)
-        if metrics:  # a kill between checkpoint and metrics could have left these behind
-            run_dir.write_metrics(metrics)
-    if run_dir.leftovers:
-        cli.say(f"removed {', '.join(run_dir.leftovers)}: left by a write that was interrupted")
+    metrics, state = run_dir.resume_state(run.checkpoint)
     kl_kind = "closed form" if args.elbo == "meanfield" and pv.has_closed_form_kl(vae) else "MC"
     cli.say(
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
@@ -263,23 +274,6 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
             f"{row['seconds']:.2f}s"
         )
 
-    test_digest = pv.runs.digest(x_test)  # lets load_run check it rebuilds this very test set
-
-    def checkpoint(training: pv.TrainingState) -> None:
-        run_dir.save_checkpoint(
-            vae,
-            config,
-            args=run_args,
-            epoch=training.epoch,
-            step=training.step,
-            metrics=metrics,
-            training=training.to_dict(),
-            evaluation_digest=test_digest,
-        )
-        # After the checkpoint, so that metrics.json is never ahead of what a resume restores.
-        if metrics:
-            run_dir.write_metrics(metrics)
-
     pv.fit(
         vae,
         data.x_train,
@@ -290,7 +284,14 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         kl_warmup_epochs=args.kl_warmup_epochs,
         clip_norm=args.clip_norm,
         callback=after_epoch,
-        checkpoint=checkpoint,
+        # The digest lets load_run check that it rebuilds this very test set.
+        checkpoint=run_dir.checkpointer(
+            vae,
+            config,
+            metrics,
+            args=pv.runs.run_arguments(args),
+            evaluation_digest=pv.runs.digest(x_test),
+        ),
         checkpoint_every=args.checkpoint_every,
         resume=state,
         progress=progress,
@@ -351,21 +352,6 @@ def write_figures(
                 shown, mean, std, data.image_shape, run_dir.path / "weight_uncertainty.png"
             )
     plots.plot_loss_curves(metrics, run_dir.path / "loss_curves.png")
-
-
-def _stopped(error: BaseException, run_dir: RunDirectory) -> int:
-    """Say why training stopped and what it left on disk."""
-    left = run_dir.where_it_stands()
-    # Resuming a diverged run would diverge again at the same step: no hint to do so.
-    resume = f"; continue with --resume {run_dir.path}" if run_dir.last_checkpoint else ""
-    if isinstance(error, KeyboardInterrupt):
-        message, code = f"interrupted; {left}{resume}", 130
-    elif isinstance(error, pv.TrainingDivergedError):
-        message, code = f"training diverged: {error}; {left}", 1
-    else:
-        message, code = f"cannot write into {run_dir.path}: {error}; {left}{resume}", 1
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return code
 
 
 def run(argv: list[str] | None = None) -> int:
