@@ -50,6 +50,14 @@ from pyro_vae.priors import (
     VampPrior,
 )
 from pyro_vae.runs import Run, load_run
+from pyro_vae.semisupervised import (
+    M2,
+    UNLABELLED,
+    SupervisedClassifier,
+    hide_labels,
+    labelled_subset,
+    paper_alpha,
+)
 from pyro_vae.train import History, TrainingDivergedError, TrainingState, fit
 
 __version__ = "0.1.0"
@@ -79,6 +87,7 @@ __all__ = [
     "KLDecomposition",
     "LIKELIHOOD_NAMES",
     "LaplaceLikelihood",
+    "M2",
     "MLP",
     "MixtureOfGaussiansPrior",
     "NETWORK_NAMES",
@@ -87,8 +96,10 @@ __all__ = [
     "PRIOR_NAMES",
     "Run",
     "StandardNormalPrior",
+    "SupervisedClassifier",
     "TrainingDivergedError",
     "TrainingState",
+    "UNLABELLED",
     "VAE",
     "VampPrior",
     "active_units",
@@ -99,12 +110,15 @@ __all__ = [
     "explain",
     "fit",
     "has_closed_form_kl",
+    "hide_labels",
     "kl_decomposition",
     "kl_per_dimension",
+    "labelled_subset",
     "load_checkpoint",
     "load_dataset",
     "load_run",
     "log_likelihood",
+    "paper_alpha",
     "save_checkpoint",
     "weight_spread",
 ]

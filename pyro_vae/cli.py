@@ -131,6 +131,18 @@ def device(text: str) -> str:
     return str(parsed)
 
 
+def num_threads(text: str) -> int:
+    """A thread count no larger than the CPU cores this process may use: more threads than
+    cores only compete with each other (and an absurd count makes OpenMP abort)."""
+    value = positive_int(text)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if value > (cores or 1):
+        raise argparse.ArgumentTypeError(
+            f"expected at most the {cores} CPU cores this process may use, got {text!r}"
+        )
+    return value
+
+
 def set_num_threads(num_threads: int | None) -> None:
     """Use ``num_threads`` CPU threads for torch's operations (``None``: torch's default, one
     per core). The small networks here gain little from threads, and threads that compete

@@ -17,6 +17,7 @@ data files, other code) is refused instead of scored.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import errno
@@ -27,7 +28,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
 from pyro_vae._files import atomic_write
-from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.checkpoint import _least_weights, load_checkpoint, save_checkpoint
 from pyro_vae.cli import say
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
 from pyro_vae.evaluate import elbo_terms
@@ -102,6 +103,21 @@ def model_config(args: Mapping[str, Any], data: DataSplits) -> dict[str, Any]:
         # Only a Bayesian decoder has a weight prior.
         **({"prior_scale": args["prior_scale"] or 1.0} if args["decoder"] == "bayesian" else {}),
     }
+
+
+def check_model_size(config: dict[str, Any]) -> None:
+    """Refuse, before building it, a model whose weights would not fit in this machine's
+    memory with their gradients and Adam's two moments (four float32 copies). The count is
+    the checkpoint loader's lower bound, so nothing that fits is refused."""
+    weights = _least_weights(config)
+    need = 16 * weights
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ValueError(
+            f"the model would hold at least {weights:,} weights, about {need / 2**30:,.1f} GiB "
+            f"with their gradients and Adam's state: more than this machine's "
+            f"{memory / 2**30:.1f} GiB of memory"
+        )
 
 
 def evaluation_sets(vae: VAE, data: DataSplits, seed: int) -> tuple[Tensor, Tensor]:
@@ -173,6 +189,12 @@ def load_run(directory: str | os.PathLike) -> Run:
     directory = Path(directory)
     path = checkpoint_path(directory)
     vae, payload = load_checkpoint(path)
+    if not isinstance(vae, VAE):
+        # The M2 and CVAE jobs write their own results (final_metrics.json, figures).
+        raise ValueError(
+            f"{path}: a run of --model {payload['config'].get('model')}; load_run, "
+            "scripts/evaluate.py and scripts/explain.py read VAE runs"
+        )
     for key in ("args", "config", "evaluation_digest"):
         if key not in payload:
             raise ValueError(
@@ -409,6 +431,35 @@ def run_arguments(args: Any) -> dict[str, Any]:
     for key in ("resume", "overwrite", "given"):
         plain.pop(key, None)
     return plain
+
+
+def resumed_args(
+    saved: dict[str, Any],
+    given: argparse.Namespace,
+    training: dict[str, Any],
+    overrides: Iterable[str],
+) -> argparse.Namespace:
+    """A resumed run's arguments: the ``saved`` ones (the checkpoint's ``"args"``), with the
+    flags in ``overrides`` that the command (``given``, with its ``resume`` directory and the
+    set ``given`` of flags typed) gave taken from it, and ``out_dir`` the run's directory.
+
+    :raises ValueError: when ``--num-epochs`` is fewer than the epochs already begun
+        (``training``, the checkpoint's training state).
+    """
+    args = argparse.Namespace(**saved)
+    args.out_dir = given.resume  # the run's directory, wherever it is now
+    for flag in overrides:
+        name = flag.removeprefix("--").replace("-", "_")
+        if flag in given.given:
+            setattr(args, name, getattr(given, name))
+    # An epoch under way (step > 0) must be finished too.
+    done = training["epoch"] + (training["step"] > 0)
+    if args.num_epochs < done:
+        raise ValueError(
+            f"--num-epochs {args.num_epochs}: the run in {given.resume} has already "
+            f"{'started' if training['step'] else 'finished'} epoch {done}; give at least {done}"
+        )
+    return args
 
 
 def _refuse_links(path: Path) -> None:

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-examples", type=cli.positive_int, help="evaluate the first N test examples only"
     )
     parser.add_argument("--seed", type=cli.seed, default=0, help="seeds the Monte-Carlo draws")
-    parser.add_argument("--num-threads", type=cli.positive_int, help="CPU threads")
+    parser.add_argument("--num-threads", type=cli.num_threads, help="CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 

@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", type=cli.device, default="auto", help="auto picks CUDA when present")
     add(
         "--num-threads",
-        type=cli.positive_int,
+        type=cli.num_threads,
         help="CPU threads (default: one per core; on a busy machine 1 is often faster)",
     )
     add("--no-progress", action="store_true", help="hide the progress bars")
@@ -204,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
     config = pv.runs.model_config(vars(args), data)
+    pv.runs.check_model_size(config)
     vae = pv.build_vae(**config).to(args.device)
     x_test, x_train_eval = pv.runs.evaluation_sets(vae, data, args.seed)
     # Data outside the likelihood's support are refused here, before any file is written.
@@ -216,20 +217,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _resumed_args(saved: dict, given: argparse.Namespace, training: dict) -> argparse.Namespace:
     """The saved run's arguments, with those a resume may change taken from the command."""
-    args = argparse.Namespace(**saved)
-    args.out_dir = given.resume  # the run's directory, wherever it is now
-    for flag in RESUME_OVERRIDES:
-        name = flag.removeprefix("--").replace("-", "_")
-        if flag in given.given:
-            setattr(args, name, getattr(given, name))
-    # An epoch under way (step > 0) must be finished too.
-    done = training["epoch"] + (training["step"] > 0)
-    if args.num_epochs < done:
-        raise ValueError(
-            f"--num-epochs {args.num_epochs}: the run in {given.resume} has already "
-            f"{'started' if training['step'] else 'finished'} epoch {done}; give at least {done}"
-        )
-    return args
+    return pv.runs.resumed_args(saved, given, training, RESUME_OVERRIDES)
 
 
 def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:

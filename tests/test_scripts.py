@@ -147,6 +147,9 @@ def test_the_evaluation_binarization_is_a_stream_of_its_own(tiny_run):
         (["--no-prog"], "unrecognized arguments: --no-prog"),  # no abbreviations
         (["--decoder", "bayesian", "--elbo", "iwae"], "would count the weights' KL N/B"),
         (["--prior-scale", "2"], "--prior-scale is for --decoder bayesian"),
+        (["--latent-dim", str(2**33)], "more than this machine's"),
+        (["--hidden-dims", f"{2**31},{2**31}"], "more than this machine's"),
+        (["--num-threads", "2147483647"], "--num-threads: expected at most the"),
         (["--likelihood", "normal", "--likelihood-scale", "0.1"], None),  # a valid pair
     ],
 )
