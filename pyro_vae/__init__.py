@@ -10,6 +10,20 @@ from pyro_vae.build import (
     build_vae,
 )
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.conditional import (
+    Completions,
+    ConditionalBaseline,
+    ConditionalNormalPrior,
+    ConditionalVAE,
+    check_mask,
+    completions,
+    conditional_log_likelihood,
+    merge_by_mask,
+    plot_completions,
+    quadrant_mask,
+    sample_spread,
+    split_by_mask,
+)
 from pyro_vae.data import DATASET_NAMES, DataSplits, DataUnavailableError, binarize, load_dataset
 from pyro_vae.distributions import DiscretizedLogistic
 from pyro_vae.encoders import (
@@ -66,6 +80,10 @@ __all__ = [
     "ActiveUnits",
     "BayesianMLP",
     "BernoulliLikelihood",
+    "Completions",
+    "ConditionalBaseline",
+    "ConditionalNormalPrior",
+    "ConditionalVAE",
     "ContinuousBernoulliLikelihood",
     "ConvNet",
     "DATASET_NAMES",
@@ -105,6 +123,9 @@ __all__ = [
     "active_units",
     "binarize",
     "build_vae",
+    "check_mask",
+    "completions",
+    "conditional_log_likelihood",
     "elbo",
     "elbo_terms",
     "explain",
@@ -118,7 +139,12 @@ __all__ = [
     "load_dataset",
     "load_run",
     "log_likelihood",
+    "merge_by_mask",
     "paper_alpha",
+    "plot_completions",
+    "quadrant_mask",
+    "sample_spread",
     "save_checkpoint",
+    "split_by_mask",
     "weight_spread",
 ]
