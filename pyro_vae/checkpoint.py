@@ -1,5 +1,11 @@
 """Checkpoints: a model's ``state_dict`` plus the plain arguments that rebuild it.
 
+The config's ``"model"`` key names the function that rebuilds it (:data:`MODEL_NAMES`):
+absent or ``"vae"``, :func:`~pyro_vae.build.build_vae`, so that every checkpoint written
+before the key existed loads as it did; ``"m2"``, :func:`~pyro_vae.semisupervised.build_m2`;
+``"cvae"`` and ``"cvae-baseline"``, :func:`~pyro_vae.conditional.build_cvae` and
+:func:`~pyro_vae.conditional.build_cvae_baseline`. The config's other keys are its arguments.
+
 A checkpoint is what ``torch.save`` writes (a zip archive of uncompressed members), read back
 with ``torch.load(weights_only=True)``: no pickled user objects go in, so loading cannot run
 code. Files are written to a temporary name and renamed, so a crash mid-write leaves the
@@ -17,11 +23,18 @@ previous checkpoint intact; :func:`save_checkpoint` refuses, before writing, any
    file could. Checkpoints written before this check have the same format and CRCs, and are
    checked the same way;
 3. the pickle holds only tensors and plain values (``weights_only=True``);
-4. its structure: the format tag, the config's keys and types (after mapping a config of
-   version 0.1 to today's names, see :func:`upgrade_config`), names mapped to tensors;
-5. sizes: every tensor is backed by bytes of its own in the file, and the weights the
-   config's model must hold at the least are no more than the checkpoint holds, so that a
-   small crafted file cannot make the model's construction allocate gigabytes;
+4. its structure: the format tag, the config's model name, its other keys (the builder's
+   arguments, every one without a default present) and types (sizes plain positive ints;
+   a VAE config of version 0.1 is first mapped to today's names, see
+   :func:`upgrade_config`), names mapped to tensors;
+5. sizes: every tensor is backed by bytes of its own in the file, and the config's model
+   holds no more weights than the checkpoint, so that a small crafted file cannot make the
+   model's construction allocate gigabytes. For a VAE, a lower bound on its weights is
+   computed from the config (:func:`_least_weights`). The other models are built on the
+   ``meta`` device, which allocates nothing (their hidden layers first counted against the
+   tensors held, since even there each layer takes time), and their weights must be the
+   checkpoint's, name for name and shape for shape; a config whose meta build fails is
+   refused;
 6. the weights are finite.
 
 Then the model is built, and its weights must fit it exactly. Each refusal is a
@@ -39,21 +52,29 @@ import pickle
 import stat
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
+from torch import nn
 
 from pyro_vae._files import atomic_write
 from pyro_vae.build import build_vae, describe
 from pyro_vae.data import check_device
 from pyro_vae.encoders import IAFEncoder
-from pyro_vae.model import VAE
 
 FORMAT = "pyro_vae.checkpoint/1"
 
-_BUILD_KEYS = frozenset(inspect.signature(build_vae).parameters)
+MODEL_NAMES = ("vae", "m2", "cvae", "cvae-baseline")
+"""The values of a config's ``"model"`` key: which builder rebuilds the model. No key means
+``"vae"`` (:func:`~pyro_vae.build.build_vae`), so that every checkpoint written before the key
+existed loads as it did."""
+
+# The config key that names the builder; every other key is one of the builder's arguments.
+_MODEL_KEY = "model"
+_BUILD_KEYS = frozenset(inspect.signature(build_vae).parameters) | {_MODEL_KEY}
 # The size of the IAF encoder's context h(x); build_vae leaves it at its default.
 _IAF_CONTEXT = inspect.signature(IAFEncoder).parameters["context_dim"].default
 
@@ -79,7 +100,8 @@ def upgrade_config(config: Any) -> Any:
     ``network`` key, so the mapping is unambiguous; a config that mixes the two vocabularies
     is left for build_vae to refuse.
     """
-    if not isinstance(config, dict):
+    # Only build_vae's configs had another vocabulary; the other models' came later.
+    if not isinstance(config, dict) or config.get(_MODEL_KEY, "vae") != "vae":
         return config
     old_decoder = config.get("decoder") in _OLD_DECODERS and "network" not in config
     old_levels = "num_bins" in config and "num_levels" not in config
@@ -97,19 +119,26 @@ def upgrade_config(config: Any) -> Any:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, vae: VAE, config: dict[str, Any], **extra: Any
+    path: str | os.PathLike, module: nn.Module, config: dict[str, Any], **extra: Any
 ) -> None:
-    """Write ``vae``'s weights with ``config``, the keyword arguments that rebuild it through
-    :func:`~pyro_vae.build.build_vae` (component names, sizes), and any plain ``extra``
-    entries (epoch, metrics, script arguments).
+    """Write ``module``'s weights with ``config``, the keyword arguments that rebuild it, and
+    any plain ``extra`` entries (epoch, metrics, script arguments, a
+    :class:`~pyro_vae.train.TrainingState`'s ``to_dict()``).
+
+    ``config["model"]`` names the builder, one of :data:`MODEL_NAMES`: absent or ``"vae"``,
+    :func:`~pyro_vae.build.build_vae` (component names, sizes); ``"m2"``,
+    :func:`~pyro_vae.semisupervised.build_m2`; ``"cvae"`` and ``"cvae-baseline"``,
+    :func:`~pyro_vae.conditional.build_cvae` and
+    :func:`~pyro_vae.conditional.build_cvae_baseline`. The other keys are its arguments.
 
     Everything must be tensors or plain Python values (no modules, classes or numpy scalars),
     and the config's sizes plain ints.
 
     :raises ValueError: before anything is written, for what :func:`load_checkpoint` would
-        refuse: a config value of the wrong type, a config whose model is not ``vae``'s (its
-        weights differ in name or shape; the first that differs is named), an object
-        ``weights_only`` loading refuses, non-finite weights.
+        refuse: a config value of the wrong type, a config whose model is not ``module`` (of
+        another class, or its weights differ in name or shape: the first that differs is
+        named; for the models other than the VAE, or a plain setting such as M2's ``alpha``
+        differs), an object ``weights_only`` loading refuses, non-finite weights.
     """
     path = Path(path)
     try:
@@ -120,8 +149,8 @@ def save_checkpoint(
                 "'bayesian-mlp'); write num_levels, network and decoder as build_vae takes them"
             )
         _check_config(config)  # first of the checks, to name the key of a numpy int, say
-        _check_describes(config, vae)
-        payload = {"format": FORMAT, "config": dict(config), "state_dict": vae.state_dict()}
+        _check_describes(config, module)
+        payload = {"format": FORMAT, "config": dict(config), "state_dict": module.state_dict()}
         payload.update(extra)
         buffer = io.BytesIO()
         try:
@@ -141,8 +170,10 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: str | os.PathLike, map_location: torch.device | str = "cpu"
-) -> tuple[VAE, dict[str, Any]]:
-    """Rebuild the VAE saved at ``path``; return it with the whole checkpoint dictionary.
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` (a :class:`~pyro_vae.model.VAE`, or the model its
+    config's ``"model"`` names, see :func:`save_checkpoint`) with its weights; return it with
+    the whole checkpoint dictionary.
 
     The checks, in order, are in this module's docstring. Tensors saved on a GPU load onto
     ``map_location`` (the CPU by default), so a checkpoint from a GPU machine loads on one
@@ -161,12 +192,13 @@ def load_checkpoint(
         _check_payload(payload, len(data))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
+    config = payload["config"]
     try:
-        vae = build_vae(**payload["config"])
+        module = _builder(config)(**_arguments(config))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: its config does not describe a model: {error}") from error
     try:
-        vae.load_state_dict(payload["state_dict"])
+        module.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
         # torch lists every mismatched tensor on its own line; one line says it all here.
         problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
@@ -174,10 +206,43 @@ def load_checkpoint(
         if len(problems) > 1:
             details += f" (and {len(problems) - 1} more)"
         raise ValueError(
-            f"{path}: weights do not fit the saved config (latent_dim {vae.latent_dim}, "
-            f"{describe(payload['config'])}): {details}"
+            f"{path}: weights do not fit the saved config ({_summary(config)}): {details}"
         ) from error
-    return vae.to(device), payload
+    return module.to(device), payload
+
+
+def _kind(config: dict[str, Any]) -> str:
+    """The config's model name, checked by :func:`_check_config` to be one of MODEL_NAMES."""
+    return str(config.get(_MODEL_KEY, "vae"))
+
+
+def _builder(config: dict[str, Any]) -> Callable[..., nn.Module]:
+    """The function that builds the config's model from its other keys."""
+    kind = _kind(config)
+    if kind == "vae":
+        return build_vae  # looked up at each call, so that a test can watch it
+    # Imported here: the model modules import parts of the package that need not load with
+    # every checkpoint, and a later import of this module from theirs cannot become a cycle.
+    if kind == "m2":
+        from pyro_vae import semisupervised
+
+        return semisupervised.build_m2
+    from pyro_vae import conditional
+
+    return conditional.build_cvae if kind == "cvae" else conditional.build_cvae_baseline
+
+
+def _arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """The builder's keyword arguments: the config without its model name."""
+    return {key: value for key, value in config.items() if key != _MODEL_KEY}
+
+
+def _summary(config: dict[str, Any]) -> str:
+    """The config in a few words, for messages."""
+    if _kind(config) == "vae":
+        return f"latent_dim {config.get('latent_dim')}, {describe(config)}"
+    sizes = ", ".join(f"{key} {value}" for key, value in _arguments(config).items())
+    return f"model {_kind(config)}, {sizes}"
 
 
 def _read_regular_file(path: str | os.PathLike) -> bytes:
@@ -269,53 +334,99 @@ def _unpickle(data: bytes, device: torch.device) -> Any:
         ) from error
 
 
-def _check_describes(config: dict[str, Any], vae: VAE) -> None:
-    """``build_vae(**config)`` has ``vae``'s weights: the same names, the same shapes.
+def _check_describes(config: dict[str, Any], module: nn.Module) -> None:
+    """The config's builder makes a model like ``module``: of its class, with the same
+    weights' names and shapes (and, for the models other than the VAE, the same plain
+    settings it keeps, such as M2's ``alpha``).
 
     Otherwise the checkpoint would be written and refused only when loaded, when the model it
     came from may be gone. The config's model is built with its tensors on the ``meta``
     device, which records shapes and allocates nothing; Pyro's autoregressive networks (the
-    ``flow`` prior, the ``iaf`` encoder) cannot be built there, and those models are built
+    VAE's ``flow`` prior, ``iaf`` encoder) cannot be built there, and those VAEs are built
     on the CPU instead. The build draws no random numbers from the caller's stream.
     """
     try:
-        expected = _shapes_of_built(config)
+        built = _built(config)
     except (TypeError, ValueError) as error:
         raise ValueError(f"its config does not describe a model: {error}") from error
-    actual = {name: tuple(value.shape) for name, value in vae.state_dict().items()}
+    if not isinstance(module, type(built)):
+        raise ValueError(
+            f"the config ({_summary(config)}) describes a {type(built).__name__}, and the "
+            f"model saved is a {type(module).__name__}"
+        )
+    problem = _first_difference(_shapes(built), _shapes(module), "the config's model", "model")
+    if problem is None and _kind(config) != "vae":
+        problem = _setting_difference(config, built, module)
+    if problem is not None:
+        raise ValueError(
+            f"the config ({_summary(config)}) does not describe the model saved: {problem}"
+        )
+
+
+def _shapes(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    state_dict = module if isinstance(module, dict) else module.state_dict()
+    return {name: tuple(value.shape) for name, value in state_dict.items()}
+
+
+def _first_difference(
+    expected: dict[str, tuple[int, ...]],
+    actual: dict[str, tuple[int, ...]],
+    expected_name: str,
+    actual_name: str,
+) -> str | None:
+    """The first weight that ``actual`` has and ``expected`` has not, or of another shape, or
+    that ``expected`` has and ``actual`` has not; ``None`` when they agree."""
     for name, shape in actual.items():
         if name not in expected:
-            problem = f"the model has {name!r} {shape}, which the config's model has not"
-        elif expected[name] != shape:
-            problem = f"{name!r} is {shape} in the model but {expected[name]} for the config"
-        else:
-            continue
-        break
-    else:
-        missing = [name for name in expected if name not in actual]
-        if not missing:
-            return
+            return f"the {actual_name} has {name!r} {shape}, which {expected_name} has not"
+        if expected[name] != shape:
+            return f"{name!r} is {shape} in the {actual_name} but {expected[name]} for the config"
+    missing = [name for name in expected if name not in actual]
+    if missing:
         name = missing[0]
-        problem = f"the config's model has {name!r} {expected[name]}, which the model has not"
-    raise ValueError(
-        f"the config (latent_dim {config['latent_dim']}, {describe(config)}) does not describe "
-        f"the model saved: {problem}"
-    )
+        return f"{expected_name} has {name!r} {expected[name]}, which the {actual_name} has not"
+    return None
 
 
-def _shapes_of_built(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shapes of ``build_vae(**config)``'s state_dict, built on the meta device when it
-    can be (see :func:`_check_describes`)."""
+def _setting_difference(config: dict[str, Any], built: nn.Module, module: nn.Module) -> str | None:
+    """The first of the config's keys that both models keep as an attribute, with other
+    values (M2's ``alpha``, say, which no weight's shape shows).
+
+    β is left out: fit's KL warm-up lowers ``module.beta`` while it trains, and a checkpoint
+    taken then holds the β to return to, which the config has."""
+    for key in _arguments(config):
+        if key == "beta" or not (hasattr(built, key) and hasattr(module, key)):
+            continue
+        if getattr(built, key) != getattr(module, key):
+            return (
+                f"its {key} is {getattr(module, key)!r}, and the config's model's "
+                f"{getattr(built, key)!r}"
+            )
+    return None
+
+
+def _built(config: dict[str, Any]) -> nn.Module:
+    """The config's model, built on the meta device when it can be (see
+    :func:`_check_describes`), on a fork of the random state."""
     with torch.random.fork_rng(devices=[]):
         try:
-            # Validation reads values (a meta tensor has none); the shapes are checked anyway.
-            with torch.device("meta"), pyro.validation_enabled(False):
-                model = build_vae(**config)
-        except Exception:
+            return _built_on_meta(config)
+        except Exception as error:
+            if _kind(config) != "vae":
+                # Its models build on meta: a failure there is the config's.
+                raise ValueError(f"its build on the meta device fails ({error})") from error
             # Some operation did not run on meta (Pyro's autoregressive networks read a value
             # while they are built). The CPU build decides, also whether the config is at fault.
-            model = build_vae(**config)
-    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+            return build_vae(**_arguments(config))
+
+
+def _built_on_meta(config: dict[str, Any]) -> nn.Module:
+    """The config's model with every tensor on the meta device: shapes, no values, no memory.
+    Its models' own checks of their parts run there too (shapes only)."""
+    with torch.random.fork_rng(devices=[]):
+        # Validation reads values (a meta tensor has none); the shapes are checked anyway.
+        with torch.device("meta"), pyro.validation_enabled(False):
+            return _builder(config)(**_arguments(config))
 
 
 def _check_payload(payload: Any, file_size: int) -> None:
@@ -336,22 +447,73 @@ def _check_payload(payload: Any, file_size: int) -> None:
                 f"{type(value).__name__}, not a tensor"
             )
     _check_tensor_sizes(payload, file_size)
-    least = _least_weights(payload["config"])
-    held = sum(value.numel() for value in state_dict.values())
-    if least > held:
-        raise ValueError(
-            f"refused before building its model: the config ({_sizes(payload['config'])}) "
-            f"describes a model of at least {least} weights, and the checkpoint holds {held}"
-        )
+    if _kind(payload["config"]) == "vae":
+        least = _least_weights(payload["config"])
+        held = sum(value.numel() for value in state_dict.values())
+        if least > held:
+            raise ValueError(
+                f"refused before building its model: the config ({_sizes(payload['config'])}) "
+                f"describes a model of at least {least} weights, and the checkpoint holds {held}"
+            )
+    else:
+        _check_fits_on_meta(payload["config"], state_dict)
     for name, value in state_dict.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"its weights {name!r} hold NaN or infinite values")
 
 
+def _check_fits_on_meta(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
+    """The size bound of the models other than the VAE, before their construction allocates
+    anything: the config's model, built on the meta device (which allocates nothing), holds
+    exactly the weights the checkpoint holds, name for name and shape for shape.
+
+    Building it on meta is cheap in memory whatever the sizes, and in time except for the
+    number of layers, which the first test bounds: every hidden width is a layer with a weight
+    tensor of its own, in the file."""
+    layers = len(config.get("hidden_dims") or ())
+    if layers > len(state_dict):
+        raise ValueError(
+            f"refused before building its model: the config's hidden_dims has {layers} "
+            f"layers, and the checkpoint holds {len(state_dict)} tensors"
+        )
+    try:
+        built = _built_on_meta(config)
+    except Exception as error:
+        raise ValueError(
+            f"refused before building its model: its config does not describe a model: its "
+            f"build on the meta device fails ({error})"
+        ) from error
+    expected = _shapes(built)
+    needed = sum(math.prod(shape) for shape in expected.values())
+    held = sum(value.numel() for value in state_dict.values())
+    if needed > held:
+        raise ValueError(
+            f"refused before building its model: the config ({_summary(config)}) describes "
+            f"a model of {needed} weights, and the checkpoint holds {held}"
+        )
+    problem = _first_difference(expected, _shapes(state_dict), "the config's model", "file")
+    if problem is not None:
+        raise ValueError(
+            f"refused before building its model: weights do not fit the saved config "
+            f"({_summary(config)}): {problem}"
+        )
+
+
 def _check_config(config: Any) -> None:
-    """The config's keys are build_vae's, and its values plain Python of the right kind."""
+    """The config names a model of :data:`MODEL_NAMES`, its other keys are that builder's
+    arguments, and its values plain Python of the right kind."""
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    kind = config.get(_MODEL_KEY, "vae")
+    if not isinstance(kind, str) or kind not in MODEL_NAMES:
+        shown = repr(kind) if isinstance(kind, str) else type(kind).__name__
+        raise ValueError(
+            f"config[{_MODEL_KEY!r}] is {shown}: not a model a checkpoint holds (one of "
+            f"{', '.join(MODEL_NAMES)})"
+        )
+    if kind != "vae":
+        _check_other_config(config)
+        return
     unknown = [key for key in config if key not in _BUILD_KEYS]
     if unknown:
         raise ValueError(f"config has keys that build_vae does not take: {unknown}")
@@ -388,6 +550,37 @@ def _check_config(config: Any) -> None:
             f"config['num_levels'] is {config['num_levels']}: more pixel levels than 16-bit "
             f"images have ({_MAX_NUM_LEVELS})"
         )
+
+
+def _check_other_config(config: dict[str, Any]) -> None:
+    """A config of a model other than the VAE: its keys are its builder's arguments, every
+    argument without a default is there, sizes (``*_dim``, ``num_*``) are plain positive
+    ints, ``hidden_dims`` and ``image_shape`` lists of them, every other value a plain number
+    or name. Whether the values make a model is for the builder to say (on meta, first)."""
+    kind = _kind(config)
+    parameters = inspect.signature(_builder(config)).parameters
+    unknown = [key for key in _arguments(config) if key not in parameters]
+    if unknown:
+        raise ValueError(f"config has keys that the {kind} builder does not take: {unknown}")
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty and name not in config:
+            raise ValueError(f"config of a {kind} has no {name!r}")
+    for key, value in _arguments(config).items():
+        if key.endswith("_dim") or key.startswith("num_"):
+            _check_size(f"config[{key!r}]", value)
+        elif key in ("hidden_dims", "image_shape") and value is not None:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"config[{key!r}] must be a list of ints, got {type(value).__name__}"
+                )
+            for i, size in enumerate(value):
+                _check_size(f"config[{key!r}][{i}]", size)
+        elif value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float, str))
+        ):
+            raise ValueError(
+                f"config[{key!r}] must be a number or a name, got {type(value).__name__}"
+            )
 
 
 def _check_size(what: str, value: Any) -> None:

@@ -560,6 +560,28 @@ class ConditionalBaseline(_PyroProgram):
         return self.likelihood(self.net(c)).mean
 
 
+def build_cvae(
+    data_dim: int,
+    condition_dim: int,
+    latent_dim: int,
+    *,
+    beta: float = 1.0,
+    hidden_dims: Sequence[int] = (400,),
+) -> ConditionalVAE:
+    """A :class:`ConditionalVAE` with its default parts, from plain values only: what a
+    checkpoint's config (``"model": "cvae"``) holds and
+    :func:`~pyro_vae.checkpoint.load_checkpoint` rebuilds. Arguments as the class's."""
+    return ConditionalVAE(data_dim, condition_dim, latent_dim, beta=beta, hidden_dims=hidden_dims)
+
+
+def build_cvae_baseline(
+    data_dim: int, condition_dim: int, *, hidden_dims: Sequence[int] = (400,)
+) -> ConditionalBaseline:
+    """A :class:`ConditionalBaseline` with its default MLP and likelihood, from plain values
+    only (a checkpoint's ``"model": "cvae-baseline"``). Arguments as the class's."""
+    return ConditionalBaseline(data_dim, condition_dim, hidden_dims)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

@@ -526,6 +526,28 @@ class SupervisedClassifier(PyroModule):
         return right / len(x)
 
 
+def build_m2(
+    data_dim: int,
+    num_labels: int,
+    latent_dim: int,
+    *,
+    alpha: float,
+    hidden_dims: Sequence[int] = (500,),
+    image_shape: Sequence[int] | None = None,
+) -> M2:
+    """An :class:`M2` with its default parts, from plain values only: what a checkpoint's
+    config (``"model": "m2"``) holds and :func:`~pyro_vae.checkpoint.load_checkpoint`
+    rebuilds. Arguments as :class:`M2`'s."""
+    return M2(
+        data_dim,
+        num_labels,
+        latent_dim,
+        alpha=alpha,
+        hidden_dims=hidden_dims,
+        image_shape=image_shape,
+    )
+
+
 def _rename(root: PyroModule, prefix: str) -> None:
     """A fresh Pyro name for ``root`` and its PyroModule children. ``copy.deepcopy`` and
     unpickling go through ``__setstate__``, which calls this, so that training a copy leaves
