@@ -39,7 +39,12 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
 from pyro_vae._files import atomic_write
-from pyro_vae.checkpoint import _least_weights, load_checkpoint, save_checkpoint
+from pyro_vae.checkpoint import (
+    _built_on_meta,
+    _least_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pyro_vae.cli import say
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
 from pyro_vae.evaluate import elbo_terms
@@ -108,13 +113,17 @@ def model_config(args: Mapping[str, Any], data: DataSplits) -> dict[str, Any]:
 def check_model_size(config: dict[str, Any]) -> None:
     """Refuse, before building it, a model whose weights would not fit in this machine's
     memory with their gradients and Adam's two moments (four float32 copies). The count is
-    the checkpoint loader's lower bound, so nothing that fits is refused."""
-    weights = _least_weights(config)
+    the checkpoint loader's: a lower bound for a VAE, and for the other models the count of
+    the config's model built on the meta device (which allocates nothing)."""
+    if config.get("model", "vae") == "vae":
+        weights = _least_weights(config)
+    else:
+        weights = sum(t.numel() for t in _built_on_meta(config).state_dict().values())
     need = 16 * weights
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > memory:
         raise ValueError(
-            f"the model would hold at least {weights:,} weights, about {need / 2**30:,.1f} GiB "
+            f"the model would hold {weights:,} weights or more, about {need / 2**30:,.1f} GiB "
             f"with their gradients and Adam's state: more than this machine's "
             f"{memory / 2**30:.1f} GiB of memory"
         )
