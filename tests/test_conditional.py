@@ -334,6 +334,7 @@ def two_mode_data(num: int, generator: torch.Generator) -> tuple[torch.Tensor, t
     return torch.cat([coin.expand(num, 4), c], 1), c
 
 
+@pytest.mark.slow
 def test_cvae_learns_a_two_mode_conditional_the_baseline_cannot():
     generator = torch.Generator().manual_seed(0)
     x, c = two_mode_data(1000, generator)

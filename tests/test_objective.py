@@ -109,6 +109,7 @@ class OrthogonalLinearRegression(PyroModule):
         pyro.sample("w", dist.Normal(self.loc, self.scale).to_event(1))
 
 
+@pytest.mark.slow
 def test_bayesian_linear_regression_through_fit_reaches_the_exact_posterior():
     """Orthogonal columns make the exact posterior factorize, so the mean-field optimum is the
     posterior itself: mean_j = (x_jᵀ y / σ²) / λ_j and sd_j = λ_j^(-1/2), with precision

@@ -40,6 +40,7 @@ def test_iwae_bound_is_above_the_elbo_and_rises_with_k():
         assert gain > 4 * error > 0, (low, high, gain, error)
 
 
+@pytest.mark.slow
 def test_fit_trains_iwae_on_minibatches_with_the_scale_outside_the_logsumexp():
     """docs/design.md, "IWAE and N/B": with the N/B minibatch scale inside RenyiELBO's
     log-sum-exp, the per-example loss is not −log p̂_K(x). fit's steps must estimate exactly that

@@ -117,6 +117,7 @@ def easy_problem(num: int, generator: torch.Generator):
     return torch.bernoulli(probs, generator=generator), labels
 
 
+@pytest.mark.slow
 def test_the_classifier_learns_an_easy_problem_from_few_labels():
     generator = torch.Generator().manual_seed(0)
     x, labels = easy_problem(600, generator)
