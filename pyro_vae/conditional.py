@@ -670,6 +670,61 @@ def conditional_log_likelihood(
     return torch.cat(results)
 
 
+class ConditionalELBOTerms(NamedTuple):
+    """Per-example terms of the conditional ELBO, in nats, ``(N,)`` each, from one draw
+    z ~ q(z | x, c) per example: ``reconstruction`` log p(x | z, c), ``kl`` the Monte-Carlo
+    estimate log q(z | x, c) − log p(z | c) of KL(q(z | x, c) ‖ p(z | c)) (0 for the baseline,
+    which has no latent). ``elbo`` is their difference, the K=1 case of
+    :func:`conditional_log_likelihood`: a lower bound on log p(x | c) in expectation."""
+
+    reconstruction: Tensor
+    kl: Tensor
+
+    @property
+    def elbo(self) -> Tensor:
+        return self.reconstruction - self.kl
+
+
+@torch.no_grad()
+def conditional_elbo_terms(
+    module: ConditionalVAE | ConditionalBaseline, x: Tensor, c: Tensor, chunk_size: int = 4096
+) -> ConditionalELBOTerms:
+    """The :class:`ConditionalELBOTerms` of ``x`` given ``c``, read off the log-densities of a
+    guide trace replayed into the model (unscaled: neither β nor a minibatch scale), in chunks
+    of ``chunk_size`` examples: cheap enough to watch each epoch, where
+    :func:`conditional_log_likelihood` with many particles is the final score."""
+    if not isinstance(module, _PyroProgram):
+        raise ValueError(
+            f"module must be a ConditionalVAE or ConditionalBaseline, got {type(module).__name__}"
+        )
+    x = module.validate_data(x, "x")
+    c = module.validate_condition(c, x.shape[0])
+    check_positive_int("chunk_size", chunk_size)
+    reconstruction, kl = [], []
+    for xb, cb in zip(x.split(chunk_size), c.split(chunk_size), strict=True):
+        guide_trace = prune_subsample_sites(poutine.trace(module.guide).get_trace(xb, cb))
+        model_trace = prune_subsample_sites(
+            poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(xb, cb)
+        )
+        guide_trace.compute_log_prob()
+        model_trace.compute_log_prob()
+        observed = xb.new_zeros(len(xb))
+        divergence = xb.new_zeros(len(xb))
+        for site in model_trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                observed = observed + site["unscaled_log_prob"]
+            else:
+                divergence = divergence - site["unscaled_log_prob"]
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                divergence = divergence + site["unscaled_log_prob"]
+        reconstruction.append(observed)
+        kl.append(divergence)
+    return ConditionalELBOTerms(torch.cat(reconstruction), torch.cat(kl))
+
+
 @torch.no_grad()
 def sample_spread(cvae: ConditionalVAE, c: Tensor, num_particles: int = 100) -> Tensor:
     """How much the CVAE's completions vary for one condition: the standard deviation over
