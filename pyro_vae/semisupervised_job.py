@@ -457,7 +457,7 @@ def plot_style_transfer(
     ax.imshow(plots._image_grid(grid, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
     w = image_shape[1]
     ax.set_xticks([c * (w + 1) + (w - 1) / 2 for c in range(cols)])
-    ax.set_xticklabels(["input", *(f"y = {name}" for name in class_names)], fontsize=7)
+    ax.set_xticklabels(["binarized\ninput", *(f"y = {name}" for name in class_names)], fontsize=7)
     ax.set_yticks([])
     ax.set_title(
         "M2 style transfer: z = μ(x, most probable y) of a test input, decoded under each y"
