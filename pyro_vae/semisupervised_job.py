@@ -141,7 +141,11 @@ def main(args: argparse.Namespace, prog: str) -> int:
     first, as the VAE's does."""
     if args.resume is not None:
         with RunDirectory.claim(args.resume, mode="existing") as run_dir:
-            m2, checkpoint = pv.load_checkpoint(pv.runs.checkpoint_path(Path(args.resume)))
+            path = pv.runs.checkpoint_path(Path(args.resume))
+            m2, checkpoint = pv.load_checkpoint(path)
+            for key in ("args", "training", "labelled_indices", "evaluation_digest"):
+                if key not in checkpoint:
+                    raise ValueError(f"{path}: holds no {key!r}; it was not written by train.py")
             # scripts/train.py's parser has refused every flag a resume may not change.
             overrides = sorted(args.given - {"--resume"})
             args = pv.runs.resumed_args(checkpoint["args"], args, checkpoint["training"], overrides)
@@ -156,6 +160,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
     if args.alpha is None:
         args.alpha = paper_alpha(len(rows), len(labelled))
     config = model_config(args, data)
+    pv.runs.check_model_size(config)
     m2 = build_m2(**_arguments(config)).to(args.device)
     setup = prepare(args, data, m2, {})
     with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
@@ -220,9 +225,9 @@ def prepare(
     labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
     if checkpoint:
         path = Path(args.out_dir) / pv.runs.CHECKPOINT
-        recorded = checkpoint.get("labelled_indices")
+        recorded = checkpoint["labelled_indices"]
         if not isinstance(recorded, Tensor):
-            raise ValueError(f"{path}: holds no labelled_indices; it is no run of --model m2")
+            raise ValueError(f"{path}: its labelled_indices is no tensor")
         if not torch.equal(recorded.cpu(), labelled):
             raise ValueError(
                 f"{path}: its labelled subset is not the one labelled_subset draws from "

@@ -244,3 +244,23 @@ def test_conv_networks_train_on_images_and_the_checkpoint_rebuilds_them(tmp_path
     m2, payload = pv.load_checkpoint(out / "checkpoint.pt")
     assert payload["config"]["image_shape"] == [8, 8] and payload["config"]["hidden_dims"] == []
     assert isinstance(m2.classifier, pv.networks.ConvNet)
+
+
+def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(tmp_path, capsys):
+    out = tmp_path / "huge"
+    argv = ("--model", "m2", "--hidden-dims", str(10**9), "--num-epochs", "1")
+    code, stdout, err = train(*argv, "--out-dir", str(out), capsys=capsys)
+    assert code == 2 and stdout == ""
+    assert err.count("\n") == 1 and "more than this machine's" in err, err
+    assert not out.exists()
+
+
+def test_a_resume_refuses_a_checkpoint_without_its_labelled_subset(m2_run, tmp_path, capsys):
+    out = tmp_path / "bare"
+    out.mkdir()
+    payload = torch.load(m2_run / "checkpoint.pt", weights_only=True)
+    del payload["labelled_indices"]
+    torch.save(payload, out / "checkpoint.pt")
+    code, stdout, err = train("--resume", str(out), "--num-epochs", "3", capsys=capsys)
+    assert code == 2 and stdout == ""
+    assert err.count("\n") == 1 and "holds no 'labelled_indices'" in err, err
