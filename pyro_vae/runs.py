@@ -67,6 +67,12 @@ RUN_FILES = (
     "loss_curves.png",
     "weight_uncertainty.png",
     "evaluation.json",
+    # --model m2
+    "accuracy.png",
+    "style_transfer.png",
+    # --model cvae
+    "baseline.pt",
+    "completions.png",
 )
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 MAX_TRAIN_EVAL = 10000

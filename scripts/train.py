@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Train a VAE, evaluate it, and write its results: the main job of pyro_vae.
+"""Train a model, evaluate it, and write its results: the main job of pyro_vae.
 
-    python scripts/train.py                       # digits, offline, about a minute on 2 CPU cores
+    python scripts/train.py                       # a VAE on digits, offline, about a minute
     python scripts/train.py --dataset fashion-mnist --num-epochs 20 --latent-dim 50
-    python scripts/train.py --prior vamp --encoder full-covariance --elbo iwae --num-particles 5
+    python scripts/train.py --prior vamp --encoder full-covariance --elbo iwae --out-dir runs/v
+    python scripts/train.py --model m2 --num-labelled 100      # semi-supervised (M2)
+    python scripts/train.py --model cvae --given-quadrants 2   # conditional completion (CVAE)
 
-It reads like Pyro's examples: arguments, data, model, fit, evaluate, write. The run directory
-(--out-dir) and its format are pyro_vae.runs': checkpoint.pt (weights, the arguments that rebuild
-the model, and the state that resumes it exactly), metrics.json and metrics.csv (a row per
-epoch), final_metrics.json, and the figures reconstructions.png, samples.png, latent_space.png,
-loss_curves.png (and weight_uncertainty.png for a Bayesian decoder).
+It reads like Pyro's examples: arguments, data, model, fit, evaluate, write. --model m2 and cvae
+run their own jobs (pyro_vae.semisupervised_job, pyro_vae.conditional_job) through the same
+steps. The run directory (--out-dir) and its format are pyro_vae.runs': checkpoint.pt (weights,
+the arguments that rebuild the model, and the state that resumes it exactly), metrics.json and
+metrics.csv (a row per epoch), final_metrics.json, and figures: for a VAE reconstructions.png,
+samples.png, latent_space.png, loss_curves.png (and weight_uncertainty.png for a Bayesian
+decoder); for M2 accuracy.png, samples.png, style_transfer.png; for the CVAE completions.png,
+with the baseline's weights in baseline.pt.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ case must either reach fit, and then only when every value is valid by the rules
 import argparse
 import importlib.util
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,16 @@ def _real_actions() -> dict[str, argparse.Action]:
 ACTIONS = _real_actions()
 # --out-dir is the test's own (a fresh directory per case); --help exits 0 by design.
 FUZZED = sorted(set(ACTIONS) - {"--out-dir", "--help"})
+
+
+# The flags of --model m2 and cvae. The fuzzer drives the VAE's job (--model vae, or an invalid
+# name): there, each of these must be refused. The other models' command lines are checked in
+# tests/test_m2_job.py and tests/test_cvae_job.py.
+JOB_FLAGS = {
+    action.option_strings[-1]
+    for action in ACTIONS.values()
+    if any(action.dest in job.OWN_FLAGS for job in train_script.JOBS.values())
+}
 
 
 class ReachedFit(Exception):
@@ -110,6 +121,8 @@ def _is_float(text: str) -> bool:
 def _valid_value(action: argparse.Action, text: str) -> bool:
     """Whether train.py must accept ``text`` for ``action`` on its own, by the documented rules
     (written out here, not read off cli.py, so that a broken type is caught)."""
+    if action.option_strings[-1] in JOB_FLAGS:
+        return True  # a value of its own may be fine; the flag is refused by the combination
     if action.choices is not None:
         return text in action.choices
     kind = action.type
@@ -119,6 +132,8 @@ def _valid_value(action: argparse.Action, text: str) -> bool:
         return _is_int(text, 0)
     if kind is cli.seed:
         return _is_int(text, 0, 2**32 - 1)
+    if kind is cli.num_threads:
+        return _is_int(text, 1, len(os.sched_getaffinity(0)))
     if kind is cli.positive_float:
         return _is_float(text)
     if kind is cli.likelihood_scale:
@@ -134,6 +149,10 @@ def _valid_value(action: argparse.Action, text: str) -> bool:
 
 @st.composite
 def values_for(draw, action: argparse.Action) -> str:
+    if action.dest == "model":
+        return draw(st.sampled_from(["vae", "", "x"]))  # see JOB_FLAGS
+    if action.option_strings[-1] in JOB_FLAGS:  # any value: the flag itself is refused
+        return draw(st.one_of(INT_TEXTS, FLOAT_TEXTS))
     if action.dest == "dataset":
         # Only digits is bundled: the others read files (Fashion-MNIST's are installed here, and
         # loading them would take seconds a case) or download them; test_data.py covers those.
@@ -142,7 +161,7 @@ def values_for(draw, action: argparse.Action) -> str:
         return draw(st.one_of(st.sampled_from(list(action.choices)), st.sampled_from(["", "x"])))
     kind = action.type
     integers = SMALL_INT_TEXTS if action.dest in SIZED else INT_TEXTS
-    if kind in (cli.positive_int, cli.non_negative_int, cli.seed):
+    if kind in (cli.positive_int, cli.non_negative_int, cli.seed, cli.num_threads):
         return draw(integers)
     if kind is cli.likelihood_scale:
         return draw(st.one_of(FLOAT_TEXTS, st.sampled_from(["learned", "learned-per-feature"])))
@@ -187,6 +206,8 @@ def _combination_is_valid(given: dict[str, str]) -> bool:
     """The rules across flags that train.py documents."""
     if "--resume" in given:
         return False  # --out-dir is always given too, and a resume cannot change it
+    if JOB_FLAGS & set(given):
+        return False  # the flags of --model m2 or cvae, given to the VAE
     # For the rules below, the value a flag left out takes.
     prior = given.get("--prior", "standard-normal")
     decoder = given.get("--decoder", "deterministic")
