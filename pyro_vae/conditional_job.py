@@ -172,6 +172,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
     mask = quadrant_mask(data.image_shape, args.given_quadrants)
     num_given = int(mask.sum())
     config = model_config(args, data.data_dim - num_given, num_given)
+    pv.runs.check_model_size(config)
     cvae = build_cvae(**_arguments(config)).to(args.device)
     x_test, x_train_eval = evaluation_sets(cvae, data, args.seed)
     # Data outside the likelihood's support are refused here, before any file is written.

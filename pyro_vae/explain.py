@@ -27,6 +27,17 @@ from pyro_vae.networks import output_layer
 from pyro_vae.priors import StandardNormalPrior
 
 SHOWN = 5  # test inputs in the per-example tables
+# Every file explain() may write (which depend on the model), so that a later report can
+# replace an earlier, or interrupted, one without touching anything else in its directory.
+OUTPUT_FILES = (
+    "report.md",
+    "point_cloud.png",
+    "aggregate_posterior.png",
+    "prior_samples.png",
+    "traversal.png",
+    "kl_per_dimension.png",
+    "weight_uncertainty.png",
+)
 # Draws per pass in sections 3 and 4: bounds their memory for any num_particles (the moments are
 # merged across passes; the point-cloud figure shows the first pass's draws).
 DRAW_CHUNK = 4096

@@ -2,7 +2,8 @@
 
 A run directory holds
 
-- ``checkpoint.pt``: the weights, the config that rebuilds the model (:func:`build_vae`), the
+- ``checkpoint.pt``: the weights, the config that rebuilds the model (its ``"model"`` names the
+  builder: :func:`build_vae` by default, ``build_m2``, ``build_cvae``), the
   script's arguments, the metrics so far and the training state that resumes it exactly;
 - ``metrics.json`` / ``metrics.csv`` (a row per epoch), ``final_metrics.json``, the figures;
 - ``evaluation.json`` (scripts/evaluate.py) and ``explain/`` (scripts/explain.py), later;
@@ -210,7 +211,7 @@ def load_run(directory: str | os.PathLike) -> Run:
             f"{path}: a run of --model {payload['config'].get('model')}; load_run, "
             "scripts/evaluate.py and scripts/explain.py read VAE runs"
         )
-    for key in ("args", "config", "evaluation_digest"):
+    for key in ("args", "config", "evaluation_digest", "training"):
         if key not in payload:
             raise ValueError(
                 f"{path}: holds no {key!r}; it was not written by scripts/train.py of this "
@@ -239,8 +240,12 @@ def load_run(directory: str | os.PathLike) -> Run:
 def saved_model(directory: str | os.PathLike) -> str:
     """Which model the run in ``directory`` trains: ``"vae"``, ``"m2"`` or ``"cvae"`` (the
     ``"model"`` entry of its checkpoint's config; runs without one are VAEs)."""
-    _, payload = load_checkpoint(checkpoint_path(Path(directory)))
-    return str(payload["config"].get("model", "vae"))
+    path = checkpoint_path(Path(directory))
+    _, payload = load_checkpoint(path)
+    kind = str(payload["config"].get("model", "vae"))
+    if kind not in ("vae", "m2", "cvae"):
+        raise ValueError(f"{path} holds a {kind} model, not a run of scripts/train.py")
+    return kind
 
 
 def checkpoint_path(directory: Path) -> Path:

@@ -18,10 +18,10 @@ import pyro
 
 import pyro_vae as pv
 from pyro_vae import cli
+from pyro_vae.explain import OUTPUT_FILES
 from pyro_vae.runs import EXPLAIN_DIR, RunDirectory
 
 PROG = "explain.py"
-REPORT = "report.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,14 +37,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """The report may replace an earlier report, never someone else's files."""
+    """The report may replace an earlier report, whole or interrupted, never someone else's
+    files; the temporary files of an interrupted write go."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / REPORT).is_file():
+        raise ValueError(f"{out_dir} is a file, not a directory for the report")
+    if not out_dir.is_dir():
+        return
+    ours = set(OUTPUT_FILES)
+    leftovers = [p for p in out_dir.iterdir() if p.name.startswith(".") and
+                 p.name[1:].rsplit(".", 1)[0] in ours]  # fmt: skip
+    theirs = sorted(p.name for p in out_dir.iterdir() if p.name not in ours and p not in leftovers)
+    if theirs:
         raise ValueError(
-            f"--out-dir {out_dir} holds files but no earlier {REPORT}; choose an empty or new "
-            "directory"
+            f"{out_dir} holds files that explain.py did not write ({', '.join(theirs[:3])}"
+            f"{', ...' if len(theirs) > 3 else ''}); choose an empty or new directory"
         )
+    for leftover in leftovers:
+        leftover.unlink()
 
 
 def run(argv: list[str] | None = None) -> int:

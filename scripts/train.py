@@ -41,8 +41,8 @@ RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every", "--nu
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(
         prog=PROG,
-        description="Train a VAE (Pyro model and guide, SVI) and write its checkpoint, metrics "
-        "and figures.",
+        description="Train a VAE, M2 or CVAE (a Pyro model and guide, by SVI) and write its "
+        "checkpoint, metrics and figures.",
     )
     add = parser.add_argument
     add(

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,8 @@ def test_the_evaluation_binarization_is_a_stream_of_its_own(tiny_run):
         (["--prior-scale", "2"], "--prior-scale is for --decoder bayesian"),
         (["--latent-dim", str(2**33)], "more than this machine's"),
         (["--hidden-dims", f"{2**31},{2**31}"], "more than this machine's"),
+        (["--model", "m2", "--hidden-dims", f"{2**31},{2**31}"], "more than this machine's"),
+        (["--model", "cvae", "--hidden-dims", f"{2**31},{2**31}"], "more than this machine's"),
         (["--num-threads", "2147483647"], "--num-threads: expected at most the"),
         (["--likelihood", "normal", "--likelihood-scale", "0.1"], None),  # a valid pair
     ],
@@ -290,7 +293,7 @@ def test_explain_writes_its_report_and_refuses_a_directory_of_other_files(
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
     code, _, err = call(explain_script, str(tiny_run), "--out-dir", str(theirs), capsys=capsys)
-    assert code == 2 and "holds files but no earlier report.md" in err
+    assert code == 2 and "holds files that explain.py did not write (notes.txt)" in err
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
 
@@ -460,3 +463,20 @@ def test_metrics_are_never_ahead_of_the_checkpoint_and_a_resume_heals_them(
     assert "removed .checkpoint.pt.x1y2z3: left by a write that was interrupted" in stdout
     assert len(json.loads((out / "metrics.json").read_text())) == 2
     assert not (out / ".checkpoint.pt.x1y2z3").exists()
+
+
+def test_an_interrupted_report_is_replaced_and_every_file_it_writes_is_named(tiny_run, capsys):
+    """A report stopped half-way leaves figures without report.md, and a temporary file: the
+    next explain.py replaces them instead of refusing its own directory for good."""
+    out = tiny_run / "explain"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    (out / "point_cloud.png").write_bytes(b"old")
+    (out / ".traversal.png.abc123").write_bytes(b"half")
+    code, _, err = call(explain_script, str(tiny_run), "--num-particles", "300", capsys=capsys)
+    assert code == 0, err
+    written = {p.name for p in out.iterdir()}
+    assert ".traversal.png.abc123" not in written and "report.md" in written
+    from pyro_vae.explain import OUTPUT_FILES
+
+    assert written <= set(OUTPUT_FILES), written - set(OUTPUT_FILES)
