@@ -125,7 +125,15 @@ def check_model_size(config: dict[str, Any]) -> None:
     if config.get("model", "vae") == "vae":
         weights = _least_weights(config)
     else:
-        weights = sum(t.numel() for t in _built_on_meta(config).state_dict().values())
+        try:
+            weights = sum(t.numel() for t in _built_on_meta(config).state_dict().values())
+        except RuntimeError as error:
+            if "overflow" not in str(error):
+                raise
+            raise ValueError(
+                "the model would hold more weights than torch can address (a tensor over 2**63 "
+                "bytes): more than this machine's memory"
+            ) from None
     need = 16 * weights
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > memory:
