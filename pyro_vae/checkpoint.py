@@ -232,6 +232,12 @@ def _builder(config: dict[str, Any]) -> Callable[..., nn.Module]:
     return conditional.build_cvae if kind == "cvae" else conditional.build_cvae_baseline
 
 
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The model a checkpoint config describes, built by the builder its ``"model"`` names
+    (:func:`~pyro_vae.build.build_vae` when it names none)."""
+    return _builder(config)(**_arguments(config))
+
+
 def _arguments(config: dict[str, Any]) -> dict[str, Any]:
     """The builder's keyword arguments: the config without its model name."""
     return {key: value for key, value in config.items() if key != _MODEL_KEY}

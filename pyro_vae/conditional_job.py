@@ -41,11 +41,10 @@ from torch import Tensor
 
 import pyro_vae as pv
 from pyro_vae import cli
+from pyro_vae.checkpoint import build_model
 from pyro_vae.conditional import (
     ConditionalBaseline,
     ConditionalVAE,
-    build_cvae,
-    build_cvae_baseline,
     completions,
     conditional_elbo_terms,
     conditional_log_likelihood,
@@ -166,21 +165,21 @@ def main(args: argparse.Namespace, prog: str) -> int:
             overrides = sorted(args.given - {"--resume"})
             args = pv.runs.resumed_args(run.args, args, run.checkpoint["training"], overrides)
             pyro.set_rng_seed(args.seed)
-            return train(args, run_dir, run, prog)
+            return run_dir.guarded(prog, lambda: train(args, run_dir, run))
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
     mask = quadrant_mask(data.image_shape, args.given_quadrants)
     num_given = int(mask.sum())
     config = model_config(args, data.data_dim - num_given, num_given)
     pv.runs.check_model_size(config)
-    cvae = build_cvae(**_arguments(config)).to(args.device)
+    cvae = cast(ConditionalVAE, build_model(config)).to(args.device)
     x_test, x_train_eval = evaluation_sets(cvae, data, args.seed)
     # Data outside the likelihood's support are refused here, before any file is written.
     _split(cvae, x_test, data.x_test, mask, "test data")
     _split(cvae, x_train_eval, data.x_train[: len(x_train_eval)], mask, "training data")
     run = Run(cvae, config, {}, {}, data, x_test, x_train_eval)
     with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
-        return train(args, run_dir, run, prog)
+        return run_dir.guarded(prog, lambda: train(args, run_dir, run))
 
 
 def load_run(directory: Path) -> Run:
@@ -205,10 +204,6 @@ def load_run(directory: Path) -> Run:
     return Run(cvae, payload["config"], saved, payload, data, x_test, x_train_eval)
 
 
-def _arguments(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config.items() if key != "model"}
-
-
 def _split(
     cvae: ConditionalVAE, x_scored: Tensor, images: Tensor, mask: Tensor, what: str
 ) -> tuple[Tensor, Tensor]:
@@ -221,15 +216,7 @@ def _split(
     return x, c
 
 
-def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run, prog: str) -> int:
-    """Fit, evaluate and write; a stop (Ctrl-C, divergence, a failed write) says what it left."""
-    try:
-        return _train(args, run_dir, run)
-    except (KeyboardInterrupt, pv.TrainingDivergedError, OSError) as error:
-        return run_dir.stopped(prog, error)
-
-
-def _train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
+def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     started = time.perf_counter()
     progress = False if args.no_progress else None
     cvae, config, data = run.cvae.to(args.device), run.config, run.data.to(args.device)
@@ -298,7 +285,7 @@ def _train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     # CVAE's training was interrupted and resumed.
     cli.say(f"training the baseline ({args.num_epochs} epochs, the same budget)")
     pyro.set_rng_seed(args.seed)
-    baseline = build_cvae_baseline(**_arguments(baseline_config(config))).to(args.device)
+    baseline = cast(ConditionalBaseline, build_model(baseline_config(config))).to(args.device)
     baseline_history = pv.fit(
         baseline,
         (x_train, c_train),

@@ -431,6 +431,14 @@ class RunDirectory:
 
         return checkpoint
 
+    def guarded(self, prog: str, work: Callable[[], int]) -> int:
+        """Run the job's ``work`` (fit, evaluate, write); a stop (Ctrl-C, divergence, a failed
+        write) becomes a one-line message of what it left, and an exit code."""
+        try:
+            return work()
+        except (KeyboardInterrupt, TrainingDivergedError, OSError) as error:
+            return self.stopped(prog, error)
+
     def stopped(self, prog: str, error: BaseException) -> int:
         """Say on stderr why training stopped and what it left on disk; the exit code."""
         left = self.where_it_stands()

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import torch
@@ -38,11 +38,11 @@ from torch import Tensor
 
 import pyro_vae as pv
 from pyro_vae import cli, plots
+from pyro_vae.checkpoint import build_model
 from pyro_vae.runs import RunDirectory
 from pyro_vae.semisupervised import (
     M2,
     UNLABELLED,
-    build_m2,
     hide_labels,
     labelled_subset,
     paper_alpha,
@@ -151,9 +151,10 @@ def main(args: argparse.Namespace, prog: str) -> int:
             args = pv.runs.resumed_args(checkpoint["args"], args, checkpoint["training"], overrides)
             pyro.set_rng_seed(args.seed)
             assert isinstance(m2, M2)  # config["model"] == "m2": train.py dispatched here
+            model: M2 = m2.to(args.device)
             data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
-            setup = prepare(args, data, m2.to(args.device), checkpoint)
-            return train(args, run_dir, m2, setup, checkpoint, prog)
+            setup = prepare(args, data, model, checkpoint)
+            return run_dir.guarded(prog, lambda: train(args, run_dir, model, setup, checkpoint))
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
     labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
@@ -161,10 +162,10 @@ def main(args: argparse.Namespace, prog: str) -> int:
         args.alpha = paper_alpha(len(rows), len(labelled))
     config = model_config(args, data)
     pv.runs.check_model_size(config)
-    m2 = build_m2(**_arguments(config)).to(args.device)
+    m2 = cast(M2, build_model(config)).to(args.device)
     setup = prepare(args, data, m2, {})
     with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
-        return train(args, run_dir, m2, setup, {}, prog)
+        return run_dir.guarded(prog, lambda: train(args, run_dir, m2, setup, {}))
 
 
 def choose_rows(
@@ -213,10 +214,6 @@ def model_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any
     }
 
 
-def _arguments(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config.items() if key != "model"}
-
-
 def prepare(
     args: argparse.Namespace, data: pv.DataSplits, m2: M2, checkpoint: dict[str, Any]
 ) -> Setup:
@@ -255,21 +252,6 @@ def prepare(
 
 
 def train(
-    args: argparse.Namespace,
-    run_dir: RunDirectory,
-    m2: M2,
-    setup: Setup,
-    checkpoint: dict[str, Any],
-    prog: str,
-) -> int:
-    """Fit, evaluate and write; a stop (Ctrl-C, divergence, a failed write) says what it left."""
-    try:
-        return _train(args, run_dir, m2, setup, checkpoint)
-    except (KeyboardInterrupt, pv.TrainingDivergedError, OSError) as error:
-        return run_dir.stopped(prog, error)
-
-
-def _train(
     args: argparse.Namespace,
     run_dir: RunDirectory,
     m2: M2,

@@ -205,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
             run = pv.load_run(args.resume)
             args = _resumed_args(run.args, args, run.checkpoint["training"])
             pyro.set_rng_seed(args.seed)
-            return train(args, run_dir, run)
+            return run_dir.guarded(PROG, lambda: train(args, run_dir, run))
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
     config = pv.runs.model_config(vars(args), data)
@@ -217,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     vae.validate_data(x_train_eval, "training data")
     run = pv.Run(args.out_dir, vae, config, {}, {}, data, x_test, x_train_eval)
     with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
-        return train(args, run_dir, run)
+        return run_dir.guarded(PROG, lambda: train(args, run_dir, run))
 
 
 def _resumed_args(saved: dict, given: argparse.Namespace, training: dict) -> argparse.Namespace:
@@ -226,14 +226,6 @@ def _resumed_args(saved: dict, given: argparse.Namespace, training: dict) -> arg
 
 
 def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
-    """Fit, evaluate and write; a stop (Ctrl-C, divergence, a failed write) says what it left."""
-    try:
-        return _train(args, run_dir, run)
-    except (KeyboardInterrupt, pv.TrainingDivergedError, OSError) as error:
-        return run_dir.stopped(PROG, error)
-
-
-def _train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     started = time.perf_counter()
     progress = False if args.no_progress else None
     vae, config, data = run.vae.to(args.device), run.config, run.data.to(args.device)
