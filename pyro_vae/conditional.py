@@ -253,7 +253,7 @@ class ConditionalNormalPrior(PyroModule):
         return dist.Normal(loc, scale).to_event(1)
 
 
-class _PyroProgram(PyroModule):
+class _PyroProgram(PyroModule, contract.DataChecks):
     """What the CVAE and its baseline share: the data plate, the checks of (x, c), and the
     device and dtype of the parameters."""
 
@@ -295,43 +295,6 @@ class _PyroProgram(PyroModule):
             )
         # subsample=x: the batch is the subsample, so Pyro scales by num_data / batch_size.
         return pyro.plate("data", size=num_data, subsample=x), c
-
-    @property
-    def device(self) -> torch.device:
-        return self._reference_tensor().device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        reference = self._reference_tensor()
-        return reference.dtype if reference.numel() else torch.get_default_dtype()
-
-    def _reference_tensor(self) -> Tensor:
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            if tensor.is_floating_point():
-                return tensor
-        return torch.empty(0)
-
-    def validate_data(
-        self, x: object, what: str = "data", *, probabilities: bool = False
-    ) -> Tensor:
-        """Raise a ``ValueError`` naming the problem unless ``x`` (the pixels to predict) is a
-        finite floating tensor ``(N, data_dim)`` in the likelihood's support (or in [0, 1] with
-        ``probabilities``, for data that will be binarized), of the model's dtype and device.
-        :func:`~pyro_vae.train.fit` calls it on the first tensor of the data."""
-        x = contract.check_form(x, what, self.data_dim)
-        if x.shape[0] == 0:
-            raise ValueError(f"{what} is empty: it has no examples")
-        contract.check_finite(x, what)
-        support: constraints.Constraint
-        if probabilities:
-            support = constraints.independent(constraints.unit_interval, 1)
-            expected = "the probabilities in [0, 1] that dynamic binarization needs"
-        else:
-            support = self.data_support
-            expected = f"the support of {type(self.likelihood).__name__} ({support})"
-        contract.check_support(x, what, support, expected)
-        contract.check_dtype_and_device(x, what, self.dtype, self.device)
-        return x
 
     def validate_condition(self, c: object, num_rows: int, what: str = "condition") -> Tensor:
         """Raise a ``ValueError`` unless ``c`` is a finite floating tensor

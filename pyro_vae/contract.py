@@ -7,11 +7,15 @@ Each raises a ``ValueError`` that names the part or the data at fault.
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.distributions import constraints
 from torch import Tensor, nn
+
+from pyro_vae.likelihoods import BernoulliLikelihood
 
 # Two examples, not one, so that a part which mixes up the batch dimension with another one
 # cannot pass the shape check by accident.
@@ -154,3 +158,80 @@ def _offending_value(row: Tensor, support: constraints.Constraint) -> str:
         return "the row as a whole"
     index = int(bad[0])
     return f"feature {index} = {row[index].item():.6g}"
+
+
+class DataChecks:
+    """What the models (VAE, M2, the CVAE) check of the data they are given, in one place.
+
+    A model that mixes this in has ``data_dim``, ``data_support`` (the likelihood's support, set
+    when it checked its parts) and ``likelihood``; it gets ``device``, ``dtype``,
+    ``validate_data`` (which :func:`~pyro_vae.train.fit` calls before any step) and
+    ``_check_batch`` (for the inputs of its networks).
+    """
+
+    data_dim: int
+    data_support: constraints.Constraint
+    likelihood: nn.Module
+
+    if TYPE_CHECKING:  # nn.Module provides them to the models this is mixed into
+
+        def parameters(self) -> Iterator[nn.Parameter]: ...
+        def buffers(self) -> Iterator[Tensor]: ...
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (the CPU for a model without any)."""
+        return self._reference_tensor().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's parameters (torch's default without any)."""
+        reference = self._reference_tensor()
+        return reference.dtype if reference.numel() else torch.get_default_dtype()
+
+    def _reference_tensor(self) -> Tensor:
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            if tensor.is_floating_point():
+                return tensor
+        return torch.empty(0)
+
+    def _check_batch(self, x: object) -> Tensor:
+        """The checks of :meth:`validate_data` that any input of the networks needs (type,
+        shape, finite values, the model's dtype and device), without the likelihood's support:
+        encoders take grayscale images even for a Bernoulli model."""
+        x = check_form(x, "x", self.data_dim)
+        check_finite(x, "x")
+        check_dtype_and_device(x, "x", self.dtype, self.device)
+        return x
+
+    def validate_data(
+        self, x: object, what: str = "data", *, probabilities: bool = False
+    ) -> Tensor:
+        """Raise a ``ValueError`` naming the problem unless ``x`` is a finite floating tensor
+        ``(N, data_dim)`` inside the likelihood's support, of the model's dtype and device;
+        return it unchanged otherwise.
+
+        :param what: how the error message names ``x``.
+        :param probabilities: check for values in [0, 1] instead of the likelihood's support:
+            data that will be binarized dynamically.
+        """
+        x = check_form(x, what, self.data_dim)
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is empty: it has no examples")
+        check_finite(x, what)
+        support: constraints.Constraint
+        if probabilities:
+            support = constraints.independent(constraints.unit_interval, 1)
+            expected = "the probabilities in [0, 1] that dynamic binarization needs"
+        else:
+            support = self.data_support
+            expected = f"the support of {type(self.likelihood).__name__} ({support})"
+        hint = (
+            "; binarize grayscale data (pyro_vae.binarize) or choose a likelihood for "
+            "continuous values"
+            if isinstance(self.likelihood, BernoulliLikelihood) and not probabilities
+            else ""
+        )
+        check_support(x, what, support, expected, hint)
+        check_dtype_and_device(x, what, self.dtype, self.device)
+        return x

@@ -18,7 +18,6 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import constraints
 from pyro.nn import PyroModule, pyro_method
 from torch import Tensor, nn
 
@@ -44,7 +43,7 @@ ENCODE_PARTICLES = 128
 SAMPLE_CHUNK = 4096
 
 
-class VAE(PyroModule):
+class VAE(PyroModule, contract.DataChecks):
     """A variational autoencoder: prior p(z), likelihood p(x | z) with a decoder network, and an
     amortized guide q(z | x) (the encoder).
 
@@ -296,63 +295,6 @@ class VAE(PyroModule):
         return samples
 
     # ------------------------------------------------------------------ device, dtype, checks
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the model's parameters (the CPU for a model without any)."""
-        return self._reference_tensor().device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The floating dtype of the model's parameters (torch's default without any)."""
-        reference = self._reference_tensor()
-        return reference.dtype if reference.numel() else torch.get_default_dtype()
-
-    def _reference_tensor(self) -> Tensor:
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            if tensor.is_floating_point():
-                return tensor
-        return torch.empty(0)
-
-    def _check_batch(self, x: object) -> Tensor:
-        """The checks of :meth:`validate_data` that any input of the networks needs (type,
-        shape, finite values, the model's dtype and device), without the likelihood's support:
-        :meth:`encode` takes grayscale images even for a Bernoulli model."""
-        x = contract.check_form(x, "x", self.data_dim)
-        contract.check_finite(x, "x")
-        contract.check_dtype_and_device(x, "x", self.dtype, self.device)
-        return x
-
-    def validate_data(
-        self, x: object, what: str = "data", *, probabilities: bool = False
-    ) -> Tensor:
-        """Raise a ``ValueError`` naming the problem unless ``x`` is a finite floating tensor
-        ``(N, data_dim)`` inside the likelihood's support; return it unchanged otherwise.
-
-        :param what: how the error message names ``x``.
-        :param probabilities: check for values in [0, 1] instead of the likelihood's support:
-            data that will be binarized dynamically.
-        """
-        x = contract.check_form(x, what, self.data_dim)
-        if x.shape[0] == 0:
-            raise ValueError(f"{what} is empty: it has no examples")
-        contract.check_finite(x, what)
-        support: constraints.Constraint
-        if probabilities:
-            support = constraints.independent(constraints.unit_interval, 1)
-            expected = "the probabilities in [0, 1] that dynamic binarization needs"
-        else:
-            support = self.data_support
-            expected = f"the support of {type(self.likelihood).__name__} ({support})"
-        hint = (
-            "; binarize grayscale data (pyro_vae.binarize) or choose a likelihood for "
-            "continuous values"
-            if isinstance(self.likelihood, BernoulliLikelihood) and not probabilities
-            else ""
-        )
-        contract.check_support(x, what, support, expected, hint)
-        contract.check_dtype_and_device(x, what, self.dtype, self.device)
-        return x
 
 
 def _new_name() -> str:

@@ -121,7 +121,7 @@ def hide_labels(labels: Tensor, keep: Tensor) -> Tensor:
     return hidden
 
 
-class M2(PyroModule):
+class M2(PyroModule, contract.DataChecks):
     """The semi-supervised VAE M2 (Kingma et al. 2014): p(y) p(z) p(x | y, z), guide
     q(y | x) q(z | x, y).
 
@@ -442,41 +442,6 @@ class M2(PyroModule):
         if rest:
             raise ValueError(f"M2 trains on (x, labels), got {2 + len(rest)} tensors")
         self.check_labels(labels, len(x))
-
-    def validate_data(
-        self, x: object, what: str = "data", *, probabilities: bool = False
-    ) -> Tensor:
-        """``x`` must be a finite floating tensor ``(N, data_dim)`` in the likelihood's support
-        (or in [0, 1] with ``probabilities``: data that ``fit`` binarizes), of the model's
-        dtype and device."""
-        x = contract.check_form(x, what, self.data_dim)
-        if x.shape[0] == 0:
-            raise ValueError(f"{what} is empty: it has no examples")
-        contract.check_finite(x, what)
-        support: constraints.Constraint
-        if probabilities:
-            support = constraints.independent(constraints.unit_interval, 1)
-            expected = "the probabilities in [0, 1] that dynamic binarization needs"
-        else:
-            support = self.data_support
-            expected = f"the support of {type(self.likelihood).__name__} ({support})"
-        contract.check_support(x, what, support, expected)
-        contract.check_dtype_and_device(x, what, self.dtype, self.device)
-        return x
-
-    def _check_batch(self, x: object) -> Tensor:
-        x = contract.check_form(x, "x", self.data_dim)
-        contract.check_finite(x, "x")
-        contract.check_dtype_and_device(x, "x", self.dtype, self.device)
-        return x
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
 
 class SupervisedClassifier(PyroModule):
