@@ -2,13 +2,13 @@
 writes, that the test scores are those of the run's own pixels, that a resumed run ends
 bit-identically, and what is refused before anything is written."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from scripts_in_process import call, load_script
 
 import pyro_vae as pv
 from pyro_vae.conditional import (
@@ -18,11 +18,7 @@ from pyro_vae.conditional import (
     split_by_mask,
 )
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-_spec = importlib.util.spec_from_file_location("script_train_cvae", SCRIPTS / "train.py")
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
-
+train_script = load_script("train")
 # A small digits run: a few seconds.
 TINY = ("--model", "cvae", "--latent-dim", "2", "--hidden-dims", "16", "--no-progress")
 # For the refusals: should one slip through, the run it starts is over in seconds.
@@ -37,12 +33,7 @@ def float32():
 
 
 def train(*argv: str, capsys) -> tuple[int, str, str]:
-    try:
-        code = train_script.run(list(argv))
-    except SystemExit as exit_:  # argparse refusals
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call(train_script, *argv, capsys=capsys)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ case must either reach fit, and then only when every value is valid by the rules
 2 with exactly one line on stderr, no traceback, nothing on stdout, and nothing written."""
 
 import argparse
-import importlib.util
 import math
 import os
 import tempfile
@@ -17,22 +16,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from scripts_in_process import load_script
 
 import pyro_vae as pv
 from pyro_vae import cli
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 MAX_EXAMPLES = 600  # ~20 s on a shared 2-core machine
 
 
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("fuzzed_train", SCRIPTS / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_train_script()
+train_script = load_script("train")
 
 
 def _real_actions() -> dict[str, argparse.Action]:

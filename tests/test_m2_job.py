@@ -2,18 +2,17 @@
 script's ``run(argv)``: what it writes, that a resumed run ends bit for bit where an
 uninterrupted one does, the labelled subset it records, and what it refuses."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from scripts_in_process import call, load_script
 
 import pyro_vae as pv
 from pyro_vae import semisupervised_job
 from pyro_vae.semisupervised import M2, UNLABELLED, build_m2, labelled_subset
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 NUM_LABELLED = 30
 # A small digits run: a few seconds.
 TINY = (
@@ -23,14 +22,7 @@ TINY = (
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("m2_train", SCRIPTS / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_train_script()
+train_script = load_script("train")
 
 
 @pytest.fixture(autouse=True)
@@ -40,12 +32,7 @@ def float32():
 
 
 def train(*argv: str, capsys) -> tuple[int, str, str]:
-    try:
-        code = train_script.run(list(argv))
-    except SystemExit as exit_:  # argparse's refusals
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call(train_script, *argv, capsys=capsys)
 
 
 @pytest.fixture(scope="module")

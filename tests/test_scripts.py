@@ -5,7 +5,6 @@ Ctrl-C, closed pipes) in subprocesses."""
 import argparse
 import errno
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -15,21 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
 from pyro_vae.runs import RunDirectory
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    """scripts/ is not a package: load a script as a module of its own name."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 train_script, evaluate_script, explain_script = map(load_script, ("train", "evaluate", "explain"))
 # A small digits run: a few seconds.
@@ -41,15 +30,6 @@ def float32():
     """The scripts run in torch's default float32, as they do from a shell (conftest sets
     float64 for the unit tests, and restores it afterwards)."""
     torch.set_default_dtype(torch.float32)
-
-
-def call(script, *argv: str, capsys) -> tuple[int, str, str]:
-    try:
-        code = script.run(list(argv))
-    except SystemExit as exit_:  # argparse refusals
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train(*argv: str, capsys) -> tuple[int, str, str]:
