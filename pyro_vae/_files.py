@@ -26,9 +26,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             # as open() would have given it.
             os.fchmod(tmp.fileno(), 0o666 & ~_umask())
             os.fsync(tmp.fileno())
-        except BaseException:
+        except BaseException as error:
             tmp.close()
             os.unlink(tmp.name)
+            if isinstance(error, OSError) and error.filename is None:
+                # write() and fsync() name no file: say which one could not be written.
+                raise OSError(error.errno, error.strerror, str(path)) from error
             raise
     os.replace(tmp.name, path)
     # The rename lives in the directory: sync it too, so that after a power loss the new

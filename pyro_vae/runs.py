@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from pyro_vae.evaluate import elbo_terms
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
 from pyro_vae.train import TrainingDivergedError, TrainingState
+
+if TYPE_CHECKING:
+    from pyro_vae import conditional_job, semisupervised_job
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".pyro_vae.lock"
@@ -201,9 +204,16 @@ class Run:
     """The training subset the run scored each epoch."""
 
 
-def load_run(directory: str | os.PathLike) -> Run:
+def load_run(
+    directory: str | os.PathLike,
+) -> Run | semisupervised_job.Run | conditional_job.Run:
     """Read back a run of scripts/train.py: its model, arguments, data and the test set it
     scored.
+
+    A VAE run (``--model vae``) comes back as a :class:`Run`; an M2 run (``--model m2``) as
+    :class:`pyro_vae.semisupervised_job.Run` and a CVAE run (``--model cvae``) as
+    :class:`pyro_vae.conditional_job.Run`, each read by its job's ``load_run`` with the same
+    checks (tell them apart with ``isinstance``).
 
     :raises ValueError: when ``directory`` holds no run, its checkpoint is damaged or was not
         written by scripts/train.py, or the test set rebuilt from the data is not the one the
@@ -214,11 +224,15 @@ def load_run(directory: str | os.PathLike) -> Run:
     path = checkpoint_path(directory)
     vae, payload = load_checkpoint(path)
     if not isinstance(vae, VAE):
-        # The M2 and CVAE jobs write their own results (final_metrics.json, figures).
-        raise ValueError(
-            f"{path}: a run of --model {payload['config'].get('model')}; load_run, "
-            "scripts/evaluate.py and scripts/explain.py read VAE runs"
-        )
+        # Imported here: the job modules import this one.
+        from pyro_vae import conditional_job, semisupervised_job
+
+        kind = payload["config"].get("model")
+        if kind == "m2":
+            return semisupervised_job.load_run(directory)
+        if kind == "cvae":
+            return conditional_job.load_run(directory)
+        raise ValueError(f"{path}: a {kind} model, not a run of scripts/train.py")
     for key in ("args", "config", "evaluation_digest", "training"):
         if key not in payload:
             raise ValueError(
@@ -447,7 +461,11 @@ class RunDirectory:
         if isinstance(error, KeyboardInterrupt):
             message, code = f"interrupted; {left}{resume}", 130
         elif isinstance(error, TrainingDivergedError):
-            message, code = f"training diverged: {error}; {left}", 1
+            message, code = (
+                f"training diverged: {error}; {left}; a resume keeps this run's settings, so "
+                "start a new run to change them",
+                1,
+            )
         else:
             message, code = f"cannot write into {self.path}: {error}; {left}{resume}", 1
         print(f"{prog}: {message}", file=sys.stderr)

@@ -80,3 +80,22 @@ def test_the_directory_is_synced_after_the_rename(tmp_path, monkeypatch):
     with atomic_write(tmp_path / "out.bin") as file:
         file.write(b"x")
     assert events[-2:] == [("replace", None), ("fsync", tmp_path.stat().st_ino)]
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    """A full disk fails in write() or fsync(), which name no file: the error names the file
+    that could not be written, and the old one stays whole."""
+    import errno
+
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        with atomic_write(path, "w") as file:
+            file.write("new")
+    assert raised.value.filename == str(path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
