@@ -1,7 +1,9 @@
 """The explain report: what μ(x) and σ(x) are, answered with measurements on a trained model.
 
 :func:`explain` writes ``report.md`` and its figures into a directory, one section per question
-people ask about VAEs, each answer backed by numbers computed there and then.
+people ask about VAEs, each answer backed by numbers computed there and then. For the other
+models it writes their own report (:func:`explain_m2`, :func:`explain_cvae`): the μ/σ sections
+that apply to their z encoder, and what only they have (q(y | x); the spread of completions).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from pyro_vae import plots
 from pyro_vae._checks import check_positive_int
 from pyro_vae._files import atomic_write
 from pyro_vae._sites import site_distribution, site_value
+from pyro_vae.conditional import ConditionalVAE, sample_spread
 from pyro_vae.distributions import is_diagonal_normal
 from pyro_vae.evaluate import active_units, kl_decomposition, kl_per_dimension, weight_spread
 from pyro_vae.model import VAE
 from pyro_vae.networks import output_layer
 from pyro_vae.priors import StandardNormalPrior
+from pyro_vae.semisupervised import M2
+
+# The models whose z encoder sections 1 and 2 read: each has latent_dim and an encoder.
+Encoded = VAE | M2 | ConditionalVAE
 
 SHOWN = 5  # test inputs in the per-example tables
 # Every file explain() may write (which depend on the model), so that a later report can
@@ -37,6 +44,7 @@ OUTPUT_FILES = (
     "traversal.png",
     "kl_per_dimension.png",
     "weight_uncertainty.png",
+    "confusion.png",
 )
 # Draws per pass in sections 3 and 4: bounds their memory for any num_particles (the moments are
 # merged across passes; the point-cloud figure shows the first pass's draws).
@@ -45,20 +53,35 @@ DRAW_CHUNK = 4096
 
 @torch.no_grad()
 def explain(
-    vae: VAE,
+    vae: VAE | M2 | ConditionalVAE,
     x: Tensor,
     labels: Tensor,
     image_shape: Sequence[int],
     class_names: Sequence[str],
     out_dir: str | os.PathLike,
     num_particles: int = 2000,
+    *,
+    condition: Tensor | None = None,
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNG figures for ``vae`` on the test data ``x``
     (in the likelihood's support) with their ``labels``; return the report's path.
 
     The sections need a diagonal Normal encoder (what μ and σ mean); the KL section also a
     standard normal prior. Where a model lacks them, the section says so instead.
+
+    An :class:`~pyro_vae.semisupervised.M2` gets :func:`explain_m2`'s report; a
+    :class:`~pyro_vae.conditional.ConditionalVAE` :func:`explain_cvae`'s, with ``x`` the
+    missing part and ``condition`` the given part of each test input (``labels``,
+    ``image_shape`` and ``class_names`` are not used for it).
     """
+    if isinstance(vae, M2):
+        return explain_m2(vae, x, labels, class_names, out_dir)
+    if isinstance(vae, ConditionalVAE):
+        if condition is None:
+            raise ValueError("explain of a ConditionalVAE needs condition= (the given parts)")
+        return explain_cvae(vae, x, condition, out_dir, num_particles=num_particles)
+    if condition is not None:
+        raise ValueError("condition= is for a ConditionalVAE; this model is a VAE")
     vae.validate_data(x, "test data")
     check_positive_int("num_particles", num_particles)
     if len(x) < SHOWN:
@@ -97,6 +120,202 @@ def explain(
     return report
 
 
+@torch.no_grad()
+def explain_m2(
+    m2: M2,
+    x: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    out_dir: str | os.PathLike,
+) -> Path:
+    """Write ``out_dir/report.md`` for a trained M2 on the test data ``x`` with their true
+    ``labels`` (every one known): q(z | x, y)'s μ and σ at the most probable y (sections 1
+    and 2 of the VAE's report), the confusion matrix of q(y | x) and its entropy, with a
+    figure ``confusion.png``; return the report's path."""
+    m2.validate_data(x, "test data")
+    labels = m2.check_labels(labels, len(x)).to(x.device)
+    if bool((labels < 0).any()):
+        raise ValueError("explain_m2 needs every test label known (no UNLABELLED rows)")
+    if len(class_names) != m2.num_labels:
+        raise ValueError(
+            f"class_names has {len(class_names)} names, the M2 {m2.num_labels} classes"
+        )
+    if len(x) < SHOWN:
+        raise ValueError(f"explain needs at least {SHOWN} test examples, got {len(x)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = m2.classify(x)
+    encoder_input = m2._encoder_input(x, predicted)
+    loc, scale = m2.encode(x, predicted)
+    note = (
+        "*In this M2, z's encoder is q(z | x, y): its μ and σ below are read at the most "
+        "probable y of q(y | x) for each input (not its true label).*\n\n"
+    )
+    diagonal = is_diagonal_normal(m2.encoder(encoder_input[:2]))
+    sections = [
+        _with_note(_per_example(m2, x, loc, scale), note),
+        _with_note(_read_outs(m2, encoder_input, loc), note)
+        if diagonal and _has_linear_read_out(m2.encoder)
+        else _not_applicable(2, "What each μ_i is"),
+        _confusion(m2, x, labels, predicted, class_names, out),
+        _label_entropy(m2, x, labels, class_names),
+    ]
+    header = (
+        "# What μ and σ, and q(y | x), are: measured on this M2\n\n"
+        f"{len(x)} test examples of {m2.data_dim} features, {m2.num_labels} classes; latent "
+        f"size {m2.latent_dim}; encoder {type(m2.encoder).__name__}, classifier "
+        f"{type(m2.classifier).__name__}, likelihood {type(m2.likelihood).__name__}. Every "
+        "number below was computed when this report was written. Test inputs and latent "
+        "dimensions are numbered from 1. The VAE report's sections on the reparameterization, "
+        "the KL and active units read a guide with one site z and are not repeated here.\n"
+    )
+    return _write(out, header, sections)
+
+
+@torch.no_grad()
+def explain_cvae(
+    cvae: ConditionalVAE,
+    x: Tensor,
+    condition: Tensor,
+    out_dir: str | os.PathLike,
+    num_particles: int = 100,
+) -> Path:
+    """Write ``out_dir/report.md`` for a trained CVAE on the missing parts ``x`` of its test
+    inputs and their given parts ``condition``: q(z | x, c)'s μ and σ (sections 1 and 2 of
+    the VAE's report) and the spread of completions per condition
+    (:func:`~pyro_vae.conditional.sample_spread` at ``num_particles`` draws); return the
+    report's path."""
+    cvae.validate_data(x, "test data")
+    condition = cvae.validate_condition(condition, len(x))
+    if check_positive_int("num_particles", num_particles) < 2:
+        raise ValueError("explain_cvae needs num_particles >= 2 for a standard deviation")
+    if len(x) < SHOWN:
+        raise ValueError(f"explain needs at least {SHOWN} test examples, got {len(x)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder_input = torch.cat([x, condition], -1)
+    posterior = cvae.encoder(encoder_input)
+    loc, scale = posterior.mean, posterior.stddev
+    note = (
+        "*In this CVAE, z's encoder is q(z | x, c): it reads the missing part x together with "
+        "the given part c, and its μ and σ below are those of each test input's (x, c).*\n\n"
+    )
+    diagonal = is_diagonal_normal(posterior)
+    sections = [
+        _with_note(_per_example(cvae, x, loc, scale), note),
+        _with_note(_read_outs(cvae, encoder_input, loc), note)
+        if diagonal and _has_linear_read_out(cvae.encoder)
+        else _not_applicable(2, "What each μ_i is"),
+        _spread(cvae, x, condition, num_particles),
+    ]
+    header = (
+        "# What μ and σ are, and how much completions vary: measured on this CVAE\n\n"
+        f"{len(x)} test inputs, each {cvae.condition_dim} given and {cvae.data_dim} missing "
+        f"features; latent size {cvae.latent_dim}; prior {type(cvae.prior).__name__}, encoder "
+        f"{type(cvae.encoder).__name__}, likelihood {type(cvae.likelihood).__name__}. Every "
+        "number below was computed when this report was written. Test inputs and latent "
+        "dimensions are numbered from 1. The VAE report's sections on the KL to N(0, I) and "
+        "the aggregate posterior do not apply: this prior p(z | c) depends on the condition.\n"
+    )
+    return _write(out, header, sections)
+
+
+def _write(out: Path, header: str, sections: Sequence[str]) -> Path:
+    report = out / "report.md"
+    with atomic_write(report, "w") as file:
+        file.write("\n".join([header, *sections]))
+    return report
+
+
+def _with_note(section: str, note: str) -> str:
+    """The section with ``note`` as its first paragraph, after its title."""
+    title, body = section.split("\n\n", 1)
+    return f"{title}\n\n{note}{body}"
+
+
+def _confusion(
+    m2: M2,
+    x: Tensor,
+    labels: Tensor,
+    predicted: Tensor,
+    class_names: Sequence[str],
+    out: Path,
+) -> str:
+    k = m2.num_labels
+    counts = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k).cpu()
+    _plot_confusion(counts, class_names, out / "confusion.png")
+    rows = [
+        [f"true {class_names[i]}", *(int(v) for v in counts[i]), float(counts[i, i] / n)]
+        if (n := int(counts[i].sum())) > 0
+        else [f"true {class_names[i]}", *(int(v) for v in counts[i]), "no test rows"]
+        for i in range(k)
+    ]
+    accuracy = float(counts.diagonal().sum()) / len(x)
+    return (
+        "## 3. What does q(y | x) get right?\n\n"
+        f"q(y | x) is M2's classifier. Its most probable class is right for "
+        f"**{accuracy:.3f}** of the {len(x)} test inputs (chance: {1 / k:.3f}). Each row of "
+        "the confusion matrix is a true class; each column the class q(y | x) gives most "
+        "probability; the last column the fraction of that row classified right:\n\n"
+        + _table(["", *(f"→ {name}" for name in class_names), "right"], rows)
+        + "\n![confusion matrix](confusion.png)\n"
+    )
+
+
+def _plot_confusion(counts: Tensor, class_names: Sequence[str], path: Path) -> None:
+    fig = plots._figure(figsize=(1 + 0.5 * len(class_names), 1 + 0.5 * len(class_names)))
+    ax = fig.add_subplot()
+    ax.imshow(counts.numpy(), cmap="Blues")
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, [str(name) for name in class_names], rotation=90)
+    ax.set_yticks(ticks, [str(name) for name in class_names])
+    ax.set_xlabel("most probable under q(y | x)")
+    ax.set_ylabel("true class")
+    plots._save(fig, path)
+
+
+def _label_entropy(m2: M2, x: Tensor, labels: Tensor, class_names: Sequence[str]) -> str:
+    entropy = m2.label_posterior(x).entropy()
+    k = m2.num_labels
+    rows = [
+        [
+            str(class_names[i]),
+            int((labels == i).sum()),
+            float(entropy[labels == i].mean()) if bool((labels == i).any()) else "no test rows",
+        ]
+        for i in range(k)
+    ]
+    return (
+        "## 4. How sure is q(y | x)?\n\n"
+        "The entropy H[q(y | x)] = −Σ_y q(y | x) log q(y | x) is 0 nats when the classifier "
+        f"puts all its probability on one class and log K = {math.log(k):.3f} nats when it "
+        "cannot tell the K classes apart. For an unlabelled input, M2's bound sums over y with "
+        "these weights, so a high entropy means the decoder is trained on several guesses of "
+        f"the class at once. Mean over the {len(x)} test inputs: **{float(entropy.mean()):.3f}** "
+        f"nats (from {float(entropy.min()):.3f} to {float(entropy.max()):.3f}); per true "
+        "class:\n\n" + _table(["true class", "test inputs", "mean entropy (nats)"], rows)
+    )
+
+
+def _spread(cvae: ConditionalVAE, x: Tensor, condition: Tensor, num_particles: int) -> str:
+    spread = sample_spread(cvae, condition, num_particles)
+    rows = [[f"test #{n + 1}", f"{float(spread[n]):.4f}"] for n in range(SHOWN)]
+    return (
+        "## 3. How much do the completions of one condition vary?\n\n"
+        "Given the part c of an input, the CVAE completes the missing part by decoding "
+        f"z ~ p(z | c). For each test input, {num_particles} draws of z give {num_particles} "
+        "completions (the likelihood's mean); the standard deviation over them, averaged over "
+        f"the {cvae.data_dim} missing features, is the spread. 0 would mean a deterministic "
+        "map from c to one completion, as a plain regression network gives; a larger spread "
+        "means the model keeps several completions of c in play, which it should where c "
+        "leaves the missing part ambiguous.\n\n"
+        + _table(["input", "spread of completions"], rows)
+        + f"\nOver the {len(x)} test inputs: mean **{float(spread.mean()):.4f}**, from "
+        f"{float(spread.min()):.4f} to {float(spread.max()):.4f}; the standard deviation of "
+        f"the missing features across the test set itself is {float(x.std(0).mean()):.4f}.\n"
+    )
+
+
 def _has_linear_read_out(encoder: nn.Module) -> bool:
     """Whether the encoder reads μ off its network's last linear layer (the shipped ones do)."""
     try:
@@ -124,7 +343,7 @@ def _cell(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _per_example(vae: VAE, x: Tensor, loc: Tensor, scale: Tensor) -> str:
+def _per_example(vae: Encoded, x: Tensor, loc: Tensor, scale: Tensor) -> str:
     shown_dims = min(3, vae.latent_dim)
     rows = []
     for n in range(SHOWN):
@@ -160,12 +379,12 @@ def _per_example(vae: VAE, x: Tensor, loc: Tensor, scale: Tensor) -> str:
     )
 
 
-def _read_outs(vae: VAE, x: Tensor, loc: Tensor) -> str:
+def _read_outs(vae: Encoded, encoder_input: Tensor, loc: Tensor) -> str:
     layer = output_layer(vae.encoder.net)
     captured: list[Tensor] = []
     handle = layer.register_forward_hook(lambda module, args, output: captured.append(args[0]))
     try:
-        vae.encoder(x)
+        vae.encoder(encoder_input)
     finally:
         handle.remove()
     hidden = captured[0]  # the last hidden layer h(x), (N, H)
