@@ -214,8 +214,10 @@ def explain_cvae(
         f"features; latent size {cvae.latent_dim}; prior {type(cvae.prior).__name__}, encoder "
         f"{type(cvae.encoder).__name__}, likelihood {type(cvae.likelihood).__name__}. Every "
         "number below was computed when this report was written. Test inputs and latent "
-        "dimensions are numbered from 1. The VAE report's sections on the KL to N(0, I) and "
-        "the aggregate posterior do not apply: this prior p(z | c) depends on the condition.\n"
+        "dimensions are numbered from 1. The VAE report's other sections (the "
+        "reparameterization cloud, the KL to N(0, I), the aggregate posterior, active units) "
+        "read a VAE's guide and its prior N(0, I); this prior p(z | c) depends on the "
+        "condition, so they are not repeated here.\n"
     )
     return _write(out, header, sections)
 
