@@ -69,7 +69,8 @@ def explain(
     The sections need a diagonal Normal encoder (what μ and σ mean); the KL section also a
     standard normal prior. Where a model lacks them, the section says so instead.
 
-    An :class:`~pyro_vae.semisupervised.M2` gets :func:`explain_m2`'s report; a
+    An :class:`~pyro_vae.semisupervised.M2` gets :func:`explain_m2`'s report (which draws
+    nothing: ``image_shape`` and ``num_particles`` are not used for it); a
     :class:`~pyro_vae.conditional.ConditionalVAE` :func:`explain_cvae`'s, with ``x`` the
     missing part and ``condition`` the given part of each test input (``labels``,
     ``image_shape`` and ``class_names`` are not used for it).
