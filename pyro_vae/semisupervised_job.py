@@ -26,6 +26,7 @@ directory gets
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,6 +134,57 @@ class Setup:
     x_test: Tensor
     """The test set as the run scores it: binarized once from the seed."""
     config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    """An M2 run read back by :func:`load_run` (:class:`pyro_vae.Run` is the VAE's)."""
+
+    m2: M2
+    """The model, on the CPU."""
+    config: dict[str, Any]
+    """The keyword arguments of build_m2, with ``"model": "m2"``."""
+    args: dict[str, Any]
+    """The arguments of scripts/train.py that made it."""
+    checkpoint: dict[str, Any]
+    """The whole checkpoint: epoch, step, metrics, training state, labelled indices."""
+    setup: Setup
+    """The rows it trained on and the test set it scored, checked as a resume checks them."""
+
+    @property
+    def data(self) -> pv.DataSplits:
+        return self.setup.data
+
+    @property
+    def x_test(self) -> Tensor:
+        """The test set exactly as the run scored it (binarized once from the seed), on the
+        CPU in the model's dtype."""
+        return self.setup.x_test
+
+
+def load_run(directory: str | os.PathLike) -> Run:
+    """The M2 run in ``directory``, as :func:`pyro_vae.load_run` reads a VAE's: the model, its
+    arguments and checkpoint, the data, the labelled rows and the very test set it scored,
+    checked as a resume checks them (the labelled subset, the test set's digest).
+
+    :raises ValueError: when ``directory`` holds no M2 run, its checkpoint was not written by
+        scripts/train.py, or the labelled rows or test set rebuilt from the data are not the
+        ones the run used.
+    """
+    directory = Path(directory)
+    path = pv.runs.checkpoint_path(directory)
+    m2, checkpoint = pv.load_checkpoint(path)
+    if not isinstance(m2, M2):
+        raise ValueError(f"{path}: not a run of --model m2")
+    for key in ("args", "config", "training", "labelled_indices", "evaluation_digest"):
+        if key not in checkpoint:
+            raise ValueError(f"{path}: holds no {key!r}; it was not written by scripts/train.py")
+    saved = checkpoint["args"]
+    # prepare reads the run's directory (for its messages) and puts everything on the CPU.
+    args = argparse.Namespace(**{**saved, "out_dir": directory, "device": "cpu"})
+    data = pv.load_dataset(saved["dataset"], saved["data_dir"])
+    setup = prepare(args, data, m2, checkpoint)
+    return Run(m2, checkpoint["config"], saved, checkpoint, setup)
 
 
 def main(args: argparse.Namespace, prog: str) -> int:
@@ -339,11 +391,12 @@ def label_entropy(m2: M2, x: Tensor) -> float:
 
 
 @torch.no_grad()
-def unlabelled_elbo(m2: M2, x: Tensor, seed: int) -> float:
+def unlabelled_elbo(m2: M2, x: Tensor, seed: int, num_particles: int = 1) -> float:
     """The mean ELBO of log p(x) per row of ``x`` with every label hidden: y summed out
-    exactly by M2's ``TraceEnum_ELBO``, one draw of z per class. Drawn from a stream of its
-    own (``seed``), so that scoring leaves the training's random numbers as they were."""
-    loss = m2.loss()
+    exactly by M2's ``TraceEnum_ELBO``, ``num_particles`` draws of z per class. Drawn from a
+    stream of its own (``seed``), so that scoring leaves the training's random numbers as they
+    were."""
+    loss = m2.loss(num_particles=num_particles)
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
