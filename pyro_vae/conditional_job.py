@@ -183,9 +183,9 @@ def main(args: argparse.Namespace, prog: str) -> int:
 
 
 def load_run(directory: Path) -> Run:
-    """The CVAE run in ``directory``, as :func:`pyro_vae.load_run` reads a VAE's (which
-    refuses other models): the model, its arguments and checkpoint, the data, and the very
-    evaluation sets it scored, checked by their digest."""
+    """The CVAE run in ``directory`` (what :func:`pyro_vae.load_run` returns for it): the
+    model, its arguments and checkpoint, the data, and the very evaluation sets it scored,
+    checked by their digest."""
     path = pv.runs.checkpoint_path(directory)
     cvae, payload = pv.load_checkpoint(path)
     if not isinstance(cvae, ConditionalVAE):
