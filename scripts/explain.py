@@ -6,6 +6,9 @@
 One section per question (per-example μ and σ; what each μ_i reads out; the reparameterization
 cloud; the KL term three ways, with one wrong formula and one wrong reparameterization; the
 aggregate posterior against N(0, I); active units), with its figures beside the report.
+A run of --model m2 gets q(y|x)'s confusion matrix and entropy, with μ and σ of q(z|x,y) at the
+most probable y; a run of --model cvae the spread of its completions per condition, with μ and
+σ of q(z|x,c) (pyro_vae.explain.explain_m2, explain_cvae).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import sys
 from pathlib import Path
 
 import pyro
+from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli
+from pyro_vae import cli, conditional_job, semisupervised_job
+from pyro_vae.conditional import quadrant_mask, split_by_mask
 from pyro_vae.explain import OUTPUT_FILES
 from pyro_vae.runs import EXPLAIN_DIR, RunDirectory
 
@@ -56,6 +61,50 @@ def check_out_dir(out_dir: Path) -> None:
         leftover.unlink()
 
 
+def write_report(run_dir: Path, out_dir: Path, num_particles: int, seed: int) -> Path:
+    """The report of the run in ``run_dir``: the run object load_run gives tells the model."""
+    loaded = pv.load_run(run_dir)
+    data = loaded.data
+    if isinstance(loaded, semisupervised_job.Run):
+        pyro.set_rng_seed(seed)
+        return pv.explain(
+            loaded.m2, loaded.x_test, data.y_test, data.image_shape, data.class_names, out_dir
+        )
+    if isinstance(loaded, conditional_job.Run):
+        x, c = cvae_parts(loaded)
+        pyro.set_rng_seed(seed)
+        return pv.explain(
+            loaded.cvae,
+            x,
+            data.y_test,
+            data.image_shape,
+            data.class_names,
+            out_dir,
+            num_particles=num_particles,
+            condition=c,
+        )
+    pyro.set_rng_seed(seed)
+    return pv.explain(
+        loaded.vae,
+        loaded.x_test,
+        data.y_test,
+        data.image_shape,
+        data.class_names,
+        out_dir,
+        num_particles=num_particles,
+    )
+
+
+def cvae_parts(cvae_run: conditional_job.Run) -> tuple[Tensor, Tensor]:
+    """(x, c) of the test set as the CVAE run scores them: the missing pixels of its
+    evaluation images, the given pixels of the grayscale images."""
+    cvae = cvae_run.cvae
+    mask = quadrant_mask(cvae_run.data.image_shape, cvae_run.args["given_quadrants"])
+    x, _ = split_by_mask(cvae_run.x_test.to(cvae.dtype), mask)
+    _, c = split_by_mask(cvae_run.data.x_test.to(cvae.dtype), mask)
+    return x, c
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.set_num_threads(args.num_threads)
@@ -63,17 +112,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         check_out_dir(out_dir)
         with RunDirectory.claim(args.run_dir, mode="existing"):
-            loaded = pv.load_run(args.run_dir)
-            pyro.set_rng_seed(args.seed)
-            report = pv.explain(
-                loaded.vae,
-                loaded.x_test,
-                loaded.data.y_test,
-                loaded.data.image_shape,
-                loaded.data.class_names,
-                out_dir,
-                num_particles=args.num_particles,
-            )
+            report = write_report(args.run_dir, out_dir, args.num_particles, args.seed)
     except (ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

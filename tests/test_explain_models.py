@@ -6,9 +6,11 @@ import re
 import pyro
 import pytest
 import torch
+from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
+from pyro_vae import conditional_job, semisupervised_job
 from pyro_vae.conditional import quadrant_mask, sample_spread, split_by_mask
 from pyro_vae.semisupervised import M2, UNLABELLED, hide_labels, labelled_subset
 
@@ -141,3 +143,55 @@ def test_the_cvae_report_needs_the_condition(trained_cvae, tmp_path):
     with pytest.raises(ValueError, match="num_particles"):
         pv.explain(cvae, x, torch.zeros(0), (8, 8), (), tmp_path, 1, condition=c)
     assert not (tmp_path / "report.md").exists()
+
+
+# ---------------------------------------------------------------- scripts/explain.py routes runs
+
+train_script, explain_script = map(load_script, ("train", "explain"))
+TINY = ("--latent-dim", "2", "--hidden-dims", "16", "--num-epochs", "1", "--no-progress")
+
+
+@pytest.fixture
+def float32():
+    """The scripts run in torch's default float32, as from a shell (conftest sets float64)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_explain_py_writes_the_m2_report_of_an_m2_run(tmp_path, capsys, float32):
+    run = tmp_path / "m2"
+    argv = ("--model", "m2", "--num-labelled", "30", *TINY, "--out-dir", str(run))
+    assert call(train_script, *argv, capsys=capsys)[0] == 0
+    code, _, err = call(explain_script, str(run), capsys=capsys)
+    assert code == 0, err
+    found = sections((run / "explain" / "report.md").read_text())
+    assert sorted(found) == ["1", "2", "3", "4"]
+    loaded = pv.load_run(run)
+    assert isinstance(loaded, semisupervised_job.Run)
+    predicted = loaded.m2.classify(loaded.x_test)
+    rows = table_rows(found["3"], "true ")
+    counts = torch.tensor([[int(v) for v in row[:-1]] for row in rows])
+    assert counts.sum() == len(loaded.x_test)
+    assert counts.diagonal().sum() == int((predicted == loaded.data.y_test).sum())
+    assert (run / "explain" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explain_py_writes_the_cvae_report_of_a_cvae_run(tmp_path, capsys, float32):
+    run = tmp_path / "cvae"
+    argv = ("--model", "cvae", *TINY, "--num-iw-particles", "0", "--out-dir", str(run))
+    assert call(train_script, *argv, capsys=capsys)[0] == 0
+    code, _, err = call(explain_script, str(run), "--num-particles", "50", capsys=capsys)
+    assert code == 0, err
+    found = sections((run / "explain" / "report.md").read_text())
+    assert sorted(found) == ["1", "2", "3"]
+    loaded = pv.load_run(run)
+    assert isinstance(loaded, conditional_job.Run)
+    # The script's default --seed 0, and the given pixels of the grayscale test images as c.
+    mask = quadrant_mask(loaded.data.image_shape, loaded.args["given_quadrants"])
+    _, c = split_by_mask(loaded.data.x_test, mask)
+    pyro.set_rng_seed(0)
+    expected = sample_spread(loaded.cvae, c, 50)
+    for row, value in zip(table_rows(found["3"], "test #"), expected[:5], strict=True):
+        assert float(row[0]) == pytest.approx(float(value), abs=6e-5)
