@@ -35,7 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out-dir", type=Path, help=f"default: RUN_DIR/{EXPLAIN_DIR}")
-    parser.add_argument("--num-particles", type=cli.positive_int, default=2000, help="z per input")
+    parser.add_argument(
+        "--num-particles",
+        type=cli.positive_int,
+        default=2000,
+        help="draws per input: of z for a VAE, of completions for a CVAE (M2: none)",
+    )
     parser.add_argument("--seed", type=cli.seed, default=0, help="seeds the draws of z")
     parser.add_argument("--num-threads", type=cli.num_threads, help="CPU threads")
     return parser.parse_args(argv)
