@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_float, check_positive_int
+from pyro_vae.compiled import CompiledStep
 from pyro_vae.data import is_binary, to_tensor
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
@@ -174,6 +175,7 @@ def fit(
     resume: TrainingState | None = None,
     progress: bool | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> History:
     """Fit ``module.model`` and ``module.guide`` to ``data`` by stochastic variational
     inference: every parameter Pyro finds in them is trained (:class:`~pyro_vae.objective.
@@ -214,6 +216,10 @@ def fit(
         exactly as if it had never stopped.
     :param progress: show a progress bar; ``None`` means only on a terminal.
     :param generator: random source for the shuffling and the binarization.
+    :param compile: trace each step once and compile it (:mod:`pyro_vae.compiled`, which says
+        what "exact" means then), with PyTorch's fused Adam. A step that cannot be traced
+        (``TraceEnum_ELBO``, ``RenyiELBO``, dynamic control flow) runs eager, after one
+        warning that names the reason.
     :returns: the :class:`History` of losses.
     :raises ValueError: on bad arguments or data, or a latent site of the model without a
         site in the guide, before any parameter changes.
@@ -236,7 +242,9 @@ def fit(
     num_data = len(tensors[0])
     first_batch = tuple(t[:batch_size] for t in tensors)
     parameters = objective.parameters(*first_batch, num_data=num_data)
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    # compile: fused Adam, one kernel for all parameters (None: torch's default choice).
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, fused=True if compile else None)
+    stepper: Objective | CompiledStep = CompiledStep(objective) if compile else objective
 
     num_steps = math.ceil(num_data / batch_size)
     history = History(binarized=binarize)
@@ -280,7 +288,7 @@ def fit(
                 if warmup_steps:
                     module.beta = target_beta * min(1.0, global_step / warmup_steps)
                 per_example = _take_step(
-                    objective,
+                    stepper,
                     optimizer,
                     batch,
                     num_data,
@@ -443,7 +451,7 @@ def _device_and_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
 
 
 def _take_step(
-    objective: Objective,
+    objective: Objective | CompiledStep,
     optimizer: torch.optim.Optimizer,
     batch: tuple[Tensor, ...],
     num_data: int,

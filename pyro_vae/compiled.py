@@ -1,0 +1,343 @@
+"""A compiled training step: Pyro's ELBO traced once into an ATen graph and compiled.
+
+``fit(..., compile=True)`` routes every step through :class:`CompiledStep`. On the first step
+of each batch shape it traces ``Trace_ELBO().differentiable_loss(model, guide, *batch)``
+together with ``torch.autograd.grad`` through ``torch.fx.experimental.proxy_tensor.make_fx``:
+Pyro's Python (traces, messengers, site dictionaries) runs once, at trace time, and what is
+left is a plain graph of tensor operations, which goes to ``torch.compile`` (Inductor). While
+tracing, Pyro's ``torch_item`` returns the tensor instead of a Python float and its NaN warning
+is off (both would read a value out of the graph); ``fit`` still refuses a non-finite loss or
+gradient, from the compiled step's outputs. The optimizer stays outside the graph: PyTorch's
+fused ``Adam``, so the learning rate is read from its parameter group at every step.
+
+What is an input of the graph, and what makes a new trace
+---------------------------------------------------------
+- **Inputs**, read afresh at every step: the trained parameters, the model's buffers, the
+  batch, the random draws (below) and, for a :class:`~pyro_vae.model.VAE`, β (the KL weight,
+  which a KL warm-up changes at every step): its ``poutine.scale`` gets a tensor while tracing.
+- **A new trace** (and compilation) for each new key: the shapes, dtypes and devices of the
+  batch's tensors, the dataset size N (the data plate's N/B scale is a Python number inside
+  Pyro), and, for a model with a ``beta`` that is not a VAE, the value of β. The last, smaller
+  batch of an epoch therefore costs one more trace, once per run; each graph is kept.
+
+The random draws
+----------------
+The graph draws no random numbers. While tracing, every draw of the step (``Tensor.normal_``,
+the reparameterized ε of ``rsample``; ``Tensor.uniform_``; ``torch.randn``; ``torch.rand``) is
+replaced by an input. Before each compiled step the same draws are made eagerly, with the very
+calls eager Pyro would make, in the same order, from torch's global random state. So:
+
+"Exact" under compilation means: a compiled run consumes torch's random state (and fit's
+``generator``, which binarizes the batch outside the graph) exactly as the eager run does, so
+it sees bit-for-bit the same ε and the same batches. Its losses and gradients equal the eager
+run's up to floating-point rounding (Inductor fuses and reorders operations), not bit for bit.
+A compiled run resumed from a checkpoint continues with the same random stream and the same
+compiled arithmetic as the uninterrupted compiled run, so it ends exactly (bit for bit) where
+that run ends, on the same machine and torch version.
+
+Where tracing cannot work, :class:`CompiledStep` runs Pyro's eager step instead, after one
+``UserWarning`` that names the reason: an estimator other than ``Trace_ELBO`` (enumeration in
+``TraceEnum_ELBO``, the log-sum-exp over particles of ``RenyiELBO``, ...), a value read out of
+the graph (dynamic control flow on tensors), a random draw that cannot be passed in, or a
+failure of the compiler. It never gives numbers of a graph it could not trace faithfully.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.infer.trace_elbo as pyro_trace_elbo
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+
+from pyro_vae.model import VAE
+from pyro_vae.objective import Objective
+
+# The draws that become inputs: torch functions (or Tensor methods) that fill a tensor of a
+# given shape from torch's global random state. The first two are methods of a fresh tensor.
+_IN_PLACE_DRAWS = (Tensor.normal_, Tensor.uniform_)
+_NEW_DRAWS = (torch.randn, torch.rand)
+
+
+class UntraceableError(Exception):
+    """The step cannot be traced into a faithful graph; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One random draw of the step, as eager Pyro makes it, so that it can be made again."""
+
+    function: Callable[..., Tensor]
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def draw(self) -> Tensor:
+        kwargs = dict(self.kwargs)
+        if self.function in _IN_PLACE_DRAWS:
+            fresh = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            return self.function(fresh, *self.args, **kwargs)
+        return self.function(*self.args, **kwargs)
+
+
+def _describe(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", getattr(function, "__name__", repr(function)))
+
+
+def _plain(values: Any) -> bool:
+    """Whether a draw's arguments are plain values (no tensor, no generator of their own)."""
+    return not any(isinstance(v, (Tensor, torch.Generator)) for v in values)
+
+
+class _RecordDraws(TorchFunctionMode):
+    """Lets the draws happen and records each, to make it again before every compiled step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[_Draw] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func in _IN_PLACE_DRAWS or func in _NEW_DRAWS:
+            rest = args[1:] if func in _IN_PLACE_DRAWS else args
+            if not (_plain(rest) and _plain(kwargs.values())):
+                raise UntraceableError(
+                    f"the step draws with {_describe(func)} from tensor arguments or a "
+                    "generator of its own, which cannot be passed in as an input"
+                )
+            self.draws.append(
+                _Draw(
+                    func,
+                    result.shape,
+                    result.dtype,
+                    result.device,
+                    tuple(rest),
+                    tuple(sorted(kwargs.items())),
+                )
+            )
+        return result
+
+
+class _ReplayDraws(TorchFunctionMode):
+    """While tracing: each draw returns the next input instead of drawing."""
+
+    def __init__(self, noise: list[Tensor]) -> None:
+        super().__init__()
+        self.noise = list(noise)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in _IN_PLACE_DRAWS or func in _NEW_DRAWS:
+            if not self.noise:
+                raise UntraceableError("the step draws more random numbers than on its first run")
+            noise = self.noise.pop(0)
+            if func in _IN_PLACE_DRAWS:
+                return args[0].copy_(noise)
+            return noise
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _pyro_traceable() -> Iterator[None]:
+    """Pyro's Trace_ELBO without the two reads of a value out of the graph: ``torch_item``
+    returns its tensor, and ``warn_if_nan`` does nothing (fit checks the loss itself)."""
+    item, warn = pyro_trace_elbo.torch_item, pyro_trace_elbo.warn_if_nan
+    pyro_trace_elbo.torch_item = lambda x: x
+    pyro_trace_elbo.warn_if_nan = lambda x, *args, **kwargs: x  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        pyro_trace_elbo.torch_item, pyro_trace_elbo.warn_if_nan = item, warn
+
+
+@contextlib.contextmanager
+def _beta_input(module: Any, beta: Tensor | None) -> Iterator[None]:
+    """A VAE's β as the tensor ``beta`` (an input of the graph) instead of a Python number."""
+    if beta is None:
+        yield
+        return
+    module._beta_scale = lambda: poutine.scale(scale=beta)
+    try:
+        yield
+    finally:
+        del module._beta_scale
+
+
+def eager_reason(objective: Objective) -> str | None:
+    """Why the step of ``objective`` cannot be compiled, known before any trace; ``None``
+    when it can be tried."""
+    loss = objective.loss
+    if type(loss) is Trace_ELBO:
+        return None
+    name = type(loss).__name__
+    if name == "TraceEnum_ELBO":
+        return (
+            "TraceEnum_ELBO enumerates discrete latents with tensor shapes and contractions "
+            "that Pyro chooses in Python at every step"
+        )
+    if name == "RenyiELBO":
+        return "RenyiELBO (IWAE) is traced only as Trace_ELBO is; it has no traced route yet"
+    return f"only Trace_ELBO is traced, not {name}"
+
+
+@dataclass
+class _Graph:
+    draws: list[_Draw]
+    has_grad: list[bool]
+    compiled: Callable[..., Any]
+
+
+class CompiledStep:
+    """The step of :meth:`Objective.loss_and_grads <pyro_vae.objective.Objective.
+    loss_and_grads>`, traced and compiled (module docstring). It has the same call and the
+    same effect: the loss, with the gradients put into the parameters' ``.grad``.
+
+    :param objective: the model, guide and ELBO; :meth:`Objective.parameters` already called.
+    :param backend: ``torch.compile``'s backend (``"inductor"``; ``"eager"`` runs the traced
+        graph as it is).
+    """
+
+    def __init__(self, objective: Objective, *, backend: str = "inductor") -> None:
+        if not objective.trained:
+            raise ValueError("CompiledStep needs objective.parameters(...) to have been called")
+        self.objective = objective
+        self.trained = objective.trained
+        self.backend = backend
+        self.traces = 0
+        """Traces made so far (one per key, module docstring)."""
+        self.eager_reason = eager_reason(objective)
+        if self.eager_reason is not None:
+            self._warn()
+        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        module = objective.module
+        self._buffers = list(module.buffers()) if isinstance(module, nn.Module) else []
+
+    def _warn(self) -> None:
+        warnings.warn(
+            f"compile=True: the step runs eager, because {self.eager_reason}", stacklevel=4
+        )
+
+    def loss_and_grads(self, *batch: Tensor, num_data: int) -> Tensor | float:
+        """The loss for the whole dataset estimated from ``batch``, gradients into ``.grad``."""
+        if self.eager_reason is None:
+            key = self._key(batch, num_data)
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._trace(batch, num_data)
+                except (UntraceableError, RuntimeError, NotImplementedError, TypeError) as error:
+                    self.eager_reason = f"tracing failed: {type(error).__name__}: {error}"
+                    self._warn()
+                else:
+                    self._graphs[key] = graph
+        if self.eager_reason is not None:
+            return self.objective.loss_and_grads(*batch, num_data=num_data)
+        assert graph is not None
+        noise = [draw.draw() for draw in graph.draws]
+        outputs = graph.compiled(*self._inputs(batch, noise))
+        for parameter, gradient, has_grad in zip(
+            self.trained, outputs[1:], graph.has_grad, strict=True
+        ):
+            if has_grad:
+                if parameter.grad is None:
+                    parameter.grad = gradient.detach().clone()
+                else:
+                    parameter.grad.add_(gradient)
+        return outputs[0].detach()
+
+    def _key(self, batch: tuple[Tensor, ...], num_data: int) -> tuple[Any, ...]:
+        module = self.objective.module
+        beta = None if isinstance(module, VAE) else getattr(module, "beta", None)
+        shapes = tuple((t.shape, t.dtype, t.device) for t in batch)
+        return (shapes, num_data, beta)
+
+    def _beta(self) -> list[Tensor]:
+        module = self.objective.module
+        if not isinstance(module, VAE):
+            return []
+        return [torch.tensor(module.beta, dtype=module.dtype, device=module.device)]
+
+    def _inputs(self, batch: tuple[Tensor, ...], noise: list[Tensor]) -> list[Tensor]:
+        return [*self.trained, *self._buffers, *batch, *noise, *self._beta()]
+
+    def _loss(self, batch: tuple[Tensor, ...], num_data: int) -> Tensor:
+        objective = self.objective
+        # Trace_ELBO's (the only estimator traced, eager_reason); ELBO declares none.
+        loss: Tensor = objective.loss.differentiable_loss(  # type: ignore[attr-defined]
+            objective.model, objective.guide, *batch, num_data=num_data
+        )
+        return loss
+
+    def _trace(self, batch: tuple[Tensor, ...], num_data: int) -> _Graph:
+        # The draws of one eager run, on a fork of the random state: training draws the same
+        # numbers as if this had not run.
+        device = batch[0].device
+        recorder = _RecordDraws()
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            pyro.validation_enabled(False),
+            recorder,
+        ):
+            self._loss(batch, num_data)
+        draws = recorder.draws
+        num_params, num_buffers, num_batch = len(self.trained), len(self._buffers), len(batch)
+        has_grad: list[bool] = []
+        module = self.objective.module
+
+        def step(*flat: Tensor) -> list[Tensor]:
+            at = num_params + num_buffers
+            traced_batch = tuple(flat[at : at + num_batch])
+            at += num_batch
+            noise = list(flat[at : at + len(draws)])
+            beta = flat[at + len(draws)] if isinstance(module, VAE) else None
+            with (
+                _ReplayDraws(noise) as replay,
+                _pyro_traceable(),
+                _beta_input(module, beta),
+                pyro.validation_enabled(False),
+            ):
+                loss = self._loss(traced_batch, num_data)
+                if replay.noise:
+                    raise UntraceableError("the step draws fewer random numbers than at first")
+            gradients = torch.autograd.grad(loss, self.trained, allow_unused=True)
+            has_grad[:] = [g is not None for g in gradients]
+            pairs = zip(self.trained, gradients, strict=True)
+            return [loss.detach(), *(torch.zeros_like(p) if g is None else g for p, g in pairs)]
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            example = self._inputs(batch, [d.draw() for d in draws])
+            graph = make_fx(step)(*example)
+        seeded = [
+            str(node.target)
+            for node in graph.graph.nodes
+            if node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in node.target.tags
+        ]
+        if seeded:
+            raise UntraceableError(
+                f"the step draws random numbers with {', '.join(seeded)}, which cannot be "
+                "passed in as inputs"
+            )
+        compiled = torch.compile(graph, backend=self.backend, dynamic=False, fullgraph=True)
+        # Compile now, on the example, so that a failure of the compiler falls back here.
+        with warnings.catch_warnings():
+            # Dynamo reads .grad of the graph's intermediate tensors while it compiles a graph
+            # whose inputs have gradients; torch warns of that, needlessly here.
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that")
+            compiled(*example)
+        self.traces += 1
+        return _Graph(draws, has_grad, compiled)

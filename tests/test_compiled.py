@@ -1,0 +1,233 @@
+"""The compiled step (pyro_vae.compiled): the same loss and gradients as Pyro's eager step
+under the same random numbers, β as an input, and an eager fallback that says why."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from conftest import binary_data
+from pyro.infer import RenyiELBO, Trace_ELBO
+from torch import nn
+
+import pyro_vae as pv
+from pyro_vae.compiled import CompiledStep
+from pyro_vae.objective import Objective
+
+DATA_DIM, LATENT_DIM, BATCH, NUM_DATA = 16, 3, 6, 30
+
+DATA = {
+    "bernoulli": lambda: binary_data(BATCH, DATA_DIM, 0.5),
+    "continuous-bernoulli": lambda: torch.rand(BATCH, DATA_DIM),
+    "normal": lambda: torch.randn(BATCH, DATA_DIM),
+    "laplace": lambda: torch.randn(BATCH, DATA_DIM) + 5.0,
+    "discretized-logistic": lambda: torch.randint(0, 256, (BATCH, DATA_DIM)) / 255.0,
+}
+# The VampPrior refuses encoders without a density everywhere (test_components).
+REFUSED = {("vamp", "iaf"), ("vamp", "delta")}
+
+
+def one_step(module, batch, *, compiled, seed=1, backend="eager", loss=None):
+    """Loss, gradients and torch's random state after one step from ``torch.manual_seed(seed)``;
+    the warnings it gave."""
+    objective = Objective(module, Trace_ELBO() if loss is None else loss)
+    parameters = objective.parameters(*batch, num_data=NUM_DATA)
+    for parameter in parameters:
+        parameter.grad = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stepper = CompiledStep(objective, backend=backend) if compiled else objective
+        torch.manual_seed(seed)
+        value = float(stepper.loss_and_grads(*batch, num_data=NUM_DATA))
+    gradients = [None if p.grad is None else p.grad.clone() for p in parameters]
+    return value, gradients, torch.get_rng_state(), [str(w.message) for w in caught]
+
+
+def assert_same_step(eager, compiled):
+    loss, gradients, rng, _ = eager
+    loss_c, gradients_c, rng_c, messages = compiled
+    assert not messages, messages
+    # float32 sums over a few hundred terms: agreement to ~1e-6 relative, far below the
+    # change one different ε makes (checked by test_a_different_noise_is_seen).
+    assert loss_c == pytest.approx(loss, rel=1e-5, abs=1e-4)
+    for g, g_c in zip(gradients, gradients_c, strict=True):
+        assert (g is None) == (g_c is None)
+        if g is not None:
+            torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-5)
+    # The compiled step consumed torch's random state exactly as the eager step did.
+    assert torch.equal(rng_c, rng)
+
+
+def small_vae(**options):
+    torch.manual_seed(0)
+    return pv.build_vae(DATA_DIM, LATENT_DIM, hidden_dims=(8,), **options)
+
+
+def test_one_inductor_step_gives_the_eager_loss_and_gradients():
+    vae = small_vae()
+    batch = (binary_data(BATCH, DATA_DIM, 0.5),)
+    eager = one_step(vae, batch, compiled=False)
+    assert_same_step(eager, one_step(vae, batch, compiled=True, backend="inductor"))
+
+
+def test_a_different_noise_is_seen():
+    # The equivalence above means something only if ε matters: another seed moves the loss
+    # and the gradients far beyond the tolerance there.
+    vae = small_vae()
+    batch = (binary_data(BATCH, DATA_DIM, 0.5),)
+    loss, gradients, _, _ = one_step(vae, batch, compiled=True, seed=1)
+    loss_2, gradients_2, _, _ = one_step(vae, batch, compiled=True, seed=2)
+    assert abs(loss - loss_2) > 1e-2 * abs(loss)
+    assert not torch.allclose(gradients[0], gradients_2[0], rtol=1e-3)
+
+
+def test_beta_is_an_input_not_a_constant_of_the_first_trace():
+    vae = small_vae()
+    batch = (binary_data(BATCH, DATA_DIM, 0.5),)
+    objective = Objective(vae, Trace_ELBO())
+    objective.parameters(*batch, num_data=NUM_DATA)
+    step = CompiledStep(objective, backend="eager")
+    for beta in (0.1, 0.5, 1.0):
+        vae.beta = beta
+        torch.manual_seed(3)
+        compiled = float(step.loss_and_grads(*batch, num_data=NUM_DATA))
+        torch.manual_seed(3)
+        eager = float(objective.loss_and_grads(*batch, num_data=NUM_DATA))
+        assert compiled == pytest.approx(eager, rel=1e-5)
+    assert step.traces == 1
+
+
+def test_the_last_smaller_batch_and_a_new_dataset_size_are_retraced():
+    vae = small_vae()
+    x = binary_data(BATCH, DATA_DIM, 0.5)
+    objective = Objective(vae, Trace_ELBO())
+    objective.parameters(x, num_data=NUM_DATA)
+    step = CompiledStep(objective, backend="eager")
+    for batch, num_data in [(x, NUM_DATA), (x[:4], NUM_DATA), (x, 2 * NUM_DATA), (x, NUM_DATA)]:
+        torch.manual_seed(4)
+        compiled = float(step.loss_and_grads(batch, num_data=num_data))
+        torch.manual_seed(4)
+        eager = float(objective.loss_and_grads(batch, num_data=num_data))
+        assert compiled == pytest.approx(eager, rel=1e-5)
+    assert step.traces == 3  # the fourth key is the first again
+
+
+@pytest.mark.slow
+def test_fit_with_warmup_gives_the_eager_losses():
+    # 20 examples in batches of 8: two full batches and one of 4, β climbing at every step of
+    # the first two epochs; compiled and eager draw the same shuffles, batches and ε.
+    data = torch.rand(20, DATA_DIM)
+    histories = []
+    for compile in (False, True):
+        vae = small_vae()
+        torch.manual_seed(5)
+        histories.append(
+            pv.fit(
+                vae,
+                data,
+                num_epochs=3,
+                batch_size=8,
+                kl_warmup_epochs=2,
+                progress=False,
+                compile=compile,
+                generator=torch.Generator().manual_seed(6),
+            )
+        )
+    eager, compiled = histories
+    assert len(compiled.step_loss) == 9
+    # Fused Adam and Inductor round differently from the eager step: a few ulps per step,
+    # compounding over 9 steps, still far below the change of β between steps (≥ 1/6 of
+    # the KL, several nats).
+    assert compiled.step_loss == pytest.approx(eager.step_loss, rel=1e-4)
+
+
+class DataDependentEncoder(nn.Module):
+    """A diagonal encoder with Python control flow on a tensor's value: cannot be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = pv.DiagonalNormalEncoder(DATA_DIM, LATENT_DIM, (8,))
+        self.latent_dim = LATENT_DIM
+
+    def forward(self, x):
+        posterior = self.inner(x)
+        if x.sum() > 0:  # always true on these data: eager and a wrongly baked graph agree
+            return posterior
+        return posterior
+
+
+def test_dynamic_control_flow_falls_back_to_eager_with_one_warning():
+    torch.manual_seed(0)
+    vae = pv.VAE(DATA_DIM, LATENT_DIM, hidden_dims=(8,), encoder=DataDependentEncoder())
+    batch = (binary_data(BATCH, DATA_DIM, 0.5),)
+    eager = one_step(vae, batch, compiled=False)
+    loss, gradients, rng, messages = one_step(vae, batch, compiled=True)
+    assert len(messages) == 1
+    assert "runs eager" in messages[0] and "data-dependent control flow" in messages[0]
+    # Eager, so the very same numbers.
+    assert loss == eager[0] and torch.equal(rng, eager[2])
+    assert all(torch.equal(g, g_e) for g, g_e in zip(gradients, eager[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("make_loss", "reason"),
+    [
+        (lambda: RenyiELBO(alpha=0, num_particles=2), "RenyiELBO"),
+        (lambda: pv.M2(DATA_DIM, 2, LATENT_DIM, alpha=1.0, hidden_dims=(8,)).loss(), "TraceEnum"),
+    ],
+    ids=["RenyiELBO", "TraceEnum_ELBO"],
+)
+def test_other_estimators_run_eager_with_one_warning_naming_them(make_loss, reason):
+    data = binary_data(12, DATA_DIM, 0.5)
+    histories = []
+    for compile in (False, True):
+        vae_copy = small_vae()
+        torch.manual_seed(7)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            histories.append(
+                pv.fit(
+                    vae_copy,
+                    data,
+                    loss=make_loss(),
+                    num_epochs=2,
+                    batch_size=6,
+                    progress=False,
+                    compile=compile,
+                )
+            )
+        messages = [str(w.message) for w in caught if "compile=True" in str(w.message)]
+        assert len(messages) == (1 if compile else 0)
+    assert reason in messages[0] and "runs eager" in messages[0]
+    # Eager, so the very same numbers.
+    assert histories[1].step_loss == histories[0].step_loss
+
+
+def component_cases() -> list:
+    return [
+        pytest.param(prior, encoder, likelihood, id=f"{prior},{encoder},{likelihood}")
+        for prior, encoder, likelihood in itertools.product(
+            pv.PRIOR_NAMES, pv.ENCODER_NAMES, pv.LIKELIHOOD_NAMES
+        )
+        if (prior, encoder) not in REFUSED
+    ]
+
+
+@pytest.mark.parametrize(("prior", "encoder", "likelihood"), component_cases())
+def test_every_component_combination_traces_to_the_eager_step(prior, encoder, likelihood):
+    vae = small_vae(
+        prior=prior,
+        encoder=encoder,
+        likelihood=likelihood,
+        num_components=4 if prior in ("mixture", "vamp") else None,
+    )
+    torch.manual_seed(8)
+    batch = (DATA[likelihood](),)
+    # Every combination traces (none falls back: assert_same_step refuses any warning).
+    assert_same_step(one_step(vae, batch, compiled=False), one_step(vae, batch, compiled=True))
+
+
+def test_the_bayesian_decoder_traces_to_the_eager_step():
+    vae = small_vae(decoder="bayesian")
+    batch = (binary_data(BATCH, DATA_DIM, 0.5),)
+    assert_same_step(one_step(vae, batch, compiled=False), one_step(vae, batch, compiled=True))
