@@ -44,7 +44,7 @@ from pyro_vae.evaluate import (
     log_likelihood,
     weight_spread,
 )
-from pyro_vae.explain import explain
+from pyro_vae.explain import explain, explain_cvae, explain_m2
 from pyro_vae.kl import has_closed_form_kl  # importing it registers the closed-form KLs
 from pyro_vae.likelihoods import (
     BernoulliLikelihood,
@@ -129,6 +129,8 @@ __all__ = [
     "elbo",
     "elbo_terms",
     "explain",
+    "explain_cvae",
+    "explain_m2",
     "fit",
     "has_closed_form_kl",
     "hide_labels",
