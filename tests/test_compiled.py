@@ -1,6 +1,7 @@
 """The compiled step (pyro_vae.compiled): the same loss and gradients as Pyro's eager step
 under the same random numbers, β as an input, and an eager fallback that says why."""
 
+import copy
 import itertools
 import warnings
 
@@ -231,3 +232,40 @@ def test_the_bayesian_decoder_traces_to_the_eager_step():
     vae = small_vae(decoder="bayesian")
     batch = (binary_data(BATCH, DATA_DIM, 0.5),)
     assert_same_step(one_step(vae, batch, compiled=False), one_step(vae, batch, compiled=True))
+
+
+def fit_compiled(vae, *, resume=None, saved=None):
+    return pv.fit(
+        vae,
+        torch.rand(20, DATA_DIM, generator=torch.Generator().manual_seed(9)),
+        num_epochs=2,
+        batch_size=5,
+        progress=False,
+        compile=True,
+        resume=resume,
+        generator=torch.Generator().manual_seed(10),
+        checkpoint=None
+        if saved is None
+        else lambda state: saved.append(
+            (copy.deepcopy(state.to_dict()), copy.deepcopy(vae.state_dict()))
+        ),
+        checkpoint_every=1,
+    )
+
+
+@pytest.mark.slow
+def test_a_resumed_compiled_fit_ends_exactly_like_an_uninterrupted_one():
+    reference, saved = small_vae(), []
+    torch.manual_seed(11)
+    reference_history = fit_compiled(reference, saved=saved)
+    state, weights = saved[1]  # after step 2 of epoch 1: mid-epoch, the shuffle under way
+    assert (state["epoch"], state["step"]) == (0, 2)
+    resumed = small_vae()
+    resumed.load_state_dict(weights)
+    torch.manual_seed(99)  # everything that matters must come from the checkpoint
+    history = fit_compiled(resumed, resume=pv.TrainingState.from_dict(state))
+    assert history.step_loss == reference_history.step_loss
+    for (name, expected), actual in zip(
+        reference.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
