@@ -62,6 +62,7 @@ FIGURE = "completions.png"
 # flags (--beta, --kl-warmup-epochs, --elbo, --num-particles, --num-iw-particles, the sizes and
 # the training settings) mean the same here and are honoured.
 VAE_ONLY = (
+    "--compile",
     "--prior",
     "--encoder",
     "--likelihood",

@@ -56,6 +56,7 @@ DEFAULT_NUM_LABELLED = 100
 # KL weight and no importance-weighted score. The sizes (--latent-dim, --hidden-dims),
 # --network (mlp or conv), --num-particles and the training settings mean the same here.
 VAE_ONLY = (
+    "--compile",
     "--prior",
     "--encoder",
     "--likelihood",

@@ -131,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=cli.num_threads,
         help="CPU threads (default: one per core; on a busy machine 1 is often faster)",
     )
+    add(
+        "--compile",
+        action="store_true",
+        help="trace the training step once and compile it (torch.compile); Trace_ELBO only, "
+        "other objectives run eager with a warning",
+    )
     add("--no-progress", action="store_true", help="hide the progress bars")
     faults = parser.add_argument_group("checkpoints and faults")
     faults.add_argument(
@@ -281,6 +287,8 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         resume=state,
         progress=progress,
         generator=torch.Generator(args.device).manual_seed(args.seed),
+        # Runs saved before --compile existed trained eager.
+        compile=getattr(args, "compile", False),
     )
     trained = time.perf_counter() - started
 
