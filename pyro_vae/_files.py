@@ -29,7 +29,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         except BaseException as error:
             tmp.close()
             os.unlink(tmp.name)
-            if isinstance(error, OSError) and error.filename is None:
+            if isinstance(error, OSError) and error.errno and error.filename is None:
                 # write() and fsync() name no file: say which one could not be written.
                 raise OSError(error.errno, error.strerror, str(path)) from error
             raise
