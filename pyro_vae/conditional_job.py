@@ -287,12 +287,16 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     cli.say(f"training the baseline ({args.num_epochs} epochs, the same budget)")
     pyro.set_rng_seed(args.seed)
     baseline = cast(ConditionalBaseline, build_model(baseline_config(config))).to(args.device)
-    baseline_history = pv.fit(
-        baseline,
-        (x_train, c_train),
-        generator=torch.Generator(args.device).manual_seed(args.seed),
-        **budget,
-    )
+    try:
+        baseline_history = pv.fit(
+            baseline,
+            (x_train, c_train),
+            generator=torch.Generator(args.device).manual_seed(args.seed),
+            **budget,
+        )
+    except pv.TrainingDivergedError as error:
+        # The CVAE is trained and checkpointed; say which model diverged.
+        raise pv.TrainingDivergedError(f"the baseline: {error}") from error
     pv.save_checkpoint(
         run_dir.path / BASELINE,
         baseline,

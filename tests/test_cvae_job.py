@@ -192,3 +192,21 @@ def test_conditional_elbo_terms_are_the_log_densities_at_the_guides_draw():
     torch.testing.assert_close(terms.reconstruction, reconstruction)
     torch.testing.assert_close(terms.kl, kl)
     torch.testing.assert_close(terms.elbo, reconstruction - kl)
+
+
+def test_a_diverging_baseline_is_named_as_such(tmp_path, capsys, monkeypatch):
+    """The CVAE trains and checkpoints first; if the baseline then diverges, the message says
+    it was the baseline, and where the CVAE's checkpoint stands."""
+    real_fit, calls = pv.fit, []
+
+    def fit(*args, **kwargs):
+        calls.append(type(args[0]).__name__)
+        if len(calls) == 2:
+            raise pv.TrainingDivergedError("loss is nan at epoch 1, step 1 of 12")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(pv, "fit", fit)
+    code, _, err = train(*TINY, *SHORT, "--out-dir", str(tmp_path / "run"), capsys=capsys)
+    assert code == 1 and calls == ["ConditionalVAE", "ConditionalBaseline"], err
+    assert "training diverged: the baseline: loss is nan" in err
+    assert "checkpoint.pt holds the run at the end of epoch 1" in err
