@@ -107,8 +107,6 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             "(a conditional Normal prior, a diagonal Normal encoder, MLPs, a Bernoulli "
             "likelihood)"
         )
-    args.out_dir = args.out_dir or Path("runs") / f"{args.dataset}-cvae"
-    args.num_epochs = args.num_epochs or (200 if args.dataset == "digits" else 20)
     args.num_particles = args.num_particles or (5 if args.elbo == "iwae" else 1)
     args.hidden_dims = args.hidden_dims or [400]
 

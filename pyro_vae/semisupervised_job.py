@@ -111,8 +111,6 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )
     if args.network == "conv" and args.hidden_dims is not None:
         parser.error("--hidden-dims sets MLP widths; --network conv has fixed layers")
-    args.out_dir = args.out_dir or Path("runs") / f"{args.dataset}-m2"
-    args.num_epochs = args.num_epochs or (200 if args.dataset == "digits" else 20)
     args.num_particles = args.num_particles or 1
     args.num_labelled = args.num_labelled or DEFAULT_NUM_LABELLED
     if args.network == "mlp":

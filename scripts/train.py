@@ -171,12 +171,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         theirs = {a.option_strings[0] for a in parser._actions if a.dest in job.OWN_FLAGS}
         if args.model != name and args.given & theirs:
             parser.error(f"{', '.join(sorted(args.given & theirs))} is for --model {name}")
+    # The defaults that depend on other arguments, for every model.
+    run_name = args.dataset if args.model == "vae" else f"{args.dataset}-{args.model}"
+    args.out_dir = args.out_dir or Path("runs") / run_name
+    args.num_epochs = args.num_epochs or (200 if args.dataset == "digits" else 20)
     if args.model != "vae":
         JOBS[args.model].check_arguments(args, parser)
         return args
-    # The defaults that depend on other arguments.
-    args.out_dir = args.out_dir or Path("runs") / args.dataset
-    args.num_epochs = args.num_epochs or (200 if args.dataset == "digits" else 20)
     args.num_particles = args.num_particles or (5 if args.elbo == "iwae" else 1)
     if args.hidden_dims is None and args.network == "mlp":
         args.hidden_dims = [400]
