@@ -534,23 +534,14 @@ def _check_config(config: Any) -> None:
         ):
             _check_size(f"config[{key!r}]", value)
         elif key in ("hidden_dims", "image_shape") and value is not None:
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(
-                    f"config[{key!r}] must be a list of ints, got {type(value).__name__}"
-                )
-            for i, size in enumerate(value):
-                _check_size(f"config[{key!r}][{i}]", size)
+            _check_sizes(key, value)
             if key == "image_shape" and len(value) not in (2, 3):
                 raise ValueError(
                     f"config['image_shape'] must be (height, width) or (channels, height, "
                     f"width), got {value}"
                 )
-        elif value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float, str))
-        ):
-            raise ValueError(
-                f"config[{key!r}] must be a number or a name, got {type(value).__name__}"
-            )
+        else:
+            _check_plain(key, value)
     if config.get("num_levels", 2) > _MAX_NUM_LEVELS:
         raise ValueError(
             f"config['num_levels'] is {config['num_levels']}: more pixel levels than 16-bit "
@@ -575,18 +566,23 @@ def _check_other_config(config: dict[str, Any]) -> None:
         if key.endswith("_dim") or key.startswith("num_"):
             _check_size(f"config[{key!r}]", value)
         elif key in ("hidden_dims", "image_shape") and value is not None:
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(
-                    f"config[{key!r}] must be a list of ints, got {type(value).__name__}"
-                )
-            for i, size in enumerate(value):
-                _check_size(f"config[{key!r}][{i}]", size)
-        elif value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float, str))
-        ):
-            raise ValueError(
-                f"config[{key!r}] must be a number or a name, got {type(value).__name__}"
-            )
+            _check_sizes(key, value)
+        else:
+            _check_plain(key, value)
+
+
+def _check_sizes(key: str, value: Any) -> None:
+    """``config[key]`` is a list (or tuple) of plain positive ints."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"config[{key!r}] must be a list of ints, got {type(value).__name__}")
+    for i, size in enumerate(value):
+        _check_size(f"config[{key!r}][{i}]", size)
+
+
+def _check_plain(key: str, value: Any) -> None:
+    """``config[key]`` is None, a plain number or a name: nothing weights_only refuses."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        raise ValueError(f"config[{key!r}] must be a number or a name, got {type(value).__name__}")
 
 
 def _check_size(what: str, value: Any) -> None:
