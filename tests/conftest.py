@@ -16,6 +16,13 @@ def float64_seeded_clean_store():
     pyro.clear_param_store()
 
 
+@pytest.fixture
+def float32():
+    """For the tests that run the scripts: they run in torch's default float32, as from a
+    shell (the fixture above sets float64 first, and restores the default afterwards)."""
+    torch.set_default_dtype(torch.float32)
+
+
 def binary_data(num: int, dim: int, p: float = 0.3) -> torch.Tensor:
     """Random binary data in the default dtype."""
     return torch.bernoulli(torch.full((num, dim), p))

@@ -26,10 +26,8 @@ SHORT = ("--num-epochs", "1", "--num-iw-particles", "0", "--no-progress")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def float32():
-    """The script runs in torch's default float32, as it does from a shell."""
-    torch.set_default_dtype(torch.float32)
+# Every test here runs the scripts, in float32 (conftest.py).
+pytestmark = pytest.mark.usefixtures("float32")
 
 
 def train(*argv: str, capsys) -> tuple[int, str, str]:

@@ -38,10 +38,8 @@ CVAE_TINY = (
 DIGITS_TEST = 360
 
 
-@pytest.fixture(autouse=True)
-def float32():
-    """The scripts run in torch's default float32, as from a shell (conftest sets float64)."""
-    torch.set_default_dtype(torch.float32)
+# Every test here runs the scripts, in float32 (conftest.py).
+pytestmark = pytest.mark.usefixtures("float32")
 
 
 def trained(tmp_path_factory, name: str, argv: tuple[str, ...]) -> Path:

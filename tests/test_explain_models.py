@@ -151,15 +151,6 @@ train_script, explain_script = map(load_script, ("train", "explain"))
 TINY = ("--latent-dim", "2", "--hidden-dims", "16", "--num-epochs", "1", "--no-progress")
 
 
-@pytest.fixture
-def float32():
-    """The scripts run in torch's default float32, as from a shell (conftest sets float64)."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(before)
-
-
 def test_explain_py_writes_the_m2_report_of_an_m2_run(tmp_path, capsys, float32):
     run = tmp_path / "m2"
     argv = ("--model", "m2", "--num-labelled", "30", *TINY, "--out-dir", str(run))

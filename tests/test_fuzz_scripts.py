@@ -64,10 +64,8 @@ class ReachedFit(Exception):
     """Raised by the stand-in for pv.fit: the arguments got through to training."""
 
 
-@pytest.fixture(autouse=True)
-def float32():
-    """The script runs in torch's default float32, as from a shell (conftest sets float64)."""
-    torch.set_default_dtype(torch.float32)
+# Every test here runs the scripts, in float32 (conftest.py).
+pytestmark = pytest.mark.usefixtures("float32")
 
 
 # ------------------------------------------------------------------ values, and whether valid

@@ -25,10 +25,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 train_script = load_script("train")
 
 
-@pytest.fixture(autouse=True)
-def float32():
-    """The script runs in torch's default float32, as from a shell (conftest sets float64)."""
-    torch.set_default_dtype(torch.float32)
+# Every test here runs the scripts, in float32 (conftest.py).
+pytestmark = pytest.mark.usefixtures("float32")
 
 
 def train(*argv: str, capsys) -> tuple[int, str, str]:

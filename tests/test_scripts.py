@@ -25,11 +25,8 @@ train_script, evaluate_script, explain_script = map(load_script, ("train", "eval
 TINY = ("--num-epochs", "2", "--latent-dim", "3", "--hidden-dims", "16", "--no-progress")
 
 
-@pytest.fixture(autouse=True)
-def float32():
-    """The scripts run in torch's default float32, as they do from a shell (conftest sets
-    float64 for the unit tests, and restores it afterwards)."""
-    torch.set_default_dtype(torch.float32)
+# Every test here runs the scripts, in float32 (conftest.py).
+pytestmark = pytest.mark.usefixtures("float32")
 
 
 def train(*argv: str, capsys) -> tuple[int, str, str]:
