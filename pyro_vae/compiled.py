@@ -10,6 +10,13 @@ is off (both would read a value out of the graph); ``fit`` still refuses a non-f
 gradient, from the compiled step's outputs. The optimizer stays outside the graph: PyTorch's
 fused ``Adam``, so the learning rate is read from its parameter group at every step.
 
+On a CUDA device with the ``"inductor"`` backend the graph is compiled with
+``mode="reduce-overhead"``: the step is captured in a CUDA graph and replayed, since launch
+overhead dominates such small steps. A replay overwrites the previous replay's outputs, so the
+loss and the first gradient are cloned before they are handed out. This CUDA path has NOT been
+run on a GPU in this project yet (no device was available): its speed is unmeasured and its
+correctness untested. On the CPU no mode is passed (``torch.compile``'s default).
+
 What is an input of the graph, and what makes a new trace
 ---------------------------------------------------------
 - **Inputs**, read afresh at every step: the trained parameters, the model's buffers, the
@@ -66,6 +73,14 @@ from pyro_vae.objective import Objective
 # given shape from torch's global random state. The first two are methods of a fresh tensor.
 _IN_PLACE_DRAWS = (Tensor.normal_, Tensor.uniform_)
 _NEW_DRAWS = (torch.randn, torch.rand)
+
+
+def _compile_mode(device: torch.device, backend: str) -> str | None:
+    """``torch.compile``'s mode for a step on ``device``: CUDA graphs (``"reduce-overhead"``)
+    for Inductor on CUDA, where launch overhead dominates; otherwise the default (``None``)."""
+    if device.type == "cuda" and backend == "inductor":
+        return "reduce-overhead"
+    return None
 
 
 class UntraceableError(Exception):
@@ -255,7 +270,8 @@ class CompiledStep:
                     parameter.grad = gradient.detach().clone()
                 else:
                     parameter.grad.add_(gradient)
-        return outputs[0].detach()
+        # Cloned: under CUDA graphs the next replay overwrites the graph's outputs.
+        return outputs[0].detach().clone()
 
     def _key(self, batch: tuple[Tensor, ...], num_data: int) -> tuple[Any, ...]:
         module = self.objective.module
@@ -332,7 +348,13 @@ class CompiledStep:
                 f"the step draws random numbers with {', '.join(seeded)}, which cannot be "
                 "passed in as inputs"
             )
-        compiled = torch.compile(graph, backend=self.backend, dynamic=False, fullgraph=True)
+        compiled = torch.compile(
+            graph,
+            backend=self.backend,
+            mode=_compile_mode(device, self.backend),
+            dynamic=False,
+            fullgraph=True,
+        )
         # Compile now, on the example, so that a failure of the compiler falls back here.
         with warnings.catch_warnings():
             # Dynamo reads .grad of the graph's intermediate tensors while it compiles a graph

@@ -12,7 +12,8 @@ from pyro.infer import RenyiELBO, Trace_ELBO
 from torch import nn
 
 import pyro_vae as pv
-from pyro_vae.compiled import CompiledStep
+import pyro_vae.compiled as compiled_module
+from pyro_vae.compiled import CompiledStep, _compile_mode
 from pyro_vae.objective import Objective
 
 DATA_DIM, LATENT_DIM, BATCH, NUM_DATA = 16, 3, 6, 30
@@ -269,3 +270,34 @@ def test_a_resumed_compiled_fit_ends_exactly_like_an_uninterrupted_one():
         reference.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(expected, actual), name
+
+
+def test_cuda_graphs_only_for_inductor_on_cuda():
+    # The choice itself; no GPU needed (a device object is enough).
+    assert _compile_mode(torch.device("cpu"), "inductor") is None
+    assert _compile_mode(torch.device("cpu"), "eager") is None
+    assert _compile_mode(torch.device("cuda"), "inductor") == "reduce-overhead"
+    assert _compile_mode(torch.device("cuda", 1), "inductor") == "reduce-overhead"
+    assert _compile_mode(torch.device("cuda"), "eager") is None
+
+
+def test_the_step_compiles_with_the_mode_chosen_for_the_batch_device(monkeypatch):
+    # The wiring: torch.compile gets the mode _compile_mode picks for the batch's device.
+    chosen, passed = [], []
+
+    def spy_mode(device, backend):
+        chosen.append((device, backend))
+        return "reduce-overhead"
+
+    def spy_compile(graph, **options):
+        passed.append(options)
+        return graph  # runs the traced graph as it is
+
+    monkeypatch.setattr(compiled_module, "_compile_mode", spy_mode)
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    vae = small_vae()
+    batch = (binary_data(BATCH, DATA_DIM, 0.5),)
+    eager = one_step(vae, batch, compiled=False)
+    assert_same_step(eager, one_step(vae, batch, compiled=True, backend="inductor"))
+    assert chosen == [(torch.device("cpu"), "inductor")]
+    assert [options["mode"] for options in passed] == ["reduce-overhead"]
