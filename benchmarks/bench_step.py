@@ -11,6 +11,14 @@ data checks, done once before its first epoch whatever the number of epochs, are
 
     python benchmarks/bench_step.py                 # batch 128 and 1024 on the CPU
     python benchmarks/bench_step.py --fashion-mnist # also one epoch on full Fashion-MNIST
+    python benchmarks/bench_step.py --device cuda   # on the GPU (benchmarks/gpu_step.sh)
+
+With ``--device cuda`` the data, the models and the random generator of the shuffles are on the
+GPU, and every timed region starts and ends with ``torch.cuda.synchronize()``. The hand-written
+compiled loss uses ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), as ``fit(compile=True)``
+does on CUDA. ``fit`` times its epochs without synchronizing, so on CUDA the eager ``fit`` runs two
+epochs too, and each ``fit``'s timed epoch is the second, measured between synchronized ends of
+epochs (``fit``'s callback). The CUDA path has not been run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -45,6 +53,28 @@ def handwritten_loss(vae: pv.VAE, batch: torch.Tensor, num_data: int) -> torch.T
     return -(log_px + log_pz - log_qz).sum() * (num_data / batch.shape[0])
 
 
+def _sync(device: torch.device) -> None:
+    """Waits for the GPU's queued work, so that a clock read afterwards is real (CPU: nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# One seeded generator per CUDA device for the shuffles; on the CPU torch's global state, as
+# before --device existed.
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator | None:
+    if device.type != "cuda":
+        return None
+    return _GENERATORS.setdefault(device, torch.Generator(device).manual_seed(0))
+
+
+def _order(x: torch.Tensor) -> torch.Tensor:
+    """A shuffle of the rows of ``x``, drawn on its device."""
+    return torch.randperm(x.shape[0], device=x.device, generator=_generator(x.device))
+
+
 # The torch.compile'd hand-written loss of each VAE, compiled once (in the warm-up) and reused.
 _COMPILED_LOSS: dict[int, object] = {}
 
@@ -56,14 +86,19 @@ def handwritten_epoch(
     ``torch.compile``). Returns the seconds of the training loop."""
     loss_fn = handwritten_loss
     if compiled:
-        loss_fn = _COMPILED_LOSS.setdefault(id(vae), torch.compile(handwritten_loss))  # type: ignore[assignment]
+        # CUDA: CUDA graphs, as fit(compile=True) uses there (pyro_vae.compiled).
+        mode = "reduce-overhead" if x.device.type == "cuda" else None
+        compiled_loss = torch.compile(handwritten_loss, mode=mode)
+        loss_fn = _COMPILED_LOSS.setdefault(id(vae), compiled_loss)  # type: ignore[assignment]
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     num_data = x.shape[0]
+    _sync(x.device)
     started = time.perf_counter()
-    for indices in torch.randperm(num_data).split(batch_size):
+    for indices in _order(x).split(batch_size):
         optimizer.zero_grad(set_to_none=True)
         loss_fn(vae, x[indices], num_data).backward()
         optimizer.step()
+    _sync(x.device)
     return time.perf_counter() - started
 
 
@@ -71,10 +106,51 @@ def handwritten_compiled_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr
     return handwritten_epoch(vae, x, batch_size, lr, compiled=True)
 
 
+def _fit_on_cuda(
+    vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float, compile: bool
+) -> tuple[list[float], float, float]:
+    """Two epochs of fit on CUDA: fit's own epoch seconds, the synchronized seconds of the
+    second epoch (between the synchronized ends of the two epochs, in fit's callback) and the
+    synchronized seconds from the call to the end of the first epoch."""
+    ends: list[float] = []
+
+    def synchronized_end(epoch: int, history: pv.History) -> None:
+        _sync(x.device)
+        ends.append(time.perf_counter())
+
+    _sync(x.device)
+    started = time.perf_counter()
+    history = pv.fit(
+        vae,
+        x,
+        num_epochs=2,
+        batch_size=batch_size,
+        learning_rate=lr,
+        progress=False,
+        compile=compile,
+        callback=synchronized_end,
+        generator=_generator(x.device),
+    )
+    return history.epoch_seconds, ends[1] - ends[0], ends[0] - started
+
+
+def pyro_vae_epoch_and_checks(
+    vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float
+) -> tuple[float, float]:
+    """The seconds of fit's training loop (one epoch) and of its one-off data checks before the
+    first epoch. CUDA: the loop is the second of two epochs (_fit_on_cuda)."""
+    if x.device.type == "cuda":
+        seconds, second, to_first_end = _fit_on_cuda(vae, x, batch_size, lr, compile=False)
+        return second, to_first_end - seconds[0]
+    started = time.perf_counter()
+    history = pv.fit(vae, x, num_epochs=1, batch_size=batch_size, learning_rate=lr, progress=False)
+    total = time.perf_counter() - started
+    return history.epoch_seconds[0], total - history.epoch_seconds[0]
+
+
 def pyro_vae_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float) -> float:
     """fit's training loop; its one-off data checks before the loop are timed apart."""
-    history = pv.fit(vae, x, num_epochs=1, batch_size=batch_size, learning_rate=lr, progress=False)
-    return history.epoch_seconds[0]
+    return pyro_vae_epoch_and_checks(vae, x, batch_size, lr)[0]
 
 
 # The seconds of the first step's trace and compilation in the last compiled fit.
@@ -83,11 +159,21 @@ COMPILE_SECONDS: dict[int, float] = {}
 
 def pyro_vae_compiled_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float) -> float:
     """fit(compile=True): two epochs, the second timed; the first holds the trace and the
-    compilation of the step (each fit compiles afresh), recorded in COMPILE_SECONDS."""
-    history = pv.fit(
-        vae, x, num_epochs=2, batch_size=batch_size, learning_rate=lr, progress=False, compile=True
-    )
-    first, second = history.epoch_seconds
+    compilation of the step (each fit compiles afresh), recorded in COMPILE_SECONDS. CUDA: the
+    second epoch timed between synchronized ends of epochs (_fit_on_cuda)."""
+    if x.device.type == "cuda":
+        (first, _), second, _ = _fit_on_cuda(vae, x, batch_size, lr, compile=True)
+    else:
+        history = pv.fit(
+            vae,
+            x,
+            num_epochs=2,
+            batch_size=batch_size,
+            learning_rate=lr,
+            progress=False,
+            compile=True,
+        )
+        first, second = history.epoch_seconds
     COMPILE_SECONDS[batch_size] = first - second
     return second
 
@@ -97,9 +183,11 @@ def plain_svi_epoch(vae: pv.VAE, x: torch.Tensor, batch_size: int, lr: float) ->
     pyro.clear_param_store()
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
     num_data = x.shape[0]
+    _sync(x.device)
     started = time.perf_counter()
-    for indices in torch.randperm(num_data).split(batch_size):
+    for indices in _order(x).split(batch_size):
         svi.step(x[indices], num_data)
+    _sync(x.device)
     return time.perf_counter() - started
 
 
@@ -117,7 +205,7 @@ def time_steps(
 ) -> dict:
     data_dim, hidden, latent = dims
     x = x_all[: batch_size * steps, :data_dim]
-    vae = pv.VAE(data_dim, latent, hidden_dims=(hidden,))
+    vae = pv.VAE(data_dim, latent, hidden_dims=(hidden,)).to(x_all.device)
     for run in VARIANTS.values():  # warm-up: allocator, first-call validation, caches
         run(vae, x, batch_size, 1e-4)
     per_step: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -142,13 +230,27 @@ def main() -> None:
         action="store_true",
         help="also time one epoch of fit on full Fashion-MNIST",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the data and models live (cuda: synchronized timings, CUDA graphs)",
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    device = torch.device(args.device)
     torch.manual_seed(0)
+    where = "CPU"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     print(
         f"torch {torch.__version__}, pyro {pyro.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU"
+        f"{torch.get_num_threads()} threads, {where}"
     )
+    # Drawn on the CPU and moved: the same data on either device.
     x_all = torch.bernoulli(torch.full((max(args.batch_sizes) * args.steps, DATA_DIM), 0.3))
+    x_all = x_all.to(device)
     others = list(VARIANTS)[1:]
     print(
         "| batch | hand-written PyTorch (ms/step) | "
@@ -175,16 +277,14 @@ def main() -> None:
         )
     if args.fashion_mnist:
         # One fixed binarization, so that both variants see the same binary data.
-        x = pv.binarize(pv.load_dataset("fashion-mnist").x_train)
-        vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(HIDDEN,))
+        x = pv.binarize(pv.load_dataset("fashion-mnist").x_train).to(device)
+        vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(HIDDEN,)).to(device)
         print(f"\nOne epoch on full Fashion-MNIST ({len(x)} binarized images), batch 128:")
         loop = handwritten_epoch(vae, x, 128, 1e-3)
         print(f"- hand-written PyTorch: {loop:.2f} s")
-        started = time.perf_counter()
-        loop = pyro_vae_epoch(vae, x, 128, 1e-3)
-        total = time.perf_counter() - started
+        loop, checks = pyro_vae_epoch_and_checks(vae, x, 128, 1e-3)
         print(
-            f"- pyro_vae.fit: {loop:.2f} s, plus {total - loop:.2f} s of one-off checks "
+            f"- pyro_vae.fit: {loop:.2f} s, plus {checks:.2f} s of one-off checks "
             "before the first epoch"
         )
 
