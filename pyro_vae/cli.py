@@ -14,6 +14,7 @@ import sys
 from typing import NoReturn
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 # The largest seed every generator takes: numpy's global seed (set by pyro.set_rng_seed) must
@@ -157,7 +158,10 @@ def say(text: str) -> None:
 
     A closed stdout (``train.py | head``) must never stop training before its checkpoint:
     the first failed write sends the rest of the output to os.devnull and training goes on.
+    On many processes (torchrun) only rank 0 speaks.
     """
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
     try:
         tqdm.write(text, file=sys.stdout)
         sys.stdout.flush()

@@ -21,6 +21,7 @@ from pyro.infer import ELBO, RenyiELBO, TraceMeanField_ELBO
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
+from torch.overrides import TorchFunctionMode
 
 from pyro_vae._sites import site_distribution
 from pyro_vae.distributions import describe
@@ -161,6 +162,44 @@ class Objective:
             if parameter.grad is not None:
                 parameter.grad.mul_(factor)
         return loss * factor
+
+    def differentiable_loss(self, *batch: Tensor, num_data: int) -> Tensor:
+        """The loss of :meth:`loss_and_grads` as a tensor whose backward gives its gradients,
+        without back-propagating: what a ``torch.nn.Module``'s forward returns (for
+        ``DistributedDataParallel``, :mod:`pyro_vae.distributed`). Call :meth:`parameters`
+        first.
+
+        Pyro's ``differentiable_loss`` where the estimator has one. ``RenyiELBO`` has none: its
+        ``loss_and_grads`` builds the surrogate loss and calls its ``backward()``; that call is
+        caught here, so the surrogate is Pyro's own, returned with the value of Pyro's loss and
+        scaled by N / B outside the log-sum-exp, as in :meth:`loss_and_grads`."""
+        if not self.scale_outside:
+            differentiable: Callable[..., Tensor] = self.loss.differentiable_loss  # type: ignore[attr-defined]
+            return differentiable(self.model, self.guide, *batch, num_data=num_data)
+        loss_and_grads: Callable[..., float] = self.loss.loss_and_grads  # type: ignore[attr-defined]
+        with _CatchBackward() as caught:
+            value = loss_and_grads(self.model, self.guide, *batch)
+        factor = num_data / len(batch[0])
+        if caught.tensor is None:  # nothing to train in this batch's traces
+            return torch.tensor(value * factor)
+        surrogate = caught.tensor
+        # The surrogate's gradient with the loss's value (they differ: the surrogate weighs
+        # each particle by its detached normalized importance weight).
+        return (surrogate + (value - surrogate.detach())) * factor
+
+
+class _CatchBackward(TorchFunctionMode):
+    """Keeps the tensor whose ``backward()`` is called, instead of back-propagating."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensor: Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is Tensor.backward:
+            self.tensor = args[0]
+            return None
+        return func(*args, **(kwargs or {}))
 
 
 def _named_parameters(module: Any) -> list[tuple[str, Tensor]]:

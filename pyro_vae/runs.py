@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
+from torch.distributed import DistError
 
+from pyro_vae import distributed
 from pyro_vae._files import atomic_write
 from pyro_vae.checkpoint import (
     _built_on_meta,
@@ -48,7 +50,7 @@ from pyro_vae.checkpoint import (
 )
 from pyro_vae.cli import say
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
-from pyro_vae.evaluate import elbo_terms
+from pyro_vae.evaluate import elbo_terms, log_likelihood
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
 from pyro_vae.train import TrainingDivergedError, TrainingState
@@ -167,16 +169,27 @@ def evaluation_sets(vae: VAE, data: DataSplits, seed: int) -> tuple[Tensor, Tens
 
 def epoch_metrics(vae: VAE, x: Tensor, prefix: str, num_data: int) -> dict[str, float]:
     """Mean ELBO terms per example. A Bayesian decoder's weight KL is spread over the
-    ``num_data`` training examples, as in the training loss, and also reported whole."""
-    terms = elbo_terms(vae, x, num_data=num_data)
+    ``num_data`` training examples, as in the training loss, and also reported whole.
+    On many processes each rank scores its share of ``x`` and the means are all-reduced."""
+    terms = elbo_terms(vae, distributed.rows(x, distributed.ranks()), num_data=num_data)
+    per_example = torch.stack([terms.elbo, terms.reconstruction, terms.kl], dim=-1)
+    elbo, reconstruction, kl = distributed.mean_over_ranks(per_example).tolist()
     row = {
-        f"{prefix}_elbo": terms.elbo.mean().item(),
-        f"{prefix}_reconstruction": terms.reconstruction.mean().item(),
-        f"{prefix}_kl": terms.kl.mean().item(),
+        f"{prefix}_elbo": elbo,
+        f"{prefix}_reconstruction": reconstruction,
+        f"{prefix}_kl": kl,
     }
     if vae.weight_guide is not None:
-        row[f"{prefix}_weight_kl"] = terms.global_kl.item()
+        row[f"{prefix}_weight_kl"] = distributed.mean_over_ranks(terms.global_kl[None]).item()
     return row
+
+
+def test_log_likelihood(vae: VAE, x: Tensor, num_particles: int, progress: bool | None) -> float:
+    """The mean importance-weighted bound on log p(x) over ``x`` with ``num_particles``
+    samples; on many processes each rank scores its share and the mean is all-reduced."""
+    group = distributed.ranks()
+    local = log_likelihood(vae, distributed.rows(x, group), num_particles, progress=progress)
+    return distributed.mean_over_ranks(local).item()
 
 
 def digest(x: Tensor) -> str:
@@ -298,9 +311,11 @@ class RunDirectory:
     place), so a kill at any instant leaves each file whole: the old one or the new one.
     """
 
-    def __init__(self, path: Path, lock_fd: int) -> None:
+    def __init__(self, path: Path, lock_fd: int | None) -> None:
         self.path = path
         self._lock_fd = lock_fd
+        self.writes = lock_fd is not None
+        """False for :meth:`follow`'s directory: the other ranks of a run write nothing."""
         self.last_checkpoint: tuple[int, int] | None = None
         """(epochs done, steps into the next) of the newest checkpoint, if there is one."""
         self.leftovers: list[str] = []
@@ -360,6 +375,14 @@ class RunDirectory:
                     path.rmdir()
             os.close(lock_fd)  # releases the lock
 
+    @classmethod
+    @contextlib.contextmanager
+    def follow(cls, path: str | os.PathLike, *, mode: str) -> Iterator[RunDirectory]:
+        """The run directory as a rank other than 0 of a run on many processes sees it: rank 0
+        holds it (:meth:`claim`, with ``mode``), and every write here does nothing."""
+        del mode  # rank 0's business
+        yield cls(Path(path), None)
+
     def _occupied_message(self) -> str:
         if (self.path / CHECKPOINT).is_file():
             how = f"continue it with --resume {self.path}, replace it with --overwrite"
@@ -393,6 +416,8 @@ class RunDirectory:
         return f"{CHECKPOINT} holds the run at {where}"
 
     def write_text(self, name: str, text: str) -> None:
+        if not self.writes:
+            return
         with atomic_write(self.path / name, "w") as file:
             file.write(text)
 
@@ -450,11 +475,26 @@ class RunDirectory:
         write) becomes a one-line message of what it left, and an exit code."""
         try:
             return work()
-        except (KeyboardInterrupt, TrainingDivergedError, OSError) as error:
+        except (KeyboardInterrupt, TrainingDivergedError, OSError, DistError) as error:
             return self.stopped(prog, error)
 
     def stopped(self, prog: str, error: BaseException) -> int:
         """Say on stderr why training stopped and what it left on disk; the exit code."""
+        group = distributed.ranks()
+        if isinstance(error, DistError):
+            # Another rank died or hangs: this one stops too, and says so.
+            lost = f"rank {group.rank} lost the other processes of the run ({error})"
+            if not self.writes:
+                print(f"{prog}: {lost}", file=sys.stderr)
+                return 1
+            left = self.where_it_stands()
+            again = ""
+            if self.last_checkpoint:
+                again = f"; continue with torchrun ... --resume {self.path}"
+            print(f"{prog}: {lost}; {left}{again}", file=sys.stderr)
+            return 1
+        if not self.writes:  # rank 0 says what the run left
+            return 130 if isinstance(error, KeyboardInterrupt) else 1
         left = self.where_it_stands()
         # Resuming a diverged run would diverge again at the same step: no hint to do so.
         resume = f"; continue with --resume {self.path}" if self.last_checkpoint else ""
@@ -474,7 +514,8 @@ class RunDirectory:
     def save_checkpoint(self, vae: VAE, config: dict[str, Any], **extra: Any) -> None:
         """Write ``checkpoint.pt`` (see :func:`save_checkpoint`); ``extra`` must hold the
         ``epoch`` and ``step`` it was taken at."""
-        save_checkpoint(self.path / CHECKPOINT, vae, config, **extra)
+        if self.writes:
+            save_checkpoint(self.path / CHECKPOINT, vae, config, **extra)
         self.last_checkpoint = (extra["epoch"], extra["step"])
 
 

@@ -11,6 +11,17 @@ touching the maths:
   find them (Adam works elementwise, so the updates are the same);
 - Pyro's and torch's argument validation run on the first step only: the data were checked once
   up front and the shapes at construction, so repeating the checks every step buys nothing.
+
+On a GPU, the loop reads nothing back to the host between two reads (``log_every``): the step
+losses and gradient norms stay on the device until then, and the divergence check (a loss or a
+gradient that is not finite) runs there, skipping every update from the first bad step on, so
+that the read still stops training at that step with the parameters from before it. (Pyro's
+eager estimators read values out of the step themselves; the compiled step does not.)
+
+Under ``torchrun`` (:mod:`pyro_vae.distributed`) it trains one model over all processes: each
+takes its shard of a shared shuffle, the gradients are averaged by DistributedDataParallel, the
+step losses are all-reduced, and only rank 0 calls ``checkpoint``. Every rank must call ``fit``
+with the same arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import math
 import signal
 import threading
@@ -34,6 +46,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from pyro_vae import distributed
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae.compiled import CompiledStep
 from pyro_vae.data import is_binary, to_tensor
@@ -87,6 +100,15 @@ class TrainingState:
     generator_rng: Tensor | None
     """The state of fit's ``generator`` (shuffles, binarization), if one was given."""
     history: History
+    rank_states: list[dict[str, Any]] | None = None
+    """On many processes (:mod:`pyro_vae.distributed`), every rank's own random states, in
+    rank order: ``torch_rng``, ``cuda_rng`` and ``noise_rng`` (its binarization generator);
+    ``None`` on one process."""
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes that trained the run."""
+        return 1 if self.rank_states is None else len(self.rank_states)
 
     @classmethod
     def capture(
@@ -97,17 +119,31 @@ class TrainingState:
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator | None,
         history: History,
+        noise: torch.Generator | None = None,
     ) -> TrainingState:
-        """The state after ``step`` steps of the epoch after ``epoch`` (0: between epochs)."""
+        """The state after ``step`` steps of the epoch after ``epoch`` (0: between epochs).
+        On many processes every rank must call it (it gathers their random states, and
+        ``noise`` is the rank's binarization generator)."""
+        group = distributed.ranks()
+        rank_states = None
+        if group.distributed:
+            rank_states = distributed.all_gather(
+                {
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": _cuda_rng(),
+                    "noise_rng": None if noise is None else noise.get_state().cpu(),
+                }
+            )
         return cls(
             epoch=epoch,
             step=step,
             order=order if step else None,
             optimizer=optimizer.state_dict(),
             torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            cuda_rng=_cuda_rng(),
             generator_rng=None if generator is None else generator.get_state(),
             history=history,
+            rank_states=rank_states,
         )
 
     def restore(
@@ -116,9 +152,20 @@ class TrainingState:
         generator: torch.Generator | None,
         num_data: int,
         device: torch.device,
+        noise: torch.Generator | None = None,
     ) -> tuple[History, int, int, Tensor | None]:
-        """Put the optimizer and random states back; return a copy of the history, the epoch
-        and step to go on from, and the epoch's shuffle."""
+        """Put the optimizer and random states back (on many processes, this rank's own, and
+        ``noise``'s); return a copy of the history, the epoch and step to go on from, and the
+        epoch's shuffle."""
+        group = distributed.ranks()
+        if self.world_size != group.world_size:
+            # Each rank's random streams and shard are its own: on another number of ranks the
+            # run could go on, but not as it would have; refused rather than silently inexact.
+            raise ValueError(
+                f"resume: the run was trained on {self.world_size} process(es), this is "
+                f"{group.world_size}; resume it with as many (torchrun --nproc-per-node "
+                f"{self.world_size}, or without torchrun for 1)"
+            )
         if self.order is not None and len(self.order) != num_data:
             raise ValueError(
                 f"resume: the saved run shuffled {len(self.order)} examples, the data has "
@@ -132,9 +179,16 @@ class TrainingState:
             raise ValueError(
                 f"resume: the optimizer state does not fit this model: {error}"
             ) from error
-        torch.set_rng_state(self.torch_rng)
-        if self.cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+        mine: dict[str, Any] = (
+            {"torch_rng": self.torch_rng, "cuda_rng": self.cuda_rng, "noise_rng": None}
+            if self.rank_states is None
+            else self.rank_states[group.rank]
+        )
+        torch.set_rng_state(mine["torch_rng"])
+        if mine["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        if noise is not None and mine["noise_rng"] is not None:
+            noise.set_state(mine["noise_rng"])
         # Both or neither, checked above; the second test is for the type checker.
         if generator is not None and self.generator_rng is not None:
             generator.set_state(self.generator_rng)
@@ -150,8 +204,10 @@ class TrainingState:
     @classmethod
     def from_dict(cls, plain: dict[str, Any]) -> TrainingState:
         try:
-            fields = {f.name for f in dataclasses.fields(cls)}
+            # rank_states came later: checkpoints of one process saved before it lack it.
+            fields = {f.name for f in dataclasses.fields(cls)} - {"rank_states"}
             values = {k: plain[k] for k in fields}
+            values["rank_states"] = plain.get("rank_states")
             values["history"] = History(**plain["history"])
             return cls(**values)
         except (KeyError, TypeError) as error:
@@ -176,6 +232,7 @@ def fit(
     progress: bool | None = None,
     generator: torch.Generator | None = None,
     compile: bool = False,
+    log_every: int | None = None,
 ) -> History:
     """Fit ``module.model`` and ``module.guide`` to ``data`` by stochastic variational
     inference: every parameter Pyro finds in them is trained (:class:`~pyro_vae.objective.
@@ -220,12 +277,20 @@ def fit(
         what "exact" means then), with PyTorch's fused Adam. A step that cannot be traced
         (``TraceEnum_ELBO``, ``RenyiELBO``, dynamic control flow) runs eager, after one
         warning that names the reason.
+    :param log_every: steps between reads of the step's loss and gradient norm back to the
+        host, where they are checked, recorded and shown (``None``: every step on the CPU,
+        where a read costs nothing; every 25 on a GPU, where each read waits for the device).
+        A non-finite step found late is still the one named, and its update and the later
+        ones are skipped on the device (fused Adam's ``found_inf``), so the parameters are
+        those before it, as when it is read at once.
     :returns: the :class:`History` of losses.
     :raises ValueError: on bad arguments or data, or a latent site of the model without a
         site in the guide, before any parameter changes.
     :raises TrainingDivergedError: when a loss or a gradient is NaN or infinite, naming the
         epoch and step, before that step changes any parameter.
     """
+    if log_every is not None:
+        check_positive_int("log_every", log_every)
     _check_arguments(
         num_epochs,
         batch_size,
@@ -238,28 +303,45 @@ def fit(
         generator,
     )
     tensors, binarize = _prepare_data(module, data, binarize)
+    group = distributed.ranks()
+    device = tensors[0].device
+    noise = _noise_generator(generator, group)
     objective = Objective(module, Trace_ELBO() if loss is None else loss)
     num_data = len(tensors[0])
     first_batch = tuple(t[:batch_size] for t in tensors)
     parameters = objective.parameters(*first_batch, num_data=num_data)
-    # compile: fused Adam, one kernel for all parameters (None: torch's default choice).
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate, fused=True if compile else None)
-    stepper: Objective | CompiledStep = CompiledStep(objective) if compile else objective
+    # Reading a value back from the device (a loss, a gradient norm) makes the host wait for
+    # it. On the CPU that costs nothing, so every step is read and checked at once; on a GPU
+    # the values stay on the device and are read every read_every steps (module docstring).
+    read_every = log_every or (1 if device.type == "cpu" else 25)
+    deferred = read_every > 1
+    # Fused Adam: one kernel for all parameters (compile), and the only Adam that skips a step
+    # on the device (found_inf) when a deferred read finds a non-finite step too late.
+    optimizer = torch.optim.Adam(
+        parameters, lr=learning_rate, fused=True if (compile or deferred) else None
+    )
+    stepper = _stepper(objective, compile, group, device)
 
-    num_steps = math.ceil(num_data / batch_size)
+    # On many processes each rank takes its shard of the shared shuffle: as many steps on all.
+    num_steps = math.ceil(math.ceil(num_data / group.world_size) / batch_size)
     history = History(binarized=binarize)
     first_epoch, first_step, order = 1, 0, None
     if resume is not None:
         history, first_epoch, first_step, order = resume.restore(
-            optimizer, generator, num_data, tensors[0].device
+            optimizer, generator, num_data, device, noise=noise
         )
     # The KL weight the warm-up climbs to: the model's own (a warm-up needs one, checked above;
     # without one this value is never read).
     target_beta: float = module.beta if kl_warmup_epochs else 1.0
     warmup_steps = kl_warmup_epochs * num_steps
 
-    def state(epoch: int, step: int, order: Tensor | None) -> TrainingState:
-        return TrainingState.capture(epoch, step, order, optimizer, generator, history)
+    def save(epoch: int, step: int, order: Tensor | None) -> None:
+        # Every rank gathers its random state; rank 0 alone writes.
+        training = TrainingState.capture(
+            epoch, step, order, optimizer, generator, history, noise=noise
+        )
+        if checkpoint is not None and group.is_main:
+            checkpoint(training)
 
     with (
         _restored_beta(module),
@@ -268,26 +350,29 @@ def fit(
     ):
         # Pyro warns of a NaN loss; fit raises TrainingDivergedError instead, naming the step.
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+        diverged = torch.zeros((), device=device)  # deferred: a non-finite step was taken
         for epoch in range(first_epoch, num_epochs + 1):
             started = time.perf_counter()
             if order is None:
-                order = torch.randperm(num_data, device=tensors[0].device, generator=generator)
+                order = torch.randperm(num_data, device=device, generator=generator)
             bar = tqdm(
-                order.split(batch_size)[first_step:],
+                distributed.shard(order, group).split(batch_size)[first_step:],
                 initial=first_step,
                 total=num_steps,
                 desc=f"epoch {epoch}/{num_epochs}",
                 leave=False,
                 disable=(None if progress is None else not progress),
             )
+            unread: list[tuple[int, Tensor]] = []
+            stop = False
             for step, indices in enumerate(bar, start=first_step + 1):
                 global_step = (epoch - 1) * num_steps + step
                 batch = tuple(t[indices] for t in tensors)
                 if binarize:
-                    batch = (torch.bernoulli(batch[0], generator=generator), *batch[1:])
+                    batch = (torch.bernoulli(batch[0], generator=noise), *batch[1:])
                 if warmup_steps:
                     module.beta = target_beta * min(1.0, global_step / warmup_steps)
-                per_example = _take_step(
+                outcome = _gradients(
                     stepper,
                     optimizer,
                     batch,
@@ -296,20 +381,31 @@ def fit(
                     # Pyro's and torch's argument checks on the first step only: the data were
                     # checked up front and the shapes do not change between steps.
                     validate=global_step == 1,
-                    where=f"at epoch {epoch}, step {step} of {num_steps}",
-                    # The first step of a fresh run starts from the initial parameters: a loss
-                    # that is not finite there is no learning rate's doing.
-                    data=tensors[0] if global_step == 1 else None,
+                    interrupted=interrupted.is_set(),
                 )
-                history.step_loss.append(per_example)
-                if step % 25 == 0:
-                    bar.set_postfix(loss=f"{per_example:.2f}", refresh=False)
-                if step < num_steps and checkpoint is not None:
-                    if interrupted.is_set():
-                        checkpoint(state(epoch - 1, step, order))
+                unread.append((step, outcome))
+                if deferred:
+                    diverged = diverged.logical_or(~torch.isfinite(outcome[:2]).all())
+                    optimizer.found_inf = diverged.float()  # type: ignore[attr-defined]
+                at_checkpoint = checkpoint_every is not None and global_step % checkpoint_every == 0
+                if step % read_every == 0 or step == num_steps or global_step == 1 or at_checkpoint:
+                    values, stop = _read(
+                        unread,
+                        f"at epoch {epoch}, step {{step}} of {num_steps}",
+                        # The first step of a fresh run starts from the initial parameters: a
+                        # loss that is not finite there is no learning rate's doing.
+                        data=tensors[0] if global_step == 1 else None,
+                    )
+                    history.step_loss.extend(values)
+                    unread = []
+                    bar.set_postfix(loss=f"{values[-1]:.2f}", refresh=False)
+                optimizer.step()
+                if step < num_steps and checkpoint is not None and not unread:
+                    if stop:
+                        save(epoch - 1, step, order)
                         raise KeyboardInterrupt
-                    if checkpoint_every and global_step % checkpoint_every == 0:
-                        checkpoint(state(epoch - 1, step, order))
+                    if at_checkpoint:
+                        save(epoch - 1, step, order)
             # Summed in step order from the stored step losses, so that a resumed epoch gets
             # the very same number as an uninterrupted one.
             history.loss.append(sum(history.step_loss[-num_steps:]) / num_steps)
@@ -318,8 +414,10 @@ def fit(
             if callback is not None:
                 callback(epoch, history)
             if checkpoint is not None:
-                checkpoint(state(epoch, 0, None))
-                if interrupted.is_set():
+                save(epoch, 0, None)
+                # A Ctrl-C during the callback counts too (on many processes, the next step's
+                # all-reduce brings it to every rank).
+                if stop or (not group.distributed and interrupted.is_set()):
                     raise KeyboardInterrupt
     return history
 
@@ -450,41 +548,122 @@ def _device_and_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _take_step(
-    objective: Objective | CompiledStep,
+def _stepper(
+    objective: Objective, compile: bool, group: distributed.Ranks, device: torch.device
+) -> Objective | CompiledStep | distributed.DistributedStep:
+    """What computes each step's loss and gradients: the objective itself, its compiled step,
+    or, on many processes, its DDP-wrapped module."""
+    if not group.distributed:
+        return CompiledStep(objective) if compile else objective
+    if compile:
+        warnings.warn(
+            "compile=True: the step runs eager, because a compiled step is not combined with "
+            "DistributedDataParallel's gradient all-reduce yet (training on "
+            f"{group.world_size} processes)",
+            stacklevel=3,
+        )
+    return distributed.DistributedStep(objective, device)
+
+
+def _noise_generator(
+    generator: torch.Generator | None, group: distributed.Ranks
+) -> torch.Generator | None:
+    """The generator of the binarization: ``generator`` itself on one process. On many, the
+    shuffle must be one for all ranks and the noise each rank's own: ``generator`` (the same
+    on every rank, checked) shuffles, and each rank binarizes from a generator of its own,
+    seeded from ``generator``'s seed and the rank; and torch's random states (the draws of
+    z) must differ between ranks, checked."""
+    if not group.distributed:
+        return generator
+    if generator is None:
+        raise ValueError(
+            "training on many processes needs a generator, seeded the same on every rank: "
+            "it draws the shuffle that the ranks share"
+        )
+    states = distributed.all_gather(
+        (_digest(generator.get_state()), _digest(torch.get_rng_state()))
+    )
+    if len({shuffle for shuffle, _ in states}) != 1:
+        raise ValueError(
+            "the generator differs between ranks; seed it the same on every rank (it draws "
+            "the shuffle that the ranks share)"
+        )
+    if len({draws for _, draws in states}) != group.world_size:
+        raise ValueError(
+            "torch's random state is the same on two ranks, which would draw the same z on "
+            "both; seed each rank apart, e.g. torch.manual_seed(pyro_vae.distributed."
+            "noise_seed(seed, rank))"
+        )
+    seed = distributed.noise_seed(generator.initial_seed(), group.rank)
+    return torch.Generator(generator.device).manual_seed(seed)
+
+
+def _digest(state: Tensor) -> str:
+    return hashlib.sha256(state.cpu().numpy().tobytes()).hexdigest()
+
+
+def _cuda_rng() -> list[Tensor] | None:
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _gradients(
+    stepper: Objective | CompiledStep | distributed.DistributedStep,
     optimizer: torch.optim.Optimizer,
     batch: tuple[Tensor, ...],
     num_data: int,
     clip_norm: float | None,
     *,
     validate: bool,
-    where: str,
-    data: Tensor | None = None,
-) -> float:
-    """One SVI step; returns the per-example loss. A loss or gradient that is not finite
-    raises before the optimizer changes anything: a :class:`TrainingDivergedError`, or, on
-    the first step of a fresh run (``data``: all the training data), a ``ValueError`` about
-    the data, since no learning rate has acted yet."""
+    interrupted: bool,
+) -> Tensor:
+    """The loss and gradients of one SVI step, the gradients left in ``.grad`` (clipped) for
+    the optimizer. Returns, on the device, without reading it: the per-example loss (on many
+    processes the mean over the ranks), the gradient norm, and whether a stop was asked for
+    (on many processes: by any rank)."""
     optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(validate):
-        per_example = float(objective.loss_and_grads(*batch, num_data=num_data)) / num_data
-    if not math.isfinite(per_example):
-        if data is not None:
-            raise ValueError(_not_scored(f"the loss is {per_example}", data))
-        raise TrainingDivergedError(
-            f"loss is {per_example} {where}; the parameters are those before this "
-            "step (try a smaller learning_rate)"
-        )
-    gradient_norm = _gradient_norm(objective.trained, clip_norm)
-    if not math.isfinite(gradient_norm):
-        if data is not None:
-            raise ValueError(_not_scored(f"the gradient norm is {gradient_norm}", data))
-        raise TrainingDivergedError(
-            f"gradient norm is {gradient_norm} {where}; the parameters are those "
-            "before this step (try a smaller learning_rate or clip_norm)"
-        )
-    optimizer.step()
-    return per_example
+        loss = stepper.loss_and_grads(*batch, num_data=num_data)
+    device = batch[0].device
+    # float64, as Python's float: the step losses are the same numbers as fit's before.
+    per_example = torch.as_tensor(loss, device=device).to(torch.float64) / num_data
+    shared = torch.stack([per_example, torch.tensor(float(interrupted), device=device)])
+    group = distributed.ranks()
+    if group.distributed:
+        # One small all-reduce per step: a non-finite loss on any rank reaches all of them,
+        # so that every rank skips or stops at the same step, and the loss is the global one.
+        distributed.all_reduce_sum(shared)
+        shared[0] /= group.world_size
+    trained = stepper.trained
+    if clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+    else:
+        grads = [p.grad for p in trained if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+    return torch.stack([shared[0], norm.to(device, torch.float64), shared[1]])
+
+
+def _read(
+    unread: list[tuple[int, Tensor]], where: str, data: Tensor | None = None
+) -> tuple[list[float], bool]:
+    """Read the outcomes of the steps not read yet back to the host, at once; return their
+    per-example losses and whether a stop was asked for. A loss or gradient norm that is not
+    finite raises, naming the first such step (``where``, with ``{step}``): a
+    :class:`TrainingDivergedError`, or, on the first step of a fresh run (``data``: all the
+    training data), a ``ValueError`` about the data, since no learning rate has acted yet."""
+    rows = torch.stack([outcome for _, outcome in unread]).tolist()
+    for (step, _), (per_example, norm, _stop) in zip(unread, rows, strict=True):
+        for what, value, hint in (
+            ("loss", per_example, "a smaller learning_rate"),
+            ("gradient norm", norm, "a smaller learning_rate or clip_norm"),
+        ):
+            if not math.isfinite(value):
+                if data is not None:
+                    raise ValueError(_not_scored(f"the {what} is {value}", data))
+                raise TrainingDivergedError(
+                    f"{what} is {value} {where.format(step=step)}; the parameters are those "
+                    f"before this step (try {hint})"
+                )
+    return [row[0] for row in rows], any(row[2] > 0 for row in rows)
 
 
 def _not_scored(what: str, data: Tensor) -> str:
@@ -509,13 +688,6 @@ def _restored_beta(module: Any) -> Iterator[None]:
         yield
     finally:
         module.beta = beta
-
-
-def _gradient_norm(parameters: list[Tensor], clip_norm: float | None) -> float:
-    if clip_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(parameters, clip_norm))
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 class _Flag:

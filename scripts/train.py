@@ -28,7 +28,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae import cli, conditional_job, plots, semisupervised_job
+from pyro_vae import cli, conditional_job, distributed, plots, semisupervised_job
 from pyro_vae.runs import ELBOS, RunDirectory
 
 PROG = "train.py"
@@ -204,11 +204,20 @@ def main(args: argparse.Namespace) -> int:
     can write a checkpoint between our reading it and going on from it.
     """
     cli.set_num_threads(args.num_threads)
+    # Under torchrun: join the process group, on this rank's device (pyro_vae.distributed).
+    group, args.device = distributed.join(args.device)
     kind = args.model if args.resume is None else pv.runs.saved_model(args.resume)
     if kind != "vae":
+        if group.distributed:
+            raise ValueError(
+                f"--model {kind} trains on one process; start it without torchrun (only the "
+                "VAE's job runs on many processes so far)"
+            )
         return JOBS[kind].main(args, PROG)
+    # Rank 0 holds the run directory and writes; the other ranks write nothing.
+    claim = RunDirectory.claim if group.is_main else RunDirectory.follow
     if args.resume is not None:
-        with RunDirectory.claim(args.resume, mode="existing") as run_dir:
+        with claim(args.resume, mode="existing") as run_dir:
             run = pv.load_run(args.resume)
             args = _resumed_args(run.args, args, run.checkpoint["training"])
             pyro.set_rng_seed(args.seed)
@@ -223,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
     vae.validate_data(x_test, "test data")
     vae.validate_data(x_train_eval, "training data")
     run = pv.Run(args.out_dir, vae, config, {}, {}, data, x_test, x_train_eval)
-    with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
+    with claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
         return run_dir.guarded(PROG, lambda: train(args, run_dir, run))
 
 
@@ -234,7 +243,8 @@ def _resumed_args(saved: dict, given: argparse.Namespace, training: dict) -> arg
 
 def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     started = time.perf_counter()
-    progress = False if args.no_progress else None
+    group = distributed.ranks()
+    progress = False if args.no_progress or not group.is_main else None
     vae, config, data = run.vae.to(args.device), run.config, run.data.to(args.device)
     x_test, x_train_eval = (x.to(args.device, vae.dtype) for x in (run.x_test, run.x_train_eval))
     loss = pv.runs.make_loss(args.elbo, args.num_particles)
@@ -266,6 +276,10 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
             f"{row['seconds']:.2f}s"
         )
 
+    if group.distributed:
+        # The model was built alike on every rank (and DDP hands rank 0's weights to all);
+        # from here each rank draws its own z.
+        pyro.set_rng_seed(distributed.noise_seed(args.seed, group.rank))
     pv.fit(
         vae,
         data.x_train,
@@ -298,12 +312,14 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         cli.say("no importance-weighted log p(x) for the delta encoder: q(z|x) has no density")
     elif args.num_iw_particles:
         cli.say(f"scoring log p(x) with K={args.num_iw_particles} importance samples")
-        log_px = pv.log_likelihood(vae, x_test, args.num_iw_particles, progress=progress)
-        final["test_log_likelihood"] = log_px.mean().item()
+        final["test_log_likelihood"] = pv.runs.test_log_likelihood(
+            vae, x_test, args.num_iw_particles, progress
+        )
         final["num_iw_particles"] = args.num_iw_particles
         if vae.weight_guide is not None:
             final["test_log_likelihood_given"] = "posterior-mean decoder weights"
-    write_figures(run_dir, vae, x_test, data, metrics)
+    if group.is_main:
+        write_figures(run_dir, vae, x_test, data, metrics)
     final["train_seconds"] = trained
     final["total_seconds"] = time.perf_counter() - started
     run_dir.write_json("final_metrics.json", final)
@@ -354,11 +370,14 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(args)
     except (ValueError, FileNotFoundError) as error:
+        # On many processes each rank that fails says so: the error may be its own.
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training started: train() handles it after
         print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        distributed.leave()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2``: the gradient that
+DDP averages over two ranks, each with half of a global batch, against the gradient one
+process computes on the whole global batch, with the same ε for every example.
+
+Each example i draws its ε from a table fixed in advance (row i of particle k), whichever
+rank or batch it sits in: a TorchFunctionMode fills Pyro's ``normal_`` draws from that table.
+Rank 0 writes ``{loss name: largest absolute difference of any gradient element}`` to the JSON
+file given as the first argument.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pyro
+import torch
+import torch.distributed as dist
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch.overrides import TorchFunctionMode
+
+import pyro_vae as pv
+from pyro_vae.distributed import DistributedStep, join
+from pyro_vae.objective import Objective
+
+NUM_DATA, DATA_DIM, LATENT, PARTICLES = 12, 6, 2, 3
+GLOBAL_BATCH = [7, 2, 9, 0, 11, 4, 5, 1]  # 8 of the 12 examples, in shuffled order
+
+
+class FixedNoise(TorchFunctionMode):
+    """Fills the k-th ``normal_`` draw of a step with ``table[k, rows]``."""
+
+    def __init__(self, table: torch.Tensor, rows: list[int]) -> None:
+        super().__init__()
+        self.table, self.rows, self.calls = table, rows, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.Tensor.normal_:
+            noise = self.table[self.calls, self.rows]
+            self.calls += 1
+            return args[0].copy_(noise.reshape(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def gradients(step, batch_rows: list[int], x: torch.Tensor, table: torch.Tensor) -> list:
+    for parameter in step.trained:
+        parameter.grad = None
+    with FixedNoise(table, batch_rows):
+        step.loss_and_grads(x[batch_rows], num_data=NUM_DATA)
+    return [p.grad.clone() for p in step.trained]
+
+
+def main() -> None:
+    ranks, _ = join("cpu")
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.rand(NUM_DATA, DATA_DIM, generator=generator), generator=generator)
+    table = torch.randn(PARTICLES, NUM_DATA, LATENT, generator=generator)
+    largest = {}
+    for loss in (
+        Trace_ELBO(),
+        TraceMeanField_ELBO(),
+        RenyiELBO(alpha=0, num_particles=PARTICLES),
+    ):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(ranks.rank)  # different initial weights: DDP must broadcast rank 0's
+        vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(5,))
+        objective = Objective(vae, loss)
+        objective.parameters(x[:4], num_data=NUM_DATA)
+        step = DistributedStep(objective, torch.device("cpu"))
+        # The ranks' halves as DistributedSampler would deal them.
+        mine = GLOBAL_BATCH[ranks.rank :: ranks.world_size]
+        averaged = gradients(step, mine, x, table)
+        if ranks.is_main:
+            whole = gradients(objective, GLOBAL_BATCH, x, table)
+            largest[type(loss).__name__] = max(
+                float((a - b).abs().max()) for a, b in zip(averaged, whole, strict=True)
+            )
+        dist.barrier()
+    if ranks.is_main:
+        with open(sys.argv[1], "w") as file:
+            json.dump(largest, file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
