@@ -103,6 +103,19 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+# What the errors of a collective whose peer died or hung say: gloo raises a plain RuntimeError
+# ("Connection reset by peer", "Connection closed by peer", "Timed out"), NCCL a DistError.
+_LOST_CONTACT = ("gloo", "NCCL", "Connection reset", "Connection closed", "by peer", "Timed out")
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` is a collective's failure to reach the other ranks (one of them died,
+    or hangs past :data:`COLLECTIVE_TIMEOUT`), on many processes."""
+    if not ranks().distributed or not isinstance(error, RuntimeError):
+        return False
+    return isinstance(error, dist.DistError) or any(m in str(error) for m in _LOST_CONTACT)
+
+
 def noise_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s own random draws (ε, binarization) in a run seeded with
     ``seed``: a stream of its own for each rank, derived with numpy's SeedSequence so that the

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
-from torch.distributed import DistError
 
 from pyro_vae import distributed
 from pyro_vae._files import atomic_write
@@ -475,15 +474,20 @@ class RunDirectory:
         write) becomes a one-line message of what it left, and an exit code."""
         try:
             return work()
-        except (KeyboardInterrupt, TrainingDivergedError, OSError, DistError) as error:
+        except (KeyboardInterrupt, TrainingDivergedError, OSError) as error:
+            return self.stopped(prog, error)
+        except RuntimeError as error:
+            if not distributed.lost_contact(error):
+                raise
             return self.stopped(prog, error)
 
     def stopped(self, prog: str, error: BaseException) -> int:
         """Say on stderr why training stopped and what it left on disk; the exit code."""
         group = distributed.ranks()
-        if isinstance(error, DistError):
+        if isinstance(error, RuntimeError):  # guarded passes only distributed.lost_contact's
             # Another rank died or hangs: this one stops too, and says so.
-            lost = f"rank {group.rank} lost the other processes of the run ({error})"
+            reason = str(error).strip().splitlines()[0]
+            lost = f"rank {group.rank} lost contact with the other processes of the run ({reason})"
             if not self.writes:
                 print(f"{prog}: {lost}", file=sys.stderr)
                 return 1

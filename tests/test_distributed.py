@@ -15,6 +15,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from scripts_in_process import call, load_script
 from test_faults import assert_same_run, wait_for_checkpoint
 from torch.utils.data import DistributedSampler
 
@@ -122,6 +123,16 @@ def test_a_state_saved_before_rank_states_existed_loads_as_one_process():
     plain = _state(None).to_dict()
     del plain["rank_states"]
     assert TrainingState.from_dict(plain).world_size == 1
+
+
+@pytest.mark.parametrize("model", ["m2", "cvae"])
+def test_other_models_are_refused_under_torchrun(model, tmp_path, capsys, monkeypatch):
+    train = load_script("train")
+    monkeypatch.setattr(distributed, "join", lambda device: (Ranks(0, 2), device))
+    code, _, err = call(train, "--model", model, "--out-dir", str(tmp_path / "run"), capsys=capsys)
+    assert code == 2
+    assert f"--model {model} trains on one process; start it without torchrun" in err
+    assert not (tmp_path / "run").exists()
 
 
 # --- deferred reads (the GPU's schedule, run here on the CPU) -----------------------------
@@ -337,3 +348,51 @@ def test_a_killed_rank_stops_the_other_and_the_checkpoint_stays_whole(tmp_path):
     assert "rank      : 1" in stderr  # torchrun names the rank that failed first
     payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert payload["epoch"] >= 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_rank_that_loses_the_other_says_so_and_exits_1(tmp_path):
+    """Without torchrun to stop it (two ranks started by hand, as on two nodes): when rank 1
+    dies, rank 0's next collective fails, and it stops with one line, not a traceback."""
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, str(TRAIN), "--num-epochs", "500", "--checkpoint-every", "1"]
+    command += [*RUN, "--out-dir", str(run_dir)]
+    ranks = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in (0, 1)
+    ]
+    wait_for_checkpoint(run_dir, ranks[0], lambda p: p["epoch"] >= 1)
+    ranks[1].kill()
+    ranks[1].communicate()
+    try:
+        _, stderr = ranks[0].communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        ranks[0].kill()
+        raise AssertionError("rank 0 did not stop within 60 s of losing rank 1") from None
+    assert ranks[0].returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "rank 0 lost contact with the other processes of the run" in lines[0]
+    assert "checkpoint.pt holds the run at" in lines[0]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1
