@@ -1,8 +1,9 @@
 """A compiled training step: Pyro's ELBO traced once into an ATen graph and compiled.
 
 ``fit(..., compile=True)`` routes every step through :class:`CompiledStep`. On the first step
-of each batch shape it traces ``Trace_ELBO().differentiable_loss(model, guide, *batch)``
-together with ``torch.autograd.grad`` through ``torch.fx.experimental.proxy_tensor.make_fx``:
+of each batch shape it traces ``Trace_ELBO().differentiable_loss(model, guide, *batch)`` (or
+``TraceMeanField_ELBO``'s, whose closed-form KLs are plain tensor operations too) together
+with ``torch.autograd.grad`` through ``torch.fx.experimental.proxy_tensor.make_fx``:
 Pyro's Python (traces, messengers, site dictionaries) runs once, at trace time, and what is
 left is a plain graph of tensor operations, which goes to ``torch.compile`` (Inductor). While
 tracing, Pyro's ``torch_item`` returns the tensor instead of a Python float and its NaN warning
@@ -43,7 +44,7 @@ compiled arithmetic as the uninterrupted compiled run, so it ends exactly (bit f
 that run ends, on the same machine and torch version.
 
 Where tracing cannot work, :class:`CompiledStep` runs Pyro's eager step instead, after one
-``UserWarning`` that names the reason: an estimator other than ``Trace_ELBO`` (enumeration in
+``UserWarning`` that names the reason: an estimator other than those two (enumeration in
 ``TraceEnum_ELBO``, the log-sum-exp over particles of ``RenyiELBO``, ...), a value read out of
 the graph (dynamic control flow on tensors), a random draw that cannot be passed in, or a
 failure of the compiler. It never gives numbers of a graph it could not trace faithfully.
@@ -59,9 +60,10 @@ from typing import Any
 
 import pyro
 import pyro.infer.trace_elbo as pyro_trace_elbo
+import pyro.infer.trace_mean_field_elbo as pyro_trace_mean_field_elbo
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
@@ -164,17 +166,26 @@ class _ReplayDraws(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# The modules of the traced estimators, each with its own imported torch_item and warn_if_nan
+# (TraceMeanField_ELBO's particle loss reads torch_item from its module; the differentiable
+# loss it inherits, from Trace_ELBO's).
+_TRACED_MODULES = (pyro_trace_elbo, pyro_trace_mean_field_elbo)
+
+
 @contextlib.contextmanager
 def _pyro_traceable() -> Iterator[None]:
-    """Pyro's Trace_ELBO without the two reads of a value out of the graph: ``torch_item``
-    returns its tensor, and ``warn_if_nan`` does nothing (fit checks the loss itself)."""
-    item, warn = pyro_trace_elbo.torch_item, pyro_trace_elbo.warn_if_nan
-    pyro_trace_elbo.torch_item = lambda x: x
-    pyro_trace_elbo.warn_if_nan = lambda x, *args, **kwargs: x  # type: ignore[assignment]
+    """Pyro's Trace_ELBO and TraceMeanField_ELBO without the two reads of a value out of the
+    graph: ``torch_item`` returns its tensor, and ``warn_if_nan`` does nothing (fit checks the
+    loss itself)."""
+    replacements = {"torch_item": lambda x: x, "warn_if_nan": lambda x, *args, **kwargs: x}
+    saved = [(m, name, getattr(m, name)) for m in _TRACED_MODULES for name in replacements]
+    for module, name, _ in saved:
+        setattr(module, name, replacements[name])
     try:
         yield
     finally:
-        pyro_trace_elbo.torch_item, pyro_trace_elbo.warn_if_nan = item, warn
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 @contextlib.contextmanager
@@ -194,7 +205,7 @@ def eager_reason(objective: Objective) -> str | None:
     """Why the step of ``objective`` cannot be compiled, known before any trace; ``None``
     when it can be tried."""
     loss = objective.loss
-    if type(loss) is Trace_ELBO:
+    if type(loss) in (Trace_ELBO, TraceMeanField_ELBO):
         return None
     name = type(loss).__name__
     if name == "TraceEnum_ELBO":
@@ -204,7 +215,7 @@ def eager_reason(objective: Objective) -> str | None:
         )
     if name == "RenyiELBO":
         return "RenyiELBO (IWAE) is traced only as Trace_ELBO is; it has no traced route yet"
-    return f"only Trace_ELBO is traced, not {name}"
+    return f"only Trace_ELBO and TraceMeanField_ELBO are traced, not {name}"
 
 
 @dataclass
@@ -290,7 +301,8 @@ class CompiledStep:
 
     def _loss(self, batch: tuple[Tensor, ...], num_data: int) -> Tensor:
         objective = self.objective
-        # Trace_ELBO's (the only estimator traced, eager_reason); ELBO declares none.
+        # Trace_ELBO's or TraceMeanField_ELBO's (those traced, eager_reason); ELBO declares
+        # none.
         loss: Tensor = objective.loss.differentiable_loss(  # type: ignore[attr-defined]
             objective.model, objective.guide, *batch, num_data=num_data
         )

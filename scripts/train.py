@@ -134,8 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--compile",
         action="store_true",
-        help="trace the training step once and compile it (torch.compile); Trace_ELBO only, "
-        "other objectives run eager with a warning",
+        help="trace the training step once and compile it (torch.compile); --elbo trace and "
+        "meanfield, iwae runs eager with a warning",
     )
     add("--no-progress", action="store_true", help="hide the progress bars")
     faults = parser.add_argument_group("checkpoints and faults")
