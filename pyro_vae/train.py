@@ -624,9 +624,15 @@ def _gradients(
     with pyro.validation_enabled(validate):
         loss = stepper.loss_and_grads(*batch, num_data=num_data)
     device = batch[0].device
-    # float64, as Python's float: the step losses are the same numbers as fit's before.
-    per_example = torch.as_tensor(loss, device=device).to(torch.float64) / num_data
-    shared = torch.stack([per_example, torch.tensor(float(interrupted), device=device)])
+    # float64, as Python's float: the step losses are the same numbers as fit's before. (A
+    # Python float, from Pyro's eager step, is filled in on the device: no copy from the host.)
+    if isinstance(loss, Tensor):
+        per_example = loss.to(torch.float64) / num_data
+    else:
+        per_example = torch.full((), loss, dtype=torch.float64, device=device) / num_data
+    # new_full fills on the device; torch.tensor(x, device=cuda) would copy from the host and
+    # wait for the device: a host sync at every step.
+    shared = torch.stack([per_example, per_example.new_full((), float(interrupted))])
     group = distributed.ranks()
     if group.distributed:
         # One small all-reduce per step: a non-finite loss on any rank reaches all of them,
