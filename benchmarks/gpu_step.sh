@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The step benchmark on a CUDA GPU, in one go (benchmarks/bench_step.py --device cuda).
+# The step benchmark on a CUDA GPU, in one go (benchmarks/bench_step.py --device cuda), then
+# the host syncs of a step (benchmarks/count_host_syncs.py --device cuda, 60 s limit).
 # Run from the repository root, after `pip install -e ".[dev]"`:
 #     bash benchmarks/gpu_step.sh
 # Output goes to stdout and, when $OUT is set, also to "$OUT/gpu_step.txt".
 # The benchmark is stopped after BENCH_LIMIT seconds (default 360); with the 10 s and 30 s
-# limits of the two checks before it and 10 s of grace, the script ends within 410 s (6.8 min).
+# limits of the two checks before it, the 60 s of the sync count and 20 s of grace, the script
+# ends within 480 s (8 min).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,6 +33,9 @@ fi
     else
         echo "== exit $status"
     fi
+    echo "== python benchmarks/count_host_syncs.py --device cuda --steps 50 (limit 60 s)"
+    timeout --kill-after=10 60 python benchmarks/count_host_syncs.py --device cuda --steps 50
+    echo "== exit $?"
     exit "$status"
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"
