@@ -555,7 +555,7 @@ def _stepper(
     or, on many processes, its DDP-wrapped module."""
     if not group.distributed:
         return CompiledStep(objective) if compile else objective
-    if compile:
+    if compile and group.is_main:  # one warning for the run, not one per rank
         warnings.warn(
             "compile=True: the step runs eager, because a compiled step is not combined with "
             "DistributedDataParallel's gradient all-reduce yet (training on "
