@@ -19,6 +19,7 @@ Without torchrun nothing here does anything: one process, as before.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -100,12 +101,17 @@ def join(device: str) -> tuple[Ranks, str]:
 def leave() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
+        # A DDP module kept alive by a reference cycle would outlive the group, and its
+        # reducer then aborts the process at exit: collect it first.
+        gc.collect()
         dist.destroy_process_group()
 
 
-# What the errors of a collective whose peer died or hung say: gloo raises a plain RuntimeError
-# ("Connection reset by peer", "Connection closed by peer", "Timed out"), NCCL a DistError.
-_LOST_CONTACT = ("gloo", "NCCL", "Connection reset", "Connection closed", "by peer", "Timed out")
+# What the error of a collective whose peer died or hung says: gloo raises a plain RuntimeError
+# ("Connection reset by peer", "Connection closed by peer", "Timed out waiting ..."). Other
+# errors of gloo or NCCL (a size mismatch, a duplicate GPU, out of memory) are bugs or setup
+# errors, and keep their traceback.
+_LOST_CONTACT = ("Connection reset", "Connection closed", "by peer", "Timed out", "timed out")
 
 
 def lost_contact(error: BaseException) -> bool:
@@ -113,15 +119,21 @@ def lost_contact(error: BaseException) -> bool:
     or hangs past :data:`COLLECTIVE_TIMEOUT`), on many processes."""
     if not ranks().distributed or not isinstance(error, RuntimeError):
         return False
-    return isinstance(error, dist.DistError) or any(m in str(error) for m in _LOST_CONTACT)
+    return isinstance(error, dist.DistNetworkError) or any(m in str(error) for m in _LOST_CONTACT)
 
 
-def noise_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s own random draws (ε, binarization) in a run seeded with
-    ``seed``: a stream of its own for each rank, derived with numpy's SeedSequence so that the
-    streams of different ranks (and of the run's other uses of ``seed``) do not overlap.
+# The random streams of a rank, each seeded apart (noise_seed).
+NOISE_STREAMS = ("z", "binarization")
+
+
+def noise_seed(seed: int, rank: int, stream: str = "z") -> int:
+    """The seed of rank ``rank``'s own random draws of ``stream`` (``"z"``: torch's global
+    state, the draws of z; ``"binarization"``: fit's binarization generator) in a run seeded
+    with ``seed``: derived with numpy's SeedSequence, so that the streams of different ranks,
+    of different purposes, and of the run's other uses of ``seed`` do not overlap.
     32 bits: numpy's global seed (``pyro.set_rng_seed``) takes no more."""
-    (state,) = np.random.SeedSequence(seed, spawn_key=(2, rank)).generate_state(1, np.uint32)
+    key = (2, rank, NOISE_STREAMS.index(stream))
+    (state,) = np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint32)
     return int(state)
 
 
@@ -227,11 +239,11 @@ def rows(x: Tensor, ranks: Ranks) -> Tensor:
     return x[ranks.rank :: ranks.world_size] if ranks.distributed else x
 
 
-def mean_over_ranks(local: Tensor) -> Tensor:
-    """The mean of the per-example values ``local`` of every rank's :func:`rows` together: the
-    mean over the whole set, as one process would compute it (up to the order of the sums)."""
+def mean_over_ranks(local: Tensor) -> float:
+    """The mean of the per-example values ``local`` (1-D) of every rank's :func:`rows`
+    together: the mean over the whole set. On one process exactly ``local.mean().item()``."""
     if not ranks().distributed:
-        return local.mean(0)
-    totals = torch.cat([local.sum(0).reshape(-1).double(), local.new_tensor([len(local)]).double()])
+        return local.mean().item()
+    totals = torch.stack([local.sum().double(), local.new_tensor(float(len(local))).double()])
     all_reduce_sum(totals)
-    return (totals[:-1] / totals[-1]).reshape(local.shape[1:]).to(local.dtype)
+    return (totals[0] / totals[1]).item()

@@ -171,15 +171,13 @@ def epoch_metrics(vae: VAE, x: Tensor, prefix: str, num_data: int) -> dict[str, 
     ``num_data`` training examples, as in the training loss, and also reported whole.
     On many processes each rank scores its share of ``x`` and the means are all-reduced."""
     terms = elbo_terms(vae, distributed.rows(x, distributed.ranks()), num_data=num_data)
-    per_example = torch.stack([terms.elbo, terms.reconstruction, terms.kl], dim=-1)
-    elbo, reconstruction, kl = distributed.mean_over_ranks(per_example).tolist()
     row = {
-        f"{prefix}_elbo": elbo,
-        f"{prefix}_reconstruction": reconstruction,
-        f"{prefix}_kl": kl,
+        f"{prefix}_elbo": distributed.mean_over_ranks(terms.elbo),
+        f"{prefix}_reconstruction": distributed.mean_over_ranks(terms.reconstruction),
+        f"{prefix}_kl": distributed.mean_over_ranks(terms.kl),
     }
     if vae.weight_guide is not None:
-        row[f"{prefix}_weight_kl"] = distributed.mean_over_ranks(terms.global_kl[None]).item()
+        row[f"{prefix}_weight_kl"] = distributed.mean_over_ranks(terms.global_kl[None])
     return row
 
 
@@ -188,7 +186,7 @@ def test_log_likelihood(vae: VAE, x: Tensor, num_particles: int, progress: bool 
     samples; on many processes each rank scores its share and the mean is all-reduced."""
     group = distributed.ranks()
     local = log_likelihood(vae, distributed.rows(x, group), num_particles, progress=progress)
-    return distributed.mean_over_ranks(local).item()
+    return distributed.mean_over_ranks(local)
 
 
 def digest(x: Tensor) -> str:
@@ -280,6 +278,13 @@ def saved_model(directory: str | os.PathLike) -> str:
     if kind not in ("vae", "m2", "cvae"):
         raise ValueError(f"{path} holds a {kind} model, not a run of scripts/train.py")
     return kind
+
+
+def saved_device(directory: str | os.PathLike) -> str:
+    """The ``--device`` the run in ``directory`` was trained on (``"cpu"`` for runs that
+    saved none)."""
+    _, payload = load_checkpoint(checkpoint_path(Path(directory)))
+    return str(payload.get("args", {}).get("device", "cpu"))
 
 
 def checkpoint_path(directory: Path) -> Path:
@@ -484,24 +489,29 @@ class RunDirectory:
     def stopped(self, prog: str, error: BaseException) -> int:
         """Say on stderr why training stopped and what it left on disk; the exit code."""
         group = distributed.ranks()
+        # Under torchrun a run resumes under torchrun, with as many processes.
+        launcher = "torchrun ... " if group.distributed else ""
+        resume = f"; continue with {launcher}--resume {self.path}" if self.last_checkpoint else ""
+        if not self.writes:
+            # Rank 0 says what the run left; another rank only says why it stopped, when that
+            # is its own news (a Ctrl-C and a divergence reach every rank at the same step,
+            # and rank 0 reports them).
+            if isinstance(error, KeyboardInterrupt):
+                return 130
+            if isinstance(error, TrainingDivergedError):
+                return 1
+            print(f"{prog}: rank {group.rank} stopped: {_first_line(error)}", file=sys.stderr)
+            return 1
+        left = self.where_it_stands()
         if isinstance(error, RuntimeError):  # guarded passes only distributed.lost_contact's
             # Another rank died or hangs: this one stops too, and says so.
-            reason = str(error).strip().splitlines()[0]
-            lost = f"rank {group.rank} lost contact with the other processes of the run ({reason})"
-            if not self.writes:
-                print(f"{prog}: {lost}", file=sys.stderr)
-                return 1
-            left = self.where_it_stands()
-            again = ""
-            if self.last_checkpoint:
-                again = f"; continue with torchrun ... --resume {self.path}"
-            print(f"{prog}: {lost}; {left}{again}", file=sys.stderr)
+            lost = (
+                f"rank {group.rank} lost contact with the other processes of the run "
+                f"({_first_line(error)})"
+            )
+            print(f"{prog}: {lost}; {left}{resume}", file=sys.stderr)
             return 1
-        if not self.writes:  # rank 0 says what the run left
-            return 130 if isinstance(error, KeyboardInterrupt) else 1
-        left = self.where_it_stands()
         # Resuming a diverged run would diverge again at the same step: no hint to do so.
-        resume = f"; continue with --resume {self.path}" if self.last_checkpoint else ""
         if isinstance(error, KeyboardInterrupt):
             message, code = f"interrupted; {left}{resume}", 130
         elif isinstance(error, TrainingDivergedError):
@@ -521,6 +531,10 @@ class RunDirectory:
         if self.writes:
             save_checkpoint(self.path / CHECKPOINT, vae, config, **extra)
         self.last_checkpoint = (extra["epoch"], extra["step"])
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def run_arguments(args: Any) -> dict[str, Any]:

@@ -78,6 +78,10 @@ class TrainingDivergedError(FloatingPointError):
     model keeps the parameters of the last finite step."""
 
 
+# The options of a torch optimizer's param group that choose its implementation.
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
 @dataclass
 class TrainingState:
     """Where a :func:`fit` stands between two steps: with the model's weights, everything it
@@ -173,8 +177,18 @@ class TrainingState:
             )
         if (self.generator_rng is None) != (generator is None):
             raise ValueError("resume: pass a generator exactly when the saved run had one")
+        # Adam's implementation (fused or not) is this fit's choice (compile, deferred reads),
+        # not the saved state's: load_state_dict would take the saved one's along.
+        saved = dict(self.optimizer)
+        saved["param_groups"] = [
+            {**group, **{k: mine[k] for k in _IMPLEMENTATION if k in mine}}
+            # Not strict: a different count of groups is load_state_dict's to report.
+            for group, mine in zip(
+                self.optimizer["param_groups"], optimizer.param_groups, strict=False
+            )
+        ]
         try:
-            optimizer.load_state_dict(self.optimizer)
+            optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as error:
             raise ValueError(
                 f"resume: the optimizer state does not fit this model: {error}"
@@ -305,15 +319,24 @@ def fit(
     tensors, binarize = _prepare_data(module, data, binarize)
     group = distributed.ranks()
     device = tensors[0].device
-    noise = _noise_generator(generator, group)
-    objective = Objective(module, Trace_ELBO() if loss is None else loss)
     num_data = len(tensors[0])
-    first_batch = tuple(t[:batch_size] for t in tensors)
-    parameters = objective.parameters(*first_batch, num_data=num_data)
     # Reading a value back from the device (a loss, a gradient norm) makes the host wait for
     # it. On the CPU that costs nothing, so every step is read and checked at once; on a GPU
     # the values stay on the device and are read every read_every steps (module docstring).
     read_every = log_every or (1 if device.type == "cpu" else 25)
+    settings = {
+        "num_data": num_data,
+        "num_epochs": num_epochs,
+        "batch_size": batch_size,
+        "checkpoint": checkpoint is not None,
+        "checkpoint_every": checkpoint_every,
+        "read_every": read_every,
+        "resume": None if resume is None else (resume.epoch, resume.step),
+    }
+    noise = _noise_generator(generator, group, settings)
+    objective = Objective(module, Trace_ELBO() if loss is None else loss)
+    first_batch = tuple(t[:batch_size] for t in tensors)
+    parameters = objective.parameters(*first_batch, num_data=num_data)
     deferred = read_every > 1
     # Fused Adam: one kernel for all parameters (compile), and the only Adam that skips a step
     # on the device (found_inf) when a deferred read finds a non-finite step too late.
@@ -388,7 +411,15 @@ def fit(
                     diverged = diverged.logical_or(~torch.isfinite(outcome[:2]).all())
                     optimizer.found_inf = diverged.float()  # type: ignore[attr-defined]
                 at_checkpoint = checkpoint_every is not None and global_step % checkpoint_every == 0
-                if step % read_every == 0 or step == num_steps or global_step == 1 or at_checkpoint:
+                # On one process a Ctrl-C is known on the host at once: read and stop now.
+                asked = not group.distributed and interrupted.is_set()
+                if (
+                    step % read_every == 0
+                    or step == num_steps
+                    or global_step == 1
+                    or at_checkpoint
+                    or asked
+                ):
                     values, stop = _read(
                         unread,
                         f"at epoch {epoch}, step {{step}} of {num_steps}",
@@ -397,6 +428,7 @@ def fit(
                         data=tensors[0] if global_step == 1 else None,
                     )
                     history.step_loss.extend(values)
+                    stop = stop or asked
                     unread = []
                     bar.set_postfix(loss=f"{values[-1]:.2f}", refresh=False)
                 optimizer.step()
@@ -566,7 +598,7 @@ def _stepper(
 
 
 def _noise_generator(
-    generator: torch.Generator | None, group: distributed.Ranks
+    generator: torch.Generator | None, group: distributed.Ranks, settings: dict[str, Any]
 ) -> torch.Generator | None:
     """The generator of the binarization: ``generator`` itself on one process. On many, the
     shuffle must be one for all ranks and the noise each rank's own: ``generator`` (the same
@@ -581,20 +613,29 @@ def _noise_generator(
             "it draws the shuffle that the ranks share"
         )
     states = distributed.all_gather(
-        (_digest(generator.get_state()), _digest(torch.get_rng_state()))
+        (_digest(generator.get_state()), _digest(torch.get_rng_state()), settings)
     )
-    if len({shuffle for shuffle, _ in states}) != 1:
+    if len({repr(agreed) for _, _, agreed in states}) != 1:
+        # A collective reached by some ranks only would wait for the others for ever: every
+        # rank must make the same steps, reads and checkpoints.
+        raise ValueError(
+            "fit's arguments differ between ranks ("
+            + "; ".join(f"rank {r}: {agreed}" for r, (_, _, agreed) in enumerate(states))
+            + "); call fit with the same arguments on every rank (only rank 0 writes the "
+            "checkpoints it is given)"
+        )
+    if len({shuffle for shuffle, _, _ in states}) != 1:
         raise ValueError(
             "the generator differs between ranks; seed it the same on every rank (it draws "
             "the shuffle that the ranks share)"
         )
-    if len({draws for _, draws in states}) != group.world_size:
+    if len({draws for _, draws, _ in states}) != group.world_size:
         raise ValueError(
             "torch's random state is the same on two ranks, which would draw the same z on "
             "both; seed each rank apart, e.g. torch.manual_seed(pyro_vae.distributed."
             "noise_seed(seed, rank))"
         )
-    seed = distributed.noise_seed(generator.initial_seed(), group.rank)
+    seed = distributed.noise_seed(generator.initial_seed(), group.rank, "binarization")
     return torch.Generator(generator.device).manual_seed(seed)
 
 

@@ -204,8 +204,13 @@ def main(args: argparse.Namespace) -> int:
     can write a checkpoint between our reading it and going on from it.
     """
     cli.set_num_threads(args.num_threads)
-    # Under torchrun: join the process group, on this rank's device (pyro_vae.distributed).
-    group, args.device = distributed.join(args.device)
+    # Under torchrun: join the process group, on this rank's device (pyro_vae.distributed); a
+    # resumed run on the kind of device it was trained on.
+    wanted = args.device
+    if args.resume is not None and distributed.launched_by_torchrun():
+        wanted = torch.device(pv.runs.saved_device(args.resume)).type
+    group, device = distributed.join(wanted)
+    args.device = device
     kind = args.model if args.resume is None else pv.runs.saved_model(args.resume)
     if kind != "vae":
         if group.distributed:
@@ -220,6 +225,8 @@ def main(args: argparse.Namespace) -> int:
         with claim(args.resume, mode="existing") as run_dir:
             run = pv.load_run(args.resume)
             args = _resumed_args(run.args, args, run.checkpoint["training"])
+            if group.distributed:
+                args.device = device  # this rank's own, not the one rank 0 saved
             pyro.set_rng_seed(args.seed)
             return run_dir.guarded(PROG, lambda: train(args, run_dir, run))
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
@@ -279,7 +286,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     if group.distributed:
         # The model was built alike on every rank (and DDP hands rank 0's weights to all);
         # from here each rank draws its own z.
-        pyro.set_rng_seed(distributed.noise_seed(args.seed, group.rank))
+        pyro.set_rng_seed(distributed.noise_seed(args.seed, group.rank, "z"))
     pv.fit(
         vae,
         data.x_train,

@@ -52,6 +52,26 @@ def gradients(step, batch_rows: list[int], x: torch.Tensor, table: torch.Tensor)
     return [p.grad.clone() for p in step.trained]
 
 
+def gradient_difference(ranks, loss, x: torch.Tensor, table: torch.Tensor) -> float:
+    """The largest difference between DDP's averaged gradient and one process's on the whole
+    global batch (rank 0; the others return 0). A function of its own, so that its DDP module
+    is freed before the process group is destroyed (a reducer outliving its group aborts the
+    process at exit)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(ranks.rank)  # different initial weights: DDP must broadcast rank 0's
+    vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(5,))
+    objective = Objective(vae, loss)
+    objective.parameters(x[:4], num_data=NUM_DATA)
+    step = DistributedStep(objective, torch.device("cpu"))
+    # The ranks' halves as DistributedSampler would deal them.
+    mine = GLOBAL_BATCH[ranks.rank :: ranks.world_size]
+    averaged = gradients(step, mine, x, table)
+    if not ranks.is_main:
+        return 0.0
+    whole = gradients(objective, GLOBAL_BATCH, x, table)
+    return max(float((a - b).abs().max()) for a, b in zip(averaged, whole, strict=True))
+
+
 def metrics_difference(ranks) -> float:
     """The run's evaluation metrics all-reduced over the ranks' rows against one process's on
     the whole set: a delta encoder makes every term deterministic, so they must agree up to
@@ -71,6 +91,27 @@ def metrics_difference(ranks) -> float:
 KEYS = ("elbo", "reconstruction", "kl")
 
 
+def disagreement_refused(ranks) -> bool:
+    """fit given a checkpoint on rank 0 alone (the ranks would reach different collectives)
+    refuses on every rank before the first step, instead of waiting for ever."""
+    pyro.set_rng_seed(distributed.noise_seed(0, ranks.rank))
+    vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(5,))
+    x = torch.bernoulli(torch.full((12, DATA_DIM), 0.5))
+    try:
+        pv.fit(
+            vae,
+            x,
+            num_epochs=1,
+            batch_size=3,
+            progress=False,
+            generator=torch.Generator().manual_seed(0),
+            checkpoint=(lambda state: None) if ranks.is_main else None,
+        )
+    except ValueError as error:
+        return "fit's arguments differ between ranks" in str(error)
+    return False
+
+
 def main() -> None:
     ranks, _ = join("cpu")
     torch.set_default_dtype(torch.float64)
@@ -83,22 +124,12 @@ def main() -> None:
         TraceMeanField_ELBO(),
         RenyiELBO(alpha=0, num_particles=PARTICLES),
     ):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(ranks.rank)  # different initial weights: DDP must broadcast rank 0's
-        vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(5,))
-        objective = Objective(vae, loss)
-        objective.parameters(x[:4], num_data=NUM_DATA)
-        step = DistributedStep(objective, torch.device("cpu"))
-        # The ranks' halves as DistributedSampler would deal them.
-        mine = GLOBAL_BATCH[ranks.rank :: ranks.world_size]
-        averaged = gradients(step, mine, x, table)
+        difference = gradient_difference(ranks, loss, x, table)
         if ranks.is_main:
-            whole = gradients(objective, GLOBAL_BATCH, x, table)
-            largest[type(loss).__name__] = max(
-                float((a - b).abs().max()) for a, b in zip(averaged, whole, strict=True)
-            )
+            largest[type(loss).__name__] = difference
         dist.barrier()
     largest["metrics"] = metrics_difference(ranks)
+    largest["refused"] = float(not disagreement_refused(ranks))
     if ranks.is_main:
         with open(sys.argv[1], "w") as file:
             json.dump(largest, file)

@@ -3,6 +3,7 @@
 The tests that launch torchrun start real processes (gloo on the CPU) and are marked slow.
 """
 
+import copy
 import json
 import math
 import os
@@ -189,6 +190,65 @@ def test_a_bad_step_read_late_is_still_named_and_never_applied(log_every):
         assert torch.equal(value, vae.before[name]), name
 
 
+class _CtrlCAt(pv.VAE):
+    """A VAE that sends itself SIGINT (a Ctrl-C) during its ``at``-th step's guide call."""
+
+    def __init__(self, *args, at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.calls = at, -1  # the first call is fit's trace of the first batch
+
+    def guide(self, x, num_data=None):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().guide(x, num_data=num_data)
+
+
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_a_ctrl_c_finishes_the_step_under_way_and_checkpoints_it(log_every):
+    pyro.set_rng_seed(0)
+    vae = _CtrlCAt(8, 2, hidden_dims=(6,), at=3)
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        pv.fit(
+            vae,
+            torch.rand(96, 8, generator=torch.Generator().manual_seed(1)),
+            num_epochs=1,
+            batch_size=16,
+            progress=False,
+            log_every=log_every,
+            checkpoint=saved.append,
+        )
+    assert [(state.epoch, state.step) for state in saved] == [(0, 3)]
+    assert len(saved[0].history.step_loss) == 3
+
+
+def test_a_state_saved_reading_every_step_resumes_reading_every_few():
+    """The optimizer's implementation is the resuming fit's choice: a state saved by
+    torch's default Adam (reading every step) resumes with fused Adam (deferred reads),
+    which alone can skip a bad step on the device."""
+    vae, x = _vae_and_data()
+    saved = []
+    options = dict(num_epochs=2, batch_size=16, progress=False)
+    whole = pv.fit(
+        vae,
+        x,
+        log_every=1,
+        checkpoint_every=4,
+        # Copies: the state holds the live history, which the run goes on filling.
+        checkpoint=lambda state: saved.append(copy.deepcopy((state, vae.state_dict()))),
+        **options,
+    )
+    state, weights = saved[0]
+    assert (state.epoch, state.step) == (0, 4)
+    assert not state.optimizer["param_groups"][0]["fused"]
+    resumed, _ = _vae_and_data()
+    resumed.load_state_dict(weights)
+    history = pv.fit(resumed, x, log_every=5, resume=state, **options)
+    # The same run up to the rounding of fused Adam against torch's default implementation.
+    assert history.step_loss == pytest.approx(whole.step_loss, rel=1e-4)
+
+
 def test_log_every_must_be_a_positive_integer():
     vae, x = _vae_and_data()
     with pytest.raises(ValueError, match="log_every"):
@@ -202,12 +262,13 @@ def test_log_every_must_be_a_positive_integer():
 def test_ddp_gradient_equals_the_gradient_of_the_global_batch(tmp_path):
     """Two ranks with half of a global batch each, the same ε per example: the gradient DDP
     averages equals one process's on the whole batch, for each objective (float64). And the
-    evaluation metrics all-reduced over the ranks equal one process's on the whole set."""
+    evaluation metrics all-reduced over the ranks equal one process's on the whole set, and
+    fit refuses arguments that differ between ranks ("refused" is 0 when it did)."""
     out = tmp_path / "largest.json"
     done = torchrun(str(ROOT / "tests" / "distributed_gradients.py"), str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     largest = json.loads(out.read_text())
-    assert set(largest) == {"Trace_ELBO", "TraceMeanField_ELBO", "RenyiELBO", "metrics"}
+    assert set(largest) == {"Trace_ELBO", "TraceMeanField_ELBO", "RenyiELBO", "metrics", "refused"}
     for name, difference in largest.items():
         assert difference < 1e-10, (name, difference)
 
