@@ -167,8 +167,8 @@ class TrainingState:
             # run could go on, but not as it would have; refused rather than silently inexact.
             raise ValueError(
                 f"resume: the run was trained on {self.world_size} process(es), this is "
-                f"{group.world_size}; resume it with as many (torchrun --nproc-per-node "
-                f"{self.world_size}, or without torchrun for 1)"
+                f"{group.world_size}; resume it with as many in all (torchrun's nodes × "
+                f"--nproc-per-node = {self.world_size}, or without torchrun for 1)"
             )
         if self.order is not None and len(self.order) != num_data:
             raise ValueError(
@@ -280,7 +280,8 @@ def fit(
         each epoch (after ``callback``) and every ``checkpoint_every`` steps; save it (with
         the model's weights) to continue later with ``resume``. While it is set, Ctrl-C
         (SIGINT) finishes the step under way, calls ``checkpoint`` and raises
-        ``KeyboardInterrupt``.
+        ``KeyboardInterrupt`` (on many processes, at the next read of ``log_every``, so that
+        every rank stops at the same step).
     :param checkpoint_every: steps between checkpoints within an epoch; ``None``: epochs only.
     :param resume: a :class:`TrainingState` to continue from, with the model's weights
         already loaded. With the same data, arguments, seed and device, the run then ends
@@ -386,7 +387,7 @@ def fit(
                 leave=False,
                 disable=(None if progress is None else not progress),
             )
-            unread: list[tuple[int, Tensor]] = []
+            unread: list[tuple[int, Outcome]] = []
             stop = False
             for step, indices in enumerate(bar, start=first_step + 1):
                 global_step = (epoch - 1) * num_steps + step
@@ -405,9 +406,11 @@ def fit(
                     # checked up front and the shapes do not change between steps.
                     validate=global_step == 1,
                     interrupted=interrupted.is_set(),
+                    on_host=not (deferred or group.distributed),
                 )
                 unread.append((step, outcome))
                 if deferred:
+                    assert isinstance(outcome, Tensor)  # deferred outcomes stay on the device
                     diverged = diverged.logical_or(~torch.isfinite(outcome[:2]).all())
                     optimizer.found_inf = diverged.float()  # type: ignore[attr-defined]
                 at_checkpoint = checkpoint_every is not None and global_step % checkpoint_every == 0
@@ -430,7 +433,8 @@ def fit(
                     history.step_loss.extend(values)
                     stop = stop or asked
                     unread = []
-                    bar.set_postfix(loss=f"{values[-1]:.2f}", refresh=False)
+                    if step % 25 == 0 or deferred:  # as often as the bar is worth updating
+                        bar.set_postfix(loss=f"{values[-1]:.2f}", refresh=False)
                 optimizer.step()
                 if step < num_steps and checkpoint is not None and not unread:
                     if stop:
@@ -656,14 +660,20 @@ def _gradients(
     *,
     validate: bool,
     interrupted: bool,
-) -> Tensor:
+    on_host: bool,
+) -> Outcome:
     """The loss and gradients of one SVI step, the gradients left in ``.grad`` (clipped) for
-    the optimizer. Returns, on the device, without reading it: the per-example loss (on many
-    processes the mean over the ranks), the gradient norm, and whether a stop was asked for
-    (on many processes: by any rank)."""
+    the optimizer. Returns the per-example loss (on many processes the mean over the ranks),
+    the gradient norm, and whether a stop was asked for (on many processes: by any rank): as
+    Python numbers when ``on_host`` (one process reading every step, where plain numbers cost
+    least), else on the device, without reading them."""
     optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(validate):
         loss = stepper.loss_and_grads(*batch, num_data=num_data)
+    trained = stepper.trained
+    if on_host:
+        norm = _gradient_norm(trained, clip_norm, batch[0].device)
+        return (float(loss) / num_data, float(norm), float(interrupted))
     device = batch[0].device
     # float64, as Python's float: the step losses are the same numbers as fit's before. (A
     # Python float, from Pyro's eager step, is filled in on the device: no copy from the host.)
@@ -680,24 +690,34 @@ def _gradients(
         # so that every rank skips or stops at the same step, and the loss is the global one.
         distributed.all_reduce_sum(shared)
         shared[0] /= group.world_size
-    trained = stepper.trained
-    if clip_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(trained, clip_norm)
-    else:
-        grads = [p.grad for p in trained if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+    norm = _gradient_norm(trained, clip_norm, device)
     return torch.stack([shared[0], norm.to(device, torch.float64), shared[1]])
 
 
+def _gradient_norm(trained: list[Tensor], clip_norm: float | None, device: torch.device) -> Tensor:
+    """The gradients' total norm (before clipping them to ``clip_norm``, if given)."""
+    if clip_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+    grads = [p.grad for p in trained if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+
+
+# What a step leaves to be read (_gradients): its per-example loss, gradient norm and stop flag.
+Outcome = Tensor | tuple[float, float, float]
+
+
 def _read(
-    unread: list[tuple[int, Tensor]], where: str, data: Tensor | None = None
+    unread: list[tuple[int, Outcome]], where: str, data: Tensor | None = None
 ) -> tuple[list[float], bool]:
     """Read the outcomes of the steps not read yet back to the host, at once; return their
     per-example losses and whether a stop was asked for. A loss or gradient norm that is not
     finite raises, naming the first such step (``where``, with ``{step}``): a
     :class:`TrainingDivergedError`, or, on the first step of a fresh run (``data``: all the
     training data), a ``ValueError`` about the data, since no learning rate has acted yet."""
-    rows = torch.stack([outcome for _, outcome in unread]).tolist()
+    outcomes = [outcome for _, outcome in unread]
+    rows: list = (
+        outcomes if isinstance(outcomes[0], tuple) else torch.stack(outcomes).tolist()  # type: ignore[arg-type]
+    )
     for (step, _), (per_example, norm, _stop) in zip(unread, rows, strict=True):
         for what, value, hint in (
             ("loss", per_example, "a smaller learning_rate"),
