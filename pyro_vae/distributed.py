@@ -98,9 +98,18 @@ def join(device: str) -> tuple[Ranks, str]:
     return ranks(), device
 
 
-def leave() -> None:
-    """Leave the process group, if this process joined one."""
+def leave(*, finished: bool = True) -> None:
+    """Leave the process group, if this process joined one. ``finished``: every rank got to
+    the end, so they wait for each other first and tear the group down together (a rank
+    tearing down while another still works in the group can abort that one); after an error
+    a rank leaves at once, since the others may be gone."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass  # another rank failed after all and left: nothing to wait for
+
         # A DDP module kept alive by a reference cycle would outlive the group, and its
         # reducer then aborts the process at exit: collect it first.
         gc.collect()

@@ -374,17 +374,19 @@ def write_figures(
 def run(argv: list[str] | None = None) -> int:
     """The command line: parse ``argv``, run, and turn bad input into one line and exit 2."""
     args = parse_args(argv)
+    code = 1  # an error that escapes: under torchrun, this rank leaves the group at once
     try:
-        return main(args)
+        code = main(args)
     except (ValueError, FileNotFoundError) as error:
         # On many processes each rank that fails says so: the error may be its own.
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:  # before training started: train() handles it after
         print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+        code = 130
     finally:
-        distributed.leave()
+        distributed.leave(finished=code == 0)
+    return code
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def main() -> None:
     if ranks.is_main:
         with open(sys.argv[1], "w") as file:
             json.dump(largest, file)
-    dist.destroy_process_group()
+    distributed.leave()
 
 
 if __name__ == "__main__":
