@@ -175,9 +175,14 @@ _TRACED_MODULES = (pyro_trace_elbo, pyro_trace_mean_field_elbo)
 @contextlib.contextmanager
 def _pyro_traceable() -> Iterator[None]:
     """Pyro's Trace_ELBO and TraceMeanField_ELBO without the two reads of a value out of the
-    graph: ``torch_item`` returns its tensor, and ``warn_if_nan`` does nothing (fit checks the
-    loss itself)."""
-    replacements = {"torch_item": lambda x: x, "warn_if_nan": lambda x, *args, **kwargs: x}
+    graph: ``torch_item`` returns its tensor, detached (as a Python float would be: Pyro adds
+    it to the loss as a value that carries no gradient, and the gradient comes from the
+    surrogate, score-function terms included), and ``warn_if_nan`` does nothing (fit checks
+    the loss itself)."""
+    replacements = {
+        "torch_item": lambda x: x.detach(),
+        "warn_if_nan": lambda x, *args, **kwargs: x,
+    }
     saved = [(m, name, getattr(m, name)) for m in _TRACED_MODULES for name in replacements]
     for module, name, _ in saved:
         setattr(module, name, replacements[name])

@@ -5,6 +5,8 @@ import copy
 import itertools
 import warnings
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from conftest import binary_data
@@ -270,6 +272,40 @@ def test_the_bayesian_decoder_traces_to_the_eager_step_under_mean_field():
         one_step(vae, batch, compiled=False, loss=loss),
         one_step(vae, batch, compiled=True, loss=loss),
     )
+
+
+class _ScoreFunctionModel(nn.Module):
+    """A latent the guide draws without reparameterization (``has_rsample_(False)``): Pyro's
+    gradient of it is the score-function term of the surrogate loss, not the loss's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Parameter(torch.tensor(0.3))
+        self.weight = nn.Parameter(torch.tensor(0.7))
+
+    def model(self, x, num_data=None):
+        pyro.module("score", self)
+        with pyro.plate("data", num_data, subsample=x):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z * self.weight, 1.0), obs=x)
+
+    def guide(self, x, num_data=None):
+        pyro.module("score", self)
+        with pyro.plate("data", num_data, subsample=x):
+            pyro.sample("z", dist.Normal(self.loc, 1.0).has_rsample_(False))
+
+
+def test_a_site_drawn_without_reparameterization_runs_eager_with_one_warning():
+    """Its draw (torch.normal with tensor arguments) cannot be passed in as an input, so the
+    step falls back, naming it, and gives eager's numbers: the score-function gradient."""
+    module = _ScoreFunctionModel()
+    batch = (torch.randn(BATCH),)
+    eager, compiled = (one_step(module, batch, compiled=c) for c in (False, True))
+    (message,) = compiled[3]
+    assert "runs eager" in message and "aten.normal" in message
+    assert compiled[0] == eager[0] and torch.equal(compiled[2], eager[2])
+    assert all(torch.equal(a, b) for a, b in zip(compiled[1], eager[1], strict=True))
+    assert eager[1][0].abs() > 0  # loc's gradient: the score-function term alone gives one
 
 
 def fit_compiled(vae, *, resume=None, saved=None):
