@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli
+from pyro_vae import cli, distributed
 from pyro_vae.checkpoint import build_model
 from pyro_vae.conditional import (
     ConditionalBaseline,
@@ -52,7 +52,7 @@ from pyro_vae.conditional import (
     quadrant_mask,
     split_by_mask,
 )
-from pyro_vae.runs import RunDirectory
+from pyro_vae.runs import RunDirectory, claim_run_directory
 
 OWN_FLAGS: tuple[str, ...] = ("given_quadrants",)
 BASELINE = "baseline.pt"
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
     (data, mask) fails before the output directory is claimed; a resumed run holds its
     directory first, as the VAE's does."""
     if args.resume is not None:
-        with RunDirectory.claim(args.resume, mode="existing") as run_dir:
+        with claim_run_directory(args.resume, mode="existing") as run_dir:
             run = load_run(args.resume)
             # scripts/train.py's parser has refused every flag a resume may not change.
             overrides = sorted(args.given - {"--resume"})
@@ -177,7 +177,9 @@ def main(args: argparse.Namespace, prog: str) -> int:
     _split(cvae, x_test, data.x_test, mask, "test data")
     _split(cvae, x_train_eval, data.x_train[: len(x_train_eval)], mask, "training data")
     run = Run(cvae, config, {}, {}, data, x_test, x_train_eval)
-    with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
+    with claim_run_directory(
+        args.out_dir, mode="overwrite" if args.overwrite else "new"
+    ) as run_dir:
         return run_dir.guarded(prog, lambda: train(args, run_dir, run))
 
 
@@ -217,7 +219,8 @@ def _split(
 
 def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     started = time.perf_counter()
-    progress = False if args.no_progress else None
+    main_rank = distributed.ranks().is_main  # under torchrun, rank 0 alone shows and writes
+    progress = False if args.no_progress or not main_rank else None
     cvae, config, data = run.cvae.to(args.device), run.config, run.data.to(args.device)
     mask = quadrant_mask(data.image_shape, args.given_quadrants)
     x_train, c_train = split_by_mask(data.x_train, mask)
@@ -259,6 +262,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
         "clip_norm": args.clip_norm,
         "progress": progress,
     }
+    distributed.seed_noise(args.seed)  # each rank its own z, from the model built alike
     pv.fit(
         cvae,
         (x_train, c_train),
@@ -285,6 +289,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     cli.say(f"training the baseline ({args.num_epochs} epochs, the same budget)")
     pyro.set_rng_seed(args.seed)
     baseline = cast(ConditionalBaseline, build_model(baseline_config(config))).to(args.device)
+    distributed.seed_noise(args.seed)
     try:
         baseline_history = pv.fit(
             baseline,
@@ -295,13 +300,14 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     except pv.TrainingDivergedError as error:
         # The CVAE is trained and checkpointed; say which model diverged.
         raise pv.TrainingDivergedError(f"the baseline: {error}") from error
-    pv.save_checkpoint(
-        run_dir.path / BASELINE,
-        baseline,
-        baseline_config(config),
-        args=pv.runs.run_arguments(args),
-        train_loss=baseline_history.loss,
-    )
+    if main_rank:
+        pv.save_checkpoint(
+            run_dir.path / BASELINE,
+            baseline,
+            baseline_config(config),
+            args=pv.runs.run_arguments(args),
+            train_loss=baseline_history.loss,
+        )
     baseline_trained = time.perf_counter() - started - trained
 
     final: dict[str, Any] = dict(metrics[-1])
@@ -315,7 +321,8 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
         data.image_shape,
         num_completions=FIGURE_COMPLETIONS,
     )
-    plot_completions(figure, run_dir.path / FIGURE)
+    if main_rank:
+        plot_completions(figure, run_dir.path / FIGURE)
     final["train_seconds"] = trained
     final["baseline_train_seconds"] = baseline_trained
     final["total_seconds"] = time.perf_counter() - started

@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -144,6 +145,14 @@ def noise_seed(seed: int, rank: int, stream: str = "z") -> int:
     key = (2, rank, NOISE_STREAMS.index(stream))
     (state,) = np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint32)
     return int(state)
+
+
+def seed_noise(seed: int) -> None:
+    """On many processes, seed this rank's own draws of z apart from the others' (call it after
+    the model was built alike on every rank, before fit); on one process, nothing."""
+    group = ranks()
+    if group.distributed:
+        pyro.set_rng_seed(noise_seed(seed, group.rank, "z"))
 
 
 def shard(order: Tensor, ranks: Ranks) -> Tensor:

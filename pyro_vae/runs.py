@@ -537,6 +537,17 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def claim_run_directory(
+    path: str | os.PathLike, *, mode: str
+) -> contextlib.AbstractContextManager[RunDirectory]:
+    """The run directory as this process holds it: :meth:`RunDirectory.claim` (``mode``) on
+    one process and on rank 0 of many; :meth:`RunDirectory.follow` (no lock, no writes) on the
+    other ranks of a torchrun run."""
+    if distributed.ranks().is_main:
+        return RunDirectory.claim(path, mode=mode)
+    return RunDirectory.follow(path, mode=mode)
+
+
 def run_arguments(args: Any) -> dict[str, Any]:
     """A script's parsed arguments as plain values for the checkpoint, without those that
     only steer this invocation (resume, overwrite)."""

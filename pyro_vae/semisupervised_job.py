@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, plots
+from pyro_vae import cli, distributed, plots
 from pyro_vae.checkpoint import build_model
-from pyro_vae.runs import RunDirectory
+from pyro_vae.runs import RunDirectory, claim_run_directory
 from pyro_vae.semisupervised import (
     M2,
     UNLABELLED,
@@ -191,7 +191,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
     labels) fails before the output directory is claimed; a resumed run holds its directory
     first, as the VAE's does."""
     if args.resume is not None:
-        with RunDirectory.claim(args.resume, mode="existing") as run_dir:
+        with claim_run_directory(args.resume, mode="existing") as run_dir:
             path = pv.runs.checkpoint_path(Path(args.resume))
             m2, checkpoint = pv.load_checkpoint(path)
             for key in ("args", "training", "labelled_indices", "evaluation_digest"):
@@ -215,7 +215,9 @@ def main(args: argparse.Namespace, prog: str) -> int:
     pv.runs.check_model_size(config)
     m2 = cast(M2, build_model(config)).to(args.device)
     setup = prepare(args, data, m2, {})
-    with RunDirectory.claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
+    with claim_run_directory(
+        args.out_dir, mode="overwrite" if args.overwrite else "new"
+    ) as run_dir:
         return run_dir.guarded(prog, lambda: train(args, run_dir, m2, setup, {}))
 
 
@@ -310,7 +312,8 @@ def train(
     checkpoint: dict[str, Any],
 ) -> int:
     started = time.perf_counter()
-    progress = False if args.no_progress else None
+    main_rank = distributed.ranks().is_main  # under torchrun, rank 0 alone shows and writes
+    progress = False if args.no_progress or not main_rank else None
     data, x_test = setup.data, setup.x_test
     y_test = data.y_test.to(args.device)
     x_grey = data.x_test.to(args.device, m2.dtype)
@@ -341,6 +344,7 @@ def train(
             f"{row['seconds']:.2f}s"
         )
 
+    distributed.seed_noise(args.seed)  # each rank its own z, from the model built alike
     pv.fit(
         m2,
         (setup.x, setup.y),
@@ -365,7 +369,8 @@ def train(
     )
     trained = time.perf_counter() - started
 
-    write_figures(run_dir.path, m2, x_test, data, metrics, args.seed)
+    if main_rank:
+        write_figures(run_dir.path, m2, x_test, data, metrics, args.seed)
     final: dict[str, Any] = dict(metrics[-1])
     final["num_labelled"] = num_labelled
     final["num_unlabelled"] = len(setup.x) - num_labelled

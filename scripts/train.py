@@ -29,7 +29,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import cli, conditional_job, distributed, plots, semisupervised_job
-from pyro_vae.runs import ELBOS, RunDirectory
+from pyro_vae.runs import ELBOS, RunDirectory, claim_run_directory
 
 PROG = "train.py"
 # The models other than the VAE, each with its flags and its main job.
@@ -213,16 +213,10 @@ def main(args: argparse.Namespace) -> int:
     args.device = device
     kind = args.model if args.resume is None else pv.runs.saved_model(args.resume)
     if kind != "vae":
-        if group.distributed:
-            raise ValueError(
-                f"--model {kind} trains on one process; start it without torchrun (only the "
-                "VAE's job runs on many processes so far)"
-            )
         return JOBS[kind].main(args, PROG)
     # Rank 0 holds the run directory and writes; the other ranks write nothing.
-    claim = RunDirectory.claim if group.is_main else RunDirectory.follow
     if args.resume is not None:
-        with claim(args.resume, mode="existing") as run_dir:
+        with claim_run_directory(args.resume, mode="existing") as run_dir:
             run = pv.load_run(args.resume)
             args = _resumed_args(run.args, args, run.checkpoint["training"])
             if group.distributed:
@@ -239,7 +233,9 @@ def main(args: argparse.Namespace) -> int:
     vae.validate_data(x_test, "test data")
     vae.validate_data(x_train_eval, "training data")
     run = pv.Run(args.out_dir, vae, config, {}, {}, data, x_test, x_train_eval)
-    with claim(args.out_dir, mode="overwrite" if args.overwrite else "new") as run_dir:
+    with claim_run_directory(
+        args.out_dir, mode="overwrite" if args.overwrite else "new"
+    ) as run_dir:
         return run_dir.guarded(PROG, lambda: train(args, run_dir, run))
 
 
@@ -283,10 +279,9 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
             f"{row['seconds']:.2f}s"
         )
 
-    if group.distributed:
-        # The model was built alike on every rank (and DDP hands rank 0's weights to all);
-        # from here each rank draws its own z.
-        pyro.set_rng_seed(distributed.noise_seed(args.seed, group.rank, "z"))
+    # The model was built alike on every rank (and DDP hands rank 0's weights to all); from
+    # here each rank draws its own z.
+    distributed.seed_noise(args.seed)
     pv.fit(
         vae,
         data.x_train,
