@@ -68,6 +68,17 @@ def ranks() -> Ranks:
     return Ranks()
 
 
+def describe(batch_size: int) -> str:
+    """How many processes train, for a job's first line ("" on one process)."""
+    group = ranks()
+    if not group.distributed:
+        return ""
+    return (
+        f"; {group.world_size} processes (torchrun), global batch {group.world_size} × "
+        f"{batch_size} = {group.world_size * batch_size}"
+    )
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher that sets
     torch.distributed's environment variables)."""

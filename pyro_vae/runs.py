@@ -445,6 +445,8 @@ class RunDirectory:
         saved = checkpoint.get("training")
         state = None if saved is None else TrainingState.from_dict(saved)
         if state is not None:
+            # Before anything is said or written: a resume on another number of processes.
+            state.check_world_size(distributed.ranks().world_size)
             self.last_checkpoint = (state.epoch, state.step)
             if metrics:
                 self.write_metrics(metrics)
@@ -490,8 +492,14 @@ class RunDirectory:
         """Say on stderr why training stopped and what it left on disk; the exit code."""
         group = distributed.ranks()
         # Under torchrun a run resumes under torchrun, with as many processes.
-        launcher = "torchrun ... " if group.distributed else ""
-        resume = f"; continue with {launcher}--resume {self.path}" if self.last_checkpoint else ""
+        resume = ""
+        if self.last_checkpoint and group.distributed:
+            resume = (
+                f"; continue with torchrun --nproc-per-node {group.world_size} {prog} --resume "
+                f"{self.path} ({group.world_size} processes in all)"
+            )
+        elif self.last_checkpoint:
+            resume = f"; continue with --resume {self.path}"
         if not self.writes:
             # Rank 0 says what the run left; another rank only says why it stopped, when that
             # is its own news (a Ctrl-C and a divergence reach every rank at the same step,
@@ -500,7 +508,14 @@ class RunDirectory:
                 return 130
             if isinstance(error, TrainingDivergedError):
                 return 1
-            print(f"{prog}: rank {group.rank} stopped: {_first_line(error)}", file=sys.stderr)
+            if isinstance(error, RuntimeError):  # guarded passes only lost_contact's
+                print(
+                    f"{prog}: rank {group.rank} stopped: it lost contact with the other "
+                    "processes (rank 0 stopped or died: see its message)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"{prog}: rank {group.rank} stopped: {_first_line(error)}", file=sys.stderr)
             return 1
         left = self.where_it_stands()
         if isinstance(error, RuntimeError):  # guarded passes only distributed.lost_contact's
@@ -612,8 +627,8 @@ def _lock(path: Path) -> int:
         os.close(fd)
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise RunDirectoryBusyError(
-                f"run directory {path} is in use by process {holder}; wait for it to finish, "
-                "or choose another --out-dir"
+                f"run directory {path} is in use by process {holder} (a training, an "
+                "evaluation or a report); wait for it to finish"
             ) from None
         raise ValueError(f"cannot lock run directory {path}: {error}") from error
     os.ftruncate(fd, 0)

@@ -326,6 +326,7 @@ def train(
         f"classes; M2 ({network}, latent {args.latent_dim}, alpha {m2.alpha:.3g}); "
         f"TraceEnum_ELBO with {args.num_particles} particle(s); device {args.device}; "
         f"writing to {run_dir.path}"
+        + distributed.describe(args.batch_size)
         + ("" if state is None else f"; resuming after epoch {state.epoch}, step {state.step}")
     )
 

@@ -114,6 +114,23 @@ class TrainingState:
         """The number of processes that trained the run."""
         return 1 if self.rank_states is None else len(self.rank_states)
 
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse to go on with another number of processes than the run's: each rank's random
+        streams and shard are its own, so the run could go on, but not as it would have;
+        refused rather than silently inexact."""
+        if world_size == self.world_size:
+            return
+        how = (
+            "without torchrun"
+            if self.world_size == 1
+            else f"torchrun --nproc-per-node {self.world_size} (on one node; on several, as "
+            f"many processes in all)"
+        )
+        raise ValueError(
+            f"resume: the run was trained on {self.world_size} process(es), this is "
+            f"{world_size}; resume it with {how}"
+        )
+
     @classmethod
     def capture(
         cls,
@@ -162,14 +179,7 @@ class TrainingState:
         ``noise``'s); return a copy of the history, the epoch and step to go on from, and the
         epoch's shuffle."""
         group = distributed.ranks()
-        if self.world_size != group.world_size:
-            # Each rank's random streams and shard are its own: on another number of ranks the
-            # run could go on, but not as it would have; refused rather than silently inexact.
-            raise ValueError(
-                f"resume: the run was trained on {self.world_size} process(es), this is "
-                f"{group.world_size}; resume it with as many in all (torchrun's nodes × "
-                f"--nproc-per-node = {self.world_size}, or without torchrun for 1)"
-            )
+        self.check_world_size(group.world_size)
         if self.order is not None and len(self.order) != num_data:
             raise ValueError(
                 f"resume: the saved run shuffled {len(self.order)} examples, the data has "

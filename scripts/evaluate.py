@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, conditional_job, semisupervised_job
+from pyro_vae import cli, conditional_job, distributed, semisupervised_job
 from pyro_vae.conditional import (
     ConditionalBaseline,
     conditional_log_likelihood,
@@ -382,6 +382,10 @@ def table_cvae(result: dict) -> str:
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.set_num_threads(args.num_threads)
+    if distributed.launched_by_torchrun():
+        # Its ranks would compete for the run directory's lock, and the work is small.
+        print(f"{PROG}: error: it runs on one process; start it without torchrun", file=sys.stderr)
+        return 2
     try:
         with RunDirectory.claim(args.run_dir, mode="existing") as run_dir:
             loaded = pv.load_run(args.run_dir)

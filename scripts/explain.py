@@ -21,7 +21,7 @@ import pyro
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, conditional_job, semisupervised_job
+from pyro_vae import cli, conditional_job, distributed, semisupervised_job
 from pyro_vae.conditional import quadrant_mask, split_by_mask
 from pyro_vae.explain import OUTPUT_FILES
 from pyro_vae.runs import EXPLAIN_DIR, RunDirectory
@@ -113,6 +113,10 @@ def cvae_parts(cvae_run: conditional_job.Run) -> tuple[Tensor, Tensor]:
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.set_num_threads(args.num_threads)
+    if distributed.launched_by_torchrun():
+        # Its ranks would compete for the run directory's lock, and the work is small.
+        print(f"{PROG}: error: it runs on one process; start it without torchrun", file=sys.stderr)
+        return 2
     out_dir = args.out_dir or args.run_dir / EXPLAIN_DIR
     try:
         check_out_dir(out_dir)

@@ -259,6 +259,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         f"{data.data_dim} features; {pv.build.describe(config)}; latent {args.latent_dim}; "
         f"{type(loss).__name__} with {args.num_particles} particle(s), KL by {kl_kind}, "
         f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
+        + distributed.describe(args.batch_size)
         + ("" if state is None else f"; resuming after epoch {state.epoch}, step {state.step}")
     )
     if args.kl_warmup_epochs > args.num_epochs:
@@ -322,6 +323,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
             final["test_log_likelihood_given"] = "posterior-mean decoder weights"
     if group.is_main:
         write_figures(run_dir, vae, x_test, data, metrics)
+    final["num_processes"] = group.world_size
     final["train_seconds"] = trained
     final["total_seconds"] = time.perf_counter() - started
     run_dir.write_json("final_metrics.json", final)
@@ -373,8 +375,10 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = main(args)
     except (ValueError, FileNotFoundError) as error:
-        # On many processes each rank that fails says so: the error may be its own.
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        # On many processes each rank that fails says so (the error may be its own), and says
+        # which it is.
+        rank = distributed.ranks().rank
+        print(f"{PROG}: {f'rank {rank}: ' if rank else ''}error: {error}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before training started: train() handles it after
         print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)

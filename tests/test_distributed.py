@@ -16,6 +16,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from scripts_in_process import call, load_script
 from test_faults import assert_same_run, wait_for_checkpoint
 from torch.utils.data import DistributedSampler
 
@@ -123,6 +124,15 @@ def test_a_state_saved_before_rank_states_existed_loads_as_one_process():
     plain = _state(None).to_dict()
     del plain["rank_states"]
     assert TrainingState.from_dict(plain).world_size == 1
+
+
+@pytest.mark.parametrize("script", ["evaluate", "explain"])
+def test_evaluate_and_explain_refuse_torchrun(script, tmp_path, capsys, monkeypatch):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    code, _, err = call(load_script(script), str(tmp_path), capsys=capsys)
+    assert code == 2
+    assert "runs on one process; start it without torchrun" in err
 
 
 # --- deferred reads (the GPU's schedule, run here on the CPU) -----------------------------
@@ -392,7 +402,10 @@ def test_sigkill_under_torchrun_then_resume_ends_exactly_like_an_uninterrupted_r
         timeout=300,
     )
     assert alone.returncode == 2
-    assert "trained on 2 process(es), this is 1" in alone.stderr
+    assert "trained on 2 process(es), this is 1; resume it with torchrun --nproc-per-node 2" in (
+        alone.stderr
+    )
+    assert "resuming" not in alone.stdout  # refused before it says it goes on
 
 
 @pytest.mark.slow
