@@ -11,6 +11,7 @@ driver's own view.
 
     python benchmarks/count_host_syncs.py             # eager and compiled, on the CPU
     python benchmarks/count_host_syncs.py --device cuda
+    torchrun --standalone --nproc-per-node 2 benchmarks/count_host_syncs.py   # the DDP step
 
 It trains a 784-400-50 Bernoulli VAE for ``--steps`` steps in one epoch and prints reads per
 step, for eager and compiled steps, with fit's reads every ``--log-every`` steps (25, the GPU's
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 import pyro_vae as pv
+from pyro_vae import distributed
 
 # The Tensor methods that hand a tensor's values to Python (each a host sync on CUDA).
 READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
@@ -66,12 +69,16 @@ class CountHostReads:
 
 def reads_per_step(
     device: str, steps: int, batch_size: int, compile: bool, log_every: int
-) -> tuple[float, int]:
-    """(host reads per step over one epoch of ``steps`` steps, CUDA sync warnings or -1)."""
+) -> tuple[float, float]:
+    """(host reads per step of a rank over its second epoch, CUDA sync warnings per step or
+    -1 on the CPU)."""
     torch.manual_seed(0)
     x = torch.bernoulli(torch.full((batch_size * steps, 784), 0.3)).to(device)
     vae = pv.VAE(784, 50, hidden_dims=(400,)).to(device)
-    counter = CountHostReads(device)
+    # Under torchrun, every rank its own z (fit refuses equal random states).
+    distributed.seed_noise(0)
+    kind = torch.device(device).type  # "cuda" also for cuda:N under torchrun
+    counter = CountHostReads(kind)
 
     # Counted in the second epoch only: the first traces (and compiles) and validates.
     def count_from_epoch_2(epoch: int, _: pv.History) -> None:
@@ -80,7 +87,7 @@ def reads_per_step(
     cuda_warnings = -1
     with warnings.catch_warnings(record=True) as caught, counter.installed():
         warnings.simplefilter("always")
-        if device == "cuda":
+        if kind == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         history = pv.fit(
             vae,
@@ -91,15 +98,19 @@ def reads_per_step(
             compile=compile,
             log_every=log_every,
             callback=count_from_epoch_2,
+            generator=torch.Generator(device).manual_seed(0),
         )
-        if device == "cuda":
+        if kind == "cuda":
             torch.cuda.set_sync_debug_mode("default")
             cuda_warnings = sum("synchroniz" in str(w.message) for w in caught)
     fell_back = [str(w.message) for w in caught if "runs eager" in str(w.message)]
     if fell_back:
         raise RuntimeError(f"the compiled step fell back to eager: {fell_back[0]}")
     assert history.num_epochs == 2
-    return counter.count / steps, cuda_warnings
+    # Each of W ranks takes 1/W of the epoch's examples: steps / W steps each.
+    steps_per_rank = math.ceil(math.ceil(len(x) / distributed.ranks().world_size) / batch_size)
+    per_step_warnings = -1.0 if cuda_warnings < 0 else cuda_warnings / steps_per_rank
+    return counter.count / steps_per_rank, per_step_warnings
 
 
 def main() -> None:
@@ -109,19 +120,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args()
-    print(
+    # Under torchrun (--nproc-per-node N), the DDP step; rank 0 prints.
+    group, args.device = distributed.join(args.device)
+    say = print if group.is_main else (lambda *_, **__: None)
+    say(
         f"torch {torch.__version__}, device {args.device}, {args.steps} steps of "
-        f"{args.batch_size}, fit reads every {args.log_every} steps"
+        f"{args.batch_size}, fit reads every {args.log_every} steps, "
+        f"{group.world_size} process(es)"
     )
-    print("| step | host reads per step | CUDA sync warnings per step |")
-    print("|---|---|---|")
+    say("| step | host reads per step | CUDA sync warnings per step |")
+    say("|---|---|---|")
     for compile in (False, True):
         per_step, cuda = reads_per_step(
             args.device, args.steps, args.batch_size, compile, args.log_every
         )
-        shown = "n/a (CPU)" if cuda < 0 else f"{cuda / args.steps:.2f}"
+        shown = "n/a (CPU)" if cuda < 0 else f"{cuda:.2f}"
         name = "fit(compile=True)" if compile else "fit (eager)"
-        print(f"| {name} | {per_step:.2f} | {shown} |", flush=True)
+        say(f"| {name} | {per_step:.2f} | {shown} |", flush=True)
+    distributed.leave()
 
 
 if __name__ == "__main__":

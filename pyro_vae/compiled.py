@@ -262,20 +262,9 @@ class CompiledStep:
 
     def loss_and_grads(self, *batch: Tensor, num_data: int) -> Tensor | float:
         """The loss for the whole dataset estimated from ``batch``, gradients into ``.grad``."""
-        if self.eager_reason is None:
-            key = self._key(batch, num_data)
-            graph = self._graphs.get(key)
-            if graph is None:
-                try:
-                    graph = self._trace(batch, num_data)
-                except (UntraceableError, RuntimeError, NotImplementedError, TypeError) as error:
-                    self.eager_reason = f"tracing failed: {type(error).__name__}: {error}"
-                    self._warn()
-                else:
-                    self._graphs[key] = graph
-        if self.eager_reason is not None:
+        graph = self._graph(batch, num_data, gradients=True)
+        if graph is None:
             return self.objective.loss_and_grads(*batch, num_data=num_data)
-        assert graph is not None
         noise = [draw.draw() for draw in graph.draws]
         outputs = graph.compiled(*self._inputs(batch, noise))
         for parameter, gradient, has_grad in zip(
@@ -288,6 +277,35 @@ class CompiledStep:
                     parameter.grad.add_(gradient)
         # Cloned: under CUDA graphs the next replay overwrites the graph's outputs.
         return outputs[0].detach().clone()
+
+    def differentiable_loss(self, *batch: Tensor, num_data: int) -> Tensor:
+        """The loss alone, compiled, as a tensor whose backward gives the gradients (the
+        objective's :meth:`~pyro_vae.objective.Objective.differentiable_loss`, compiled): what
+        the module that DistributedDataParallel wraps returns, so that DDP averages the
+        gradients of a compiled step (:mod:`pyro_vae.distributed`)."""
+        graph = self._graph(batch, num_data, gradients=False)
+        if graph is None:
+            return self.objective.differentiable_loss(*batch, num_data=num_data)
+        noise = [draw.draw() for draw in graph.draws]
+        (loss,) = graph.compiled(*self._inputs(batch, noise))
+        return loss
+
+    def _graph(self, batch: tuple[Tensor, ...], num_data: int, *, gradients: bool) -> _Graph | None:
+        """The compiled graph for this batch's key (traced now if new), or ``None`` when the
+        step runs eager (after one warning naming why)."""
+        if self.eager_reason is None:
+            key = (*self._key(batch, num_data), gradients)
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._trace(batch, num_data, gradients=gradients)
+                except (UntraceableError, RuntimeError, NotImplementedError, TypeError) as error:
+                    self.eager_reason = f"tracing failed: {type(error).__name__}: {error}"
+                    self._warn()
+                else:
+                    self._graphs[key] = graph
+            return graph
+        return None
 
     def _key(self, batch: tuple[Tensor, ...], num_data: int) -> tuple[Any, ...]:
         module = self.objective.module
@@ -313,7 +331,7 @@ class CompiledStep:
         )
         return loss
 
-    def _trace(self, batch: tuple[Tensor, ...], num_data: int) -> _Graph:
+    def _trace(self, batch: tuple[Tensor, ...], num_data: int, *, gradients: bool) -> _Graph:
         # The draws of one eager run, on a fork of the random state: training draws the same
         # numbers as if this had not run.
         device = batch[0].device
@@ -345,9 +363,11 @@ class CompiledStep:
                 loss = self._loss(traced_batch, num_data)
                 if replay.noise:
                     raise UntraceableError("the step draws fewer random numbers than at first")
-            gradients = torch.autograd.grad(loss, self.trained, allow_unused=True)
-            has_grad[:] = [g is not None for g in gradients]
-            pairs = zip(self.trained, gradients, strict=True)
+            if not gradients:  # the loss alone: autograd differentiates the compiled graph
+                return [loss]
+            grads = torch.autograd.grad(loss, self.trained, allow_unused=True)
+            has_grad[:] = [g is not None for g in grads]
+            pairs = zip(self.trained, grads, strict=True)
             return [loss.detach(), *(torch.zeros_like(p) if g is None else g for p, g in pairs)]
 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pyro_vae.compiled import CompiledStep
 from pyro_vae.objective import Objective
 
 # How long a rank waits in a collective (an all-reduce of gradients, of metrics) for the others
@@ -204,10 +205,12 @@ class _LossModule(nn.Module):
     """The objective as a ``torch.nn.Module``: its forward is Pyro's differentiable loss, and
     its parameters are the trained module's, which DDP broadcasts and all-reduces."""
 
-    def __init__(self, objective: Objective) -> None:
+    def __init__(self, objective: Objective, compiled: CompiledStep | None) -> None:
         super().__init__()
         self.trained_module = objective.module
-        self._loss: Callable[..., Tensor] = objective.differentiable_loss
+        self._loss: Callable[..., Tensor] = (
+            objective.differentiable_loss if compiled is None else compiled.differentiable_loss
+        )
 
     def forward(self, *batch: Tensor, num_data: int) -> Tensor:
         return self._loss(*batch, num_data=num_data)
@@ -222,9 +225,13 @@ class DistributedStep:
         Every parameter it trains must belong to the module (``nn.Module.parameters()``): DDP
         broadcasts and averages those alone.
     :param device: the device of this rank.
+    :param compiled: the objective's :class:`~pyro_vae.compiled.CompiledStep`, to compute the
+        loss with a compiled graph (whose backward DDP's hooks see as any other), or ``None``.
     """
 
-    def __init__(self, objective: Objective, device: torch.device) -> None:
+    def __init__(
+        self, objective: Objective, device: torch.device, compiled: CompiledStep | None = None
+    ) -> None:
         if not isinstance(objective.module, nn.Module):
             raise ValueError(
                 f"training on many processes needs the model to be a torch.nn.Module (DDP "
@@ -242,7 +249,7 @@ class DistributedStep:
         self.trained = objective.trained
         # DDP broadcasts rank 0's parameters and buffers here: every rank starts from them.
         self.ddp = DistributedDataParallel(
-            _LossModule(objective), device_ids=[device] if device.type == "cuda" else None
+            _LossModule(objective, compiled), device_ids=[device] if device.type == "cuda" else None
         )
 
     def loss_and_grads(self, *batch: Tensor, num_data: int) -> Tensor:

@@ -301,7 +301,8 @@ def fit(
     :param compile: trace each step once and compile it (:mod:`pyro_vae.compiled`, which says
         what "exact" means then), with PyTorch's fused Adam. A step that cannot be traced
         (``TraceEnum_ELBO``, ``RenyiELBO``, dynamic control flow) runs eager, after one
-        warning that names the reason.
+        warning that names the reason. On many processes the loss alone is compiled, and DDP
+        averages the gradients of its backward.
     :param log_every: steps between reads of the step's loss and gradient norm back to the
         host, where they are checked, recorded and shown (``None``: every step on the CPU,
         where a read costs nothing; every 25 on a GPU, where each read waits for the device).
@@ -601,14 +602,11 @@ def _stepper(
     or, on many processes, its DDP-wrapped module."""
     if not group.distributed:
         return CompiledStep(objective) if compile else objective
-    if compile and group.is_main:  # one warning for the run, not one per rank
-        warnings.warn(
-            "compile=True: the step runs eager, because a compiled step is not combined with "
-            "DistributedDataParallel's gradient all-reduce yet (training on "
-            f"{group.world_size} processes)",
-            stacklevel=3,
-        )
-    return distributed.DistributedStep(objective, device)
+    # Compiled under DDP: the loss alone is compiled, and autograd's backward through it
+    # brings the gradients to DDP's hooks, which average them.
+    return distributed.DistributedStep(
+        objective, device, compiled=CompiledStep(objective) if compile else None
+    )
 
 
 def _noise_generator(

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 import pyro_vae as pv
 from pyro_vae import distributed
+from pyro_vae.compiled import CompiledStep
 from pyro_vae.distributed import DistributedStep, join
 from pyro_vae.objective import Objective
 
@@ -52,7 +53,9 @@ def gradients(step, batch_rows: list[int], x: torch.Tensor, table: torch.Tensor)
     return [p.grad.clone() for p in step.trained]
 
 
-def gradient_difference(ranks, loss, x: torch.Tensor, table: torch.Tensor) -> float:
+def gradient_difference(
+    ranks, loss, x: torch.Tensor, table: torch.Tensor, compile: bool = False
+) -> float:
     """The largest difference between DDP's averaged gradient and one process's on the whole
     global batch (rank 0; the others return 0). A function of its own, so that its DDP module
     is freed before the process group is destroyed (a reducer outliving its group aborts the
@@ -62,10 +65,17 @@ def gradient_difference(ranks, loss, x: torch.Tensor, table: torch.Tensor) -> fl
     vae = pv.VAE(DATA_DIM, LATENT, hidden_dims=(5,))
     objective = Objective(vae, loss)
     objective.parameters(x[:4], num_data=NUM_DATA)
-    step = DistributedStep(objective, torch.device("cpu"))
+    compiled = CompiledStep(objective) if compile else None
+    step = DistributedStep(objective, torch.device("cpu"), compiled=compiled)
     # The ranks' halves as DistributedSampler would deal them.
     mine = GLOBAL_BATCH[ranks.rank :: ranks.world_size]
+    if compile:
+        # The first call traces and compiles, drawing on its own (through FixedNoise too):
+        # a warm-up, so that the measured call draws the table's first particle.
+        gradients(step, mine, x, table)
     averaged = gradients(step, mine, x, table)
+    if compile:  # the compiled graph ran, not an eager fallback
+        assert compiled is not None and compiled.eager_reason is None and compiled.traces == 1
     if not ranks.is_main:
         return 0.0
     whole = gradients(objective, GLOBAL_BATCH, x, table)
@@ -127,6 +137,13 @@ def main() -> None:
         difference = gradient_difference(ranks, loss, x, table)
         if ranks.is_main:
             largest[type(loss).__name__] = difference
+        dist.barrier()
+    # The compiled loss under DDP (fit(compile=True) under torchrun): its backward feeds the
+    # same all-reduce.
+    for loss in (Trace_ELBO(), TraceMeanField_ELBO()):
+        difference = gradient_difference(ranks, loss, x, table, compile=True)
+        if ranks.is_main:
+            largest[f"compiled {type(loss).__name__}"] = difference
         dist.barrier()
     largest["metrics"] = metrics_difference(ranks)
     largest["refused"] = float(not disagreement_refused(ranks))
