@@ -237,7 +237,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
         f"{args.hidden_dims}; {type(loss).__name__} with {args.num_particles} particle(s), "
         f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
         + distributed.describe(args.batch_size)
-        + ("" if state is None else f"; resuming after epoch {state.epoch}, step {state.step}")
+        + ("" if state is None else f"; resuming from {state.position()}")
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:

@@ -52,7 +52,7 @@ from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
 from pyro_vae.evaluate import elbo_terms, log_likelihood
 from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.model import VAE
-from pyro_vae.train import TrainingDivergedError, TrainingState
+from pyro_vae.train import TrainingDivergedError, TrainingState, describe_position
 
 if TYPE_CHECKING:
     from pyro_vae import conditional_job, semisupervised_job
@@ -415,9 +415,7 @@ class RunDirectory:
         this run did not write (or resume from)."""
         if self.last_checkpoint is None:
             return "no checkpoint was written yet"
-        epoch, step = self.last_checkpoint
-        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-        return f"{CHECKPOINT} holds the run at {where}"
+        return f"{CHECKPOINT} holds the run at {describe_position(*self.last_checkpoint)}"
 
     def write_text(self, name: str, text: str) -> None:
         if not self.writes:

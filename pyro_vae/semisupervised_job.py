@@ -327,7 +327,7 @@ def train(
         f"TraceEnum_ELBO with {args.num_particles} particle(s); device {args.device}; "
         f"writing to {run_dir.path}"
         + distributed.describe(args.batch_size)
-        + ("" if state is None else f"; resuming after epoch {state.epoch}, step {state.step}")
+        + ("" if state is None else f"; resuming from {state.position()}")
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:

@@ -78,6 +78,11 @@ class TrainingDivergedError(FloatingPointError):
     model keeps the parameters of the last finite step."""
 
 
+def describe_position(epoch: int, step: int) -> str:
+    """``epoch`` epochs done and ``step`` steps into the next, as the messages say it."""
+    return f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+
+
 # The options of a torch optimizer's param group that choose its implementation.
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
@@ -108,6 +113,11 @@ class TrainingState:
     """On many processes (:mod:`pyro_vae.distributed`), every rank's own random states, in
     rank order: ``torch_rng``, ``cuda_rng`` and ``noise_rng`` (its binarization generator);
     ``None`` on one process."""
+
+    def position(self) -> str:
+        """Where the run stands, in the words of every message: "epoch 36, step 4" (4 steps into
+        epoch 36) or "the end of epoch 35"."""
+        return describe_position(self.epoch, self.step)
 
     @property
     def world_size(self) -> int:

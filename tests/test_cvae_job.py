@@ -107,7 +107,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(cvae_run, tmp_
     assert code == 0, err
     code, stdout, err = train("--resume", str(out), "--num-epochs", "2", capsys=capsys)
     assert code == 0, err
-    assert "resuming after epoch 1, step 0" in stdout
+    assert "resuming from the end of epoch 1" in stdout
     for name in ("checkpoint.pt", "baseline.pt"):
         reference, resumed = weights(cvae_run / name), weights(out / name)
         assert reference.keys() == resumed.keys()

@@ -399,7 +399,7 @@ def test_sigkill_under_torchrun_then_resume_ends_exactly_like_an_uninterrupted_r
 
     resumed = torchrun(str(TRAIN), "--resume", str(killed), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming after epoch {left['epoch']}, step {left['step']}" in resumed.stdout
+    assert f"resuming from epoch {left['epoch'] + 1}, step {left['step']}" in resumed.stdout
     assert_same_run(reference, killed)
 
     # On one process the run is refused, before anything is written, naming the count.

@@ -111,7 +111,7 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
 
     resumed = train("--resume", str(killed), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming after epoch {left['epoch']}, step {left['step']}" in resumed.stdout
+    assert f"resuming from epoch {left['epoch'] + 1}, step {left['step']}" in resumed.stdout
     assert_same_run(reference, killed)
 
 

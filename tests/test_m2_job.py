@@ -101,7 +101,7 @@ def test_a_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(m2_run, 
     assert train(*TINY, "--num-epochs", "1", "--out-dir", str(out), capsys=capsys)[0] == 0
     code, stdout, err = train("--resume", str(out), "--num-epochs", "2", capsys=capsys)
     assert code == 0, err
-    assert "resuming after epoch 1, step 0" in stdout
+    assert "resuming from the end of epoch 1" in stdout
     whole = torch.load(m2_run / "checkpoint.pt", weights_only=True)
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert whole["state_dict"].keys() == resumed["state_dict"].keys()

@@ -329,7 +329,7 @@ def test_a_resume_with_nothing_left_to_train_evaluates_again(tiny_run, tmp_path,
     (copy / "checkpoint.pt").write_bytes((tiny_run / "checkpoint.pt").read_bytes())
     code, stdout, err = train("--resume", str(copy), "--no-progress", capsys=capsys)
     assert code == 0, err
-    assert "resuming after epoch 2, step 0" in stdout and "epoch   3" not in stdout
+    assert "resuming from the end of epoch 2" in stdout and "epoch   3" not in stdout
     assert json.loads((copy / "final_metrics.json").read_text())["epoch"] == 2
 
 
