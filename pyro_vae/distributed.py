@@ -122,7 +122,6 @@ def leave(*, finished: bool = True) -> None:
                 dist.barrier()
             except RuntimeError:
                 pass  # another rank failed after all and left: nothing to wait for
-
         # A DDP module kept alive by a reference cycle would outlive the group, and its
         # reducer then aborts the process at exit: collect it first.
         gc.collect()
