@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -107,8 +106,8 @@ def reads_per_step(
     if fell_back:
         raise RuntimeError(f"the compiled step fell back to eager: {fell_back[0]}")
     assert history.num_epochs == 2
-    # Each of W ranks takes 1/W of the epoch's examples: steps / W steps each.
-    steps_per_rank = math.ceil(math.ceil(len(x) / distributed.ranks().world_size) / batch_size)
+    # This rank's steps per epoch (under torchrun each rank takes 1/W of the examples).
+    steps_per_rank = len(history.step_loss) // history.num_epochs
     per_step_warnings = -1.0 if cuda_warnings < 0 else cuda_warnings / steps_per_rank
     return counter.count / steps_per_rank, per_step_warnings
 

@@ -236,8 +236,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
         f"{x_train.shape[1]} to predict; CVAE latent {args.latent_dim}, widths "
         f"{args.hidden_dims}; {type(loss).__name__} with {args.num_particles} particle(s), "
         f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
-        + distributed.describe(args.batch_size)
-        + ("" if state is None else f"; resuming from {state.position()}")
+        + pv.runs.start_details(args.batch_size, state)
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:

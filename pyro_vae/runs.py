@@ -550,6 +550,13 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def start_details(batch_size: int, state: TrainingState | None) -> str:
+    """The end of a job's first line: how many processes train (under torchrun) and, for a
+    resumed run, where it goes on from."""
+    resuming = "" if state is None else f"; resuming from {state.position()}"
+    return distributed.describe(batch_size) + resuming
+
+
 def claim_run_directory(
     path: str | os.PathLike, *, mode: str
 ) -> contextlib.AbstractContextManager[RunDirectory]:

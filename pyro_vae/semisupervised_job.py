@@ -325,9 +325,7 @@ def train(
         f"train / {len(x_test)} test examples of {data.data_dim} features, {m2.num_labels} "
         f"classes; M2 ({network}, latent {args.latent_dim}, alpha {m2.alpha:.3g}); "
         f"TraceEnum_ELBO with {args.num_particles} particle(s); device {args.device}; "
-        f"writing to {run_dir.path}"
-        + distributed.describe(args.batch_size)
-        + ("" if state is None else f"; resuming from {state.position()}")
+        f"writing to {run_dir.path}" + pv.runs.start_details(args.batch_size, state)
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:

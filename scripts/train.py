@@ -259,8 +259,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         f"{data.data_dim} features; {pv.build.describe(config)}; latent {args.latent_dim}; "
         f"{type(loss).__name__} with {args.num_particles} particle(s), KL by {kl_kind}, "
         f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
-        + distributed.describe(args.batch_size)
-        + ("" if state is None else f"; resuming from {state.position()}")
+        + pv.runs.start_details(args.batch_size, state)
     )
     if args.kl_warmup_epochs > args.num_epochs:
         reached = args.beta * args.num_epochs / args.kl_warmup_epochs
