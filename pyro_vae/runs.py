@@ -509,7 +509,7 @@ class RunDirectory:
             if isinstance(error, RuntimeError):  # guarded passes only lost_contact's
                 print(
                     f"{prog}: rank {group.rank} stopped: it lost contact with the other "
-                    "processes (rank 0 stopped or died: see its message)",
+                    "processes (another rank stopped or died: see its message)",
                     file=sys.stderr,
                 )
             else:
