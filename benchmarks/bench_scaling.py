@@ -31,7 +31,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae import distributed
+from pyro_vae.infer import distributed
 
 HIDDEN, LATENT = 400, 50
 

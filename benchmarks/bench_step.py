@@ -86,7 +86,7 @@ def handwritten_epoch(
     ``torch.compile``). Returns the seconds of the training loop."""
     loss_fn = handwritten_loss
     if compiled:
-        # CUDA: CUDA graphs, as fit(compile=True) uses there (pyro_vae.compiled).
+        # CUDA: CUDA graphs, as fit(compile=True) uses there (pyro_vae.infer.compiled).
         mode = "reduce-overhead" if x.device.type == "cuda" else None
         compiled_loss = torch.compile(handwritten_loss, mode=mode)
         loss_fn = _COMPILED_LOSS.setdefault(id(vae), compiled_loss)  # type: ignore[assignment]

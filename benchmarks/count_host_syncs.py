@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import pyro_vae as pv
-from pyro_vae import distributed
+from pyro_vae.infer import distributed
 
 # The Tensor methods that hand a tensor's values to Python (each a host sync on CUDA).
 READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")

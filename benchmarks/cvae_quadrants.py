@@ -36,7 +36,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.conditional import (
+from pyro_vae.models.cvae import (
     ConditionalBaseline,
     ConditionalVAE,
     completions,

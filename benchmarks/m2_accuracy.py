@@ -1,4 +1,4 @@
-"""Test accuracy of M2 (pyro_vae.semisupervised) on Fashion-MNIST with 100, 600, 1000 and 3000
+"""Test accuracy of M2 (pyro_vae.models.m2) on Fashion-MNIST with 100, 600, 1000 and 3000
 labels, against a supervised-only classifier: the table in benchmarks/README.md.
 
 For each label count, from one seed:
@@ -36,7 +36,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.semisupervised import M2, SupervisedClassifier, hide_labels, labelled_subset
+from pyro_vae.models.m2 import M2, SupervisedClassifier, hide_labels, labelled_subset
 
 
 def run_one(num_labelled: int, data: pv.DataSplits, tests: dict, args) -> dict:

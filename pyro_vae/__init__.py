@@ -1,7 +1,48 @@
 """pyro_vae: variational autoencoders written as a Pyro model and guide, fitted by SVI."""
 
-from pyro_vae.bayesian import BayesianMLP
-from pyro_vae.build import (
+from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.components.bayesian import BayesianMLP
+from pyro_vae.components.distributions import DiscretizedLogistic
+from pyro_vae.components.encoders import (
+    DeltaEncoder,
+    DiagonalNormalEncoder,
+    FullCovarianceNormalEncoder,
+    IAFEncoder,
+)
+from pyro_vae.components.kl import has_closed_form_kl  # importing it registers the closed-form KLs
+from pyro_vae.components.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    LaplaceLikelihood,
+    NormalLikelihood,
+)
+from pyro_vae.components.networks import MLP, ConvNet, DeconvNet
+from pyro_vae.components.priors import (
+    DiagonalNormalPrior,
+    FlowPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    VampPrior,
+)
+from pyro_vae.data import DATASET_NAMES, DataSplits, DataUnavailableError, binarize, load_dataset
+from pyro_vae.explain import explain, explain_cvae, explain_m2
+from pyro_vae.infer.estimators import (
+    ActiveUnits,
+    ELBOTerms,
+    KLDecomposition,
+    active_units,
+    elbo,
+    elbo_terms,
+    kl_decomposition,
+    kl_per_dimension,
+    log_likelihood,
+    weight_spread,
+)
+from pyro_vae.infer.fit import History, TrainingDivergedError, TrainingState, fit
+from pyro_vae.infer.objective import Objective
+from pyro_vae.jobs.runs import Run, load_run
+from pyro_vae.models.build import (
     DECODER_NAMES,
     ENCODER_NAMES,
     LIKELIHOOD_NAMES,
@@ -9,8 +50,7 @@ from pyro_vae.build import (
     PRIOR_NAMES,
     build_vae,
 )
-from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_vae.conditional import (
+from pyro_vae.models.cvae import (
     Completions,
     ConditionalBaseline,
     ConditionalNormalPrior,
@@ -24,47 +64,7 @@ from pyro_vae.conditional import (
     sample_spread,
     split_by_mask,
 )
-from pyro_vae.data import DATASET_NAMES, DataSplits, DataUnavailableError, binarize, load_dataset
-from pyro_vae.distributions import DiscretizedLogistic
-from pyro_vae.encoders import (
-    DeltaEncoder,
-    DiagonalNormalEncoder,
-    FullCovarianceNormalEncoder,
-    IAFEncoder,
-)
-from pyro_vae.evaluate import (
-    ActiveUnits,
-    ELBOTerms,
-    KLDecomposition,
-    active_units,
-    elbo,
-    elbo_terms,
-    kl_decomposition,
-    kl_per_dimension,
-    log_likelihood,
-    weight_spread,
-)
-from pyro_vae.explain import explain, explain_cvae, explain_m2
-from pyro_vae.kl import has_closed_form_kl  # importing it registers the closed-form KLs
-from pyro_vae.likelihoods import (
-    BernoulliLikelihood,
-    ContinuousBernoulliLikelihood,
-    DiscretizedLogisticLikelihood,
-    LaplaceLikelihood,
-    NormalLikelihood,
-)
-from pyro_vae.model import VAE
-from pyro_vae.networks import MLP, ConvNet, DeconvNet
-from pyro_vae.objective import Objective
-from pyro_vae.priors import (
-    DiagonalNormalPrior,
-    FlowPrior,
-    MixtureOfGaussiansPrior,
-    StandardNormalPrior,
-    VampPrior,
-)
-from pyro_vae.runs import Run, load_run
-from pyro_vae.semisupervised import (
+from pyro_vae.models.m2 import (
     M2,
     UNLABELLED,
     SupervisedClassifier,
@@ -72,7 +72,7 @@ from pyro_vae.semisupervised import (
     labelled_subset,
     paper_alpha,
 )
-from pyro_vae.train import History, TrainingDivergedError, TrainingState, fit
+from pyro_vae.models.vae import VAE
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
 """Checkpoints: a model's ``state_dict`` plus the plain arguments that rebuild it.
 
 The config's ``"model"`` key names the function that rebuilds it (:data:`MODEL_NAMES`):
-absent or ``"vae"``, :func:`~pyro_vae.build.build_vae`, so that every checkpoint written
-before the key existed loads as it did; ``"m2"``, :func:`~pyro_vae.semisupervised.build_m2`;
-``"cvae"`` and ``"cvae-baseline"``, :func:`~pyro_vae.conditional.build_cvae` and
-:func:`~pyro_vae.conditional.build_cvae_baseline`. The config's other keys are its arguments.
+absent or ``"vae"``, :func:`~pyro_vae.models.build.build_vae`, so that every checkpoint written
+before the key existed loads as it did; ``"m2"``, :func:`~pyro_vae.models.m2.build_m2`;
+``"cvae"`` and ``"cvae-baseline"``, :func:`~pyro_vae.models.cvae.build_cvae` and
+:func:`~pyro_vae.models.cvae.build_cvae_baseline`. The config's other keys are its arguments.
 
 A checkpoint is what ``torch.save`` writes (a zip archive of uncompressed members), read back
 with ``torch.load(weights_only=True)``: no pickled user objects go in, so loading cannot run
@@ -61,15 +61,16 @@ import torch
 from torch import nn
 
 from pyro_vae._files import atomic_write
-from pyro_vae.build import build_vae, describe
+from pyro_vae.components.encoders import IAFEncoder
 from pyro_vae.data import check_device
-from pyro_vae.encoders import IAFEncoder
+from pyro_vae.models.build import build_vae, describe
 
 FORMAT = "pyro_vae.checkpoint/1"
 
 MODEL_NAMES = ("vae", "m2", "cvae", "cvae-baseline")
 """The values of a config's ``"model"`` key: which builder rebuilds the model. No key means
-``"vae"`` (:func:`~pyro_vae.build.build_vae`), so that every checkpoint written before the key
+``"vae"`` (:func:`~pyro_vae.models.build.build_vae`), so that every checkpoint written before the
+key
 existed loads as it did."""
 
 # The config key that names the builder; every other key is one of the builder's arguments.
@@ -123,13 +124,13 @@ def save_checkpoint(
 ) -> None:
     """Write ``module``'s weights with ``config``, the keyword arguments that rebuild it, and
     any plain ``extra`` entries (epoch, metrics, script arguments, a
-    :class:`~pyro_vae.train.TrainingState`'s ``to_dict()``).
+    :class:`~pyro_vae.infer.fit.TrainingState`'s ``to_dict()``).
 
     ``config["model"]`` names the builder, one of :data:`MODEL_NAMES`: absent or ``"vae"``,
-    :func:`~pyro_vae.build.build_vae` (component names, sizes); ``"m2"``,
-    :func:`~pyro_vae.semisupervised.build_m2`; ``"cvae"`` and ``"cvae-baseline"``,
-    :func:`~pyro_vae.conditional.build_cvae` and
-    :func:`~pyro_vae.conditional.build_cvae_baseline`. The other keys are its arguments.
+    :func:`~pyro_vae.models.build.build_vae` (component names, sizes); ``"m2"``,
+    :func:`~pyro_vae.models.m2.build_m2`; ``"cvae"`` and ``"cvae-baseline"``,
+    :func:`~pyro_vae.models.cvae.build_cvae` and
+    :func:`~pyro_vae.models.cvae.build_cvae_baseline`. The other keys are its arguments.
 
     Everything must be tensors or plain Python values (no modules, classes or numpy scalars),
     and the config's sizes plain ints.
@@ -171,7 +172,7 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | os.PathLike, map_location: torch.device | str = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved at ``path`` (a :class:`~pyro_vae.model.VAE`, or the model its
+    """Rebuild the model saved at ``path`` (a :class:`~pyro_vae.models.vae.VAE`, or the model its
     config's ``"model"`` names, see :func:`save_checkpoint`) with its weights; return it with
     the whole checkpoint dictionary.
 
@@ -224,17 +225,17 @@ def _builder(config: dict[str, Any]) -> Callable[..., nn.Module]:
     # Imported here: the model modules import parts of the package that need not load with
     # every checkpoint, and a later import of this module from theirs cannot become a cycle.
     if kind == "m2":
-        from pyro_vae import semisupervised
+        from pyro_vae.models import m2 as semisupervised
 
         return semisupervised.build_m2
-    from pyro_vae import conditional
+    from pyro_vae.models import cvae as conditional
 
     return conditional.build_cvae if kind == "cvae" else conditional.build_cvae_baseline
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """The model a checkpoint config describes, built by the builder its ``"model"`` names
-    (:func:`~pyro_vae.build.build_vae` when it names none)."""
+    (:func:`~pyro_vae.models.build.build_vae` when it names none)."""
     return _builder(config)(**_arguments(config))
 
 

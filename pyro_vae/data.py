@@ -315,7 +315,7 @@ def to_tensor(data: Tensor | Dataset, data_dim: int) -> Tensor:
     examples: a dataset too large to hold as one tensor in this machine's memory is refused
     before any item is read, and one that cannot give an item below its ``len()`` is refused
     naming the item. Tensors pass through unchanged, to be checked by
-    :meth:`~pyro_vae.model.VAE.validate_data`.
+    :meth:`~pyro_vae.models.vae.VAE.validate_data`.
     """
     if isinstance(data, Tensor):
         return data
@@ -369,7 +369,7 @@ def is_binary(x: Tensor) -> bool:
 def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One stochastic binarization: each value v in [0, 1] becomes 1 with probability v.
 
-    Drawing afresh for every batch (dynamic binarization, what :func:`~pyro_vae.train.fit`
+    Drawing afresh for every batch (dynamic binarization, what :func:`~pyro_vae.infer.fit.fit`
     does) makes grayscale images proper data for a Bernoulli likelihood; a fixed draw with a
     seeded ``generator`` gives a reproducible test set.
     """

@@ -22,13 +22,18 @@ from pyro_vae import plots
 from pyro_vae._checks import check_positive_int
 from pyro_vae._files import atomic_write
 from pyro_vae._sites import site_distribution, site_value
-from pyro_vae.conditional import ConditionalVAE, sample_spread
-from pyro_vae.distributions import is_diagonal_normal
-from pyro_vae.evaluate import active_units, kl_decomposition, kl_per_dimension, weight_spread
-from pyro_vae.model import VAE
-from pyro_vae.networks import output_layer
-from pyro_vae.priors import StandardNormalPrior
-from pyro_vae.semisupervised import M2
+from pyro_vae.components.distributions import is_diagonal_normal
+from pyro_vae.components.networks import output_layer
+from pyro_vae.components.priors import StandardNormalPrior
+from pyro_vae.infer.estimators import (
+    active_units,
+    kl_decomposition,
+    kl_per_dimension,
+    weight_spread,
+)
+from pyro_vae.models.cvae import ConditionalVAE, sample_spread
+from pyro_vae.models.m2 import M2
+from pyro_vae.models.vae import VAE
 
 # The models whose z encoder sections 1 and 2 read: each has latent_dim and an encoder.
 Encoded = VAE | M2 | ConditionalVAE
@@ -69,9 +74,9 @@ def explain(
     The sections need a diagonal Normal encoder (what μ and σ mean); the KL section also a
     standard normal prior. Where a model lacks them, the section says so instead.
 
-    An :class:`~pyro_vae.semisupervised.M2` gets :func:`explain_m2`'s report (which draws
+    An :class:`~pyro_vae.models.m2.M2` gets :func:`explain_m2`'s report (which draws
     nothing: ``image_shape`` and ``num_particles`` are not used for it); a
-    :class:`~pyro_vae.conditional.ConditionalVAE` :func:`explain_cvae`'s, with ``x`` the
+    :class:`~pyro_vae.models.cvae.ConditionalVAE` :func:`explain_cvae`'s, with ``x`` the
     missing part and ``condition`` the given part of each test input (``labels``,
     ``image_shape`` and ``class_names`` are not used for it).
     """
@@ -184,7 +189,7 @@ def explain_cvae(
     """Write ``out_dir/report.md`` for a trained CVAE on the missing parts ``x`` of its test
     inputs and their given parts ``condition``: q(z | x, c)'s μ and σ (sections 1 and 2 of
     the VAE's report) and the spread of completions per condition
-    (:func:`~pyro_vae.conditional.sample_spread` at ``num_particles`` draws); return the
+    (:func:`~pyro_vae.models.cvae.sample_spread` at ``num_particles`` draws); return the
     report's path."""
     cvae.validate_data(x, "test data")
     condition = cvae.validate_condition(condition, len(x))

@@ -38,14 +38,17 @@ import torch
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, conditional_job, distributed, semisupervised_job
-from pyro_vae.conditional import (
+from pyro_vae.infer import distributed
+from pyro_vae.jobs import cli
+from pyro_vae.jobs import cvae as conditional_job
+from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.jobs.runs import RunDirectory
+from pyro_vae.models.cvae import (
     ConditionalBaseline,
     conditional_log_likelihood,
     quadrant_mask,
     sample_spread,
 )
-from pyro_vae.runs import RunDirectory
 
 PROG = "evaluate.py"
 # Draws of z per condition for the spread of a CVAE's completions, and conditions per pass.
@@ -95,7 +98,7 @@ def provenance(
         "run": str(directory),
         "dataset": run_args["dataset"],
         "checkpoint_sha256": hashlib.sha256(
-            (directory / pv.runs.CHECKPOINT).read_bytes()
+            (directory / pv.jobs.runs.CHECKPOINT).read_bytes()
         ).hexdigest(),
         "test_set_sha256": checkpoint["evaluation_digest"],
         "epoch": checkpoint["epoch"],
@@ -124,12 +127,12 @@ def evaluate(run: pv.Run, args: argparse.Namespace) -> dict:
         "dataset": run.args["dataset"],
         # Which checkpoint and which test set, exactly: the numbers belong to these bytes.
         "checkpoint_sha256": hashlib.sha256(
-            (run.directory / pv.runs.CHECKPOINT).read_bytes()
+            (run.directory / pv.jobs.runs.CHECKPOINT).read_bytes()
         ).hexdigest(),
         "test_set_sha256": run.checkpoint["evaluation_digest"],
         "epoch": run.checkpoint["epoch"],
         "step": run.checkpoint["step"],
-        "model": pv.build.describe(run.config),
+        "model": pv.models.build.describe(run.config),
         "seed": args.seed,
         "num_examples": len(x_test),
         "num_particles": args.num_particles,

@@ -21,10 +21,13 @@ import pyro
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, conditional_job, distributed, semisupervised_job
-from pyro_vae.conditional import quadrant_mask, split_by_mask
 from pyro_vae.explain import OUTPUT_FILES
-from pyro_vae.runs import EXPLAIN_DIR, RunDirectory
+from pyro_vae.infer import distributed
+from pyro_vae.jobs import cli
+from pyro_vae.jobs import cvae as conditional_job
+from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.jobs.runs import EXPLAIN_DIR, RunDirectory
+from pyro_vae.models.cvae import quadrant_mask, split_by_mask
 
 PROG = "explain.py"
 

@@ -8,8 +8,8 @@
     python scripts/train.py --model cvae --given-quadrants 2   # conditional completion (CVAE)
 
 It reads like Pyro's examples: arguments, data, model, fit, evaluate, write. --model m2 and cvae
-run their own jobs (pyro_vae.semisupervised_job, pyro_vae.conditional_job) through the same
-steps. The run directory (--out-dir) and its format are pyro_vae.runs': checkpoint.pt (weights,
+run their own jobs (pyro_vae.jobs.m2, pyro_vae.jobs.cvae) through the same
+steps. The run directory (--out-dir) and its format are pyro_vae.jobs.runs': checkpoint.pt (weights,
 the arguments that rebuild the model, and the state that resumes it exactly), metrics.json and
 metrics.csv (a row per epoch), final_metrics.json, and figures: for a VAE reconstructions.png,
 samples.png, latent_space.png, loss_curves.png (and weight_uncertainty.png for a Bayesian
@@ -28,8 +28,12 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae import cli, conditional_job, distributed, plots, semisupervised_job
-from pyro_vae.runs import ELBOS, RunDirectory, claim_run_directory
+from pyro_vae import plots
+from pyro_vae.infer import distributed
+from pyro_vae.jobs import cli
+from pyro_vae.jobs import cvae as conditional_job
+from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.jobs.runs import ELBOS, RunDirectory, claim_run_directory
 
 PROG = "train.py"
 # The models other than the VAE, each with its flags and its main job.
@@ -204,14 +208,14 @@ def main(args: argparse.Namespace) -> int:
     can write a checkpoint between our reading it and going on from it.
     """
     cli.set_num_threads(args.num_threads)
-    # Under torchrun: join the process group, on this rank's device (pyro_vae.distributed); a
+    # Under torchrun: join the process group, on this rank's device (pyro_vae.infer.distributed); a
     # resumed run on the kind of device it was trained on.
     wanted = args.device
     if args.resume is not None and distributed.launched_by_torchrun():
-        wanted = torch.device(pv.runs.saved_device(args.resume)).type
+        wanted = torch.device(pv.jobs.runs.saved_device(args.resume)).type
     group, device = distributed.join(wanted)
     args.device = device
-    kind = args.model if args.resume is None else pv.runs.saved_model(args.resume)
+    kind = args.model if args.resume is None else pv.jobs.runs.saved_model(args.resume)
     if kind != "vae":
         return JOBS[kind].main(args, PROG)
     # Rank 0 holds the run directory and writes; the other ranks write nothing.
@@ -225,10 +229,10 @@ def main(args: argparse.Namespace) -> int:
             return run_dir.guarded(PROG, lambda: train(args, run_dir, run))
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
-    config = pv.runs.model_config(vars(args), data)
-    pv.runs.check_model_size(config)
+    config = pv.jobs.runs.model_config(vars(args), data)
+    pv.jobs.runs.check_model_size(config)
     vae = pv.build_vae(**config).to(args.device)
-    x_test, x_train_eval = pv.runs.evaluation_sets(vae, data, args.seed)
+    x_test, x_train_eval = pv.jobs.runs.evaluation_sets(vae, data, args.seed)
     # Data outside the likelihood's support are refused here, before any file is written.
     vae.validate_data(x_test, "test data")
     vae.validate_data(x_train_eval, "training data")
@@ -241,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _resumed_args(saved: dict, given: argparse.Namespace, training: dict) -> argparse.Namespace:
     """The saved run's arguments, with those a resume may change taken from the command."""
-    return pv.runs.resumed_args(saved, given, training, RESUME_OVERRIDES)
+    return pv.jobs.runs.resumed_args(saved, given, training, RESUME_OVERRIDES)
 
 
 def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
@@ -250,16 +254,16 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
     progress = False if args.no_progress or not group.is_main else None
     vae, config, data = run.vae.to(args.device), run.config, run.data.to(args.device)
     x_test, x_train_eval = (x.to(args.device, vae.dtype) for x in (run.x_test, run.x_train_eval))
-    loss = pv.runs.make_loss(args.elbo, args.num_particles)
+    loss = pv.jobs.runs.make_loss(args.elbo, args.num_particles)
     # A new run's checkpoint is empty; a resumed one goes on from its own.
     metrics, state = run_dir.resume_state(run.checkpoint)
     kl_kind = "closed form" if args.elbo == "meanfield" and pv.has_closed_form_kl(vae) else "MC"
     cli.say(
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
-        f"{data.data_dim} features; {pv.build.describe(config)}; latent {args.latent_dim}; "
+        f"{data.data_dim} features; {pv.models.build.describe(config)}; latent {args.latent_dim}; "
         f"{type(loss).__name__} with {args.num_particles} particle(s), KL by {kl_kind}, "
         f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
-        + pv.runs.start_details(args.batch_size, state)
+        + pv.jobs.runs.start_details(args.batch_size, state)
     )
     if args.kl_warmup_epochs > args.num_epochs:
         reached = args.beta * args.num_epochs / args.kl_warmup_epochs
@@ -267,8 +271,8 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
 
     def after_epoch(epoch: int, history: pv.History) -> None:
         row = {"epoch": epoch, "train_loss": history.loss[-1]}
-        row.update(pv.runs.epoch_metrics(vae, x_train_eval, "train", len(data.x_train)))
-        row.update(pv.runs.epoch_metrics(vae, x_test, "test", len(data.x_train)))
+        row.update(pv.jobs.runs.epoch_metrics(vae, x_train_eval, "train", len(data.x_train)))
+        row.update(pv.jobs.runs.epoch_metrics(vae, x_test, "test", len(data.x_train)))
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
         weight_kl = f", weight KL {row['test_weight_kl']:.0f}" if "test_weight_kl" in row else ""
@@ -297,8 +301,8 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
             vae,
             config,
             metrics,
-            args=pv.runs.run_arguments(args),
-            evaluation_digest=pv.runs.digest(x_test),
+            args=pv.jobs.runs.run_arguments(args),
+            evaluation_digest=pv.jobs.runs.digest(x_test),
         ),
         checkpoint_every=args.checkpoint_every,
         resume=state,
@@ -314,7 +318,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: pv.Run) -> int:
         cli.say("no importance-weighted log p(x) for the delta encoder: q(z|x) has no density")
     elif args.num_iw_particles:
         cli.say(f"scoring log p(x) with K={args.num_iw_particles} importance samples")
-        final["test_log_likelihood"] = pv.runs.test_log_likelihood(
+        final["test_log_likelihood"] = pv.jobs.runs.test_log_likelihood(
             vae, x_test, args.num_iw_particles, progress
         )
         final["num_iw_particles"] = args.num_iw_particles

@@ -15,7 +15,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import checkpoint
-from pyro_vae.build import ENCODER_NAMES, LIKELIHOOD_NAMES, PRIOR_NAMES
+from pyro_vae.models.build import ENCODER_NAMES, LIKELIHOOD_NAMES, PRIOR_NAMES
 
 CONFIG = {"data_dim": 64, "latent_dim": 3, "hidden_dims": [16], "image_shape": [8, 8]}
 

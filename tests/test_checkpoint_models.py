@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 import pyro_vae as pv
-from pyro_vae import checkpoint, conditional, semisupervised
-from pyro_vae.conditional import ConditionalBaseline, ConditionalVAE, build_cvae
-from pyro_vae.semisupervised import M2, hide_labels, labelled_subset
+from pyro_vae import checkpoint
+from pyro_vae.models import cvae as conditional
+from pyro_vae.models import m2 as semisupervised
+from pyro_vae.models.cvae import ConditionalBaseline, ConditionalVAE, build_cvae
+from pyro_vae.models.m2 import M2, hide_labels, labelled_subset
 
 M2_CONFIG = {
     "model": "m2",

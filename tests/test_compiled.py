@@ -1,4 +1,4 @@
-"""The compiled step (pyro_vae.compiled): the same loss and gradients as Pyro's eager step
+"""The compiled step (pyro_vae.infer.compiled): the same loss and gradients as Pyro's eager step
 under the same random numbers, β as an input, and an eager fallback that says why."""
 
 import copy
@@ -14,9 +14,9 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 import pyro_vae as pv
-import pyro_vae.compiled as compiled_module
-from pyro_vae.compiled import CompiledStep, _compile_mode
-from pyro_vae.objective import Objective
+import pyro_vae.infer.compiled as compiled_module
+from pyro_vae.infer.compiled import CompiledStep, _compile_mode
+from pyro_vae.infer.objective import Objective
 
 DATA_DIM, LATENT_DIM, BATCH, NUM_DATA = 16, 3, 6, 30
 

@@ -249,7 +249,7 @@ SCALED_ENCODERS = {
 @pytest.mark.parametrize("name", sorted(SCALED_ENCODERS))
 def test_encoder_scale_is_softplus_of_the_raw_output_plus_the_floor(name):
     encoder = SCALED_ENCODERS[name](DATA_DIM, LATENT_DIM, (8,), min_scale=0.05)
-    read_out = pv.networks.output_layer(encoder.net)
+    read_out = pv.components.networks.output_layer(encoder.net)
     captured = []
     handle = read_out.register_forward_hook(lambda module, args, out: captured.append(out))
     x = torch.rand(BATCH, DATA_DIM)
@@ -271,7 +271,7 @@ def test_iaf_encode_gives_the_mean_and_standard_deviation_of_its_draws():
     differ by many standard errors."""
     vae = pv.VAE(DATA_DIM, LATENT_DIM, encoder=pv.IAFEncoder(DATA_DIM, LATENT_DIM, (8,)))
     with torch.no_grad():
-        pv.networks.output_layer(vae.encoder.net).bias[scale_rows(vae.encoder)] -= 3.0
+        pv.components.networks.output_layer(vae.encoder.net).bias[scale_rows(vae.encoder)] -= 3.0
     x = binary_data(4, DATA_DIM, 0.5)
     with torch.no_grad():
         loc, scale = vae.encode(x)
@@ -280,7 +280,7 @@ def test_iaf_encode_gives_the_mean_and_standard_deviation_of_its_draws():
     centred4 = (z - mean).pow(4).mean(0)
     # Standard errors of a sample mean and a sample std (any distribution: the std's from the
     # fourth moment), for encode's draws and for the reference draws together.
-    n, big = pv.model.ENCODE_PARTICLES, len(z)
+    n, big = pv.models.vae.ENCODE_PARTICLES, len(z)
     se_mean = std * (1 / n + 1 / big) ** 0.5
     se_std = ((centred4 - std.pow(4)) / (4 * std.pow(2))).sqrt() * (1 / n + 1 / big) ** 0.5
     assert ((std - std.pow(2)).abs() > 10 * se_std).all()  # σ and σ² are far apart here

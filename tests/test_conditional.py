@@ -17,7 +17,7 @@ from torch import distributions as td
 from torch.nn import functional as F
 
 import pyro_vae as pv
-from pyro_vae.conditional import (
+from pyro_vae.models.cvae import (
     ConditionalBaseline,
     ConditionalNormalPrior,
     ConditionalVAE,
@@ -422,6 +422,6 @@ def test_completions_keep_the_given_pixels_and_fill_the_missing(tmp_path):
 
 
 def test_importing_the_module_does_not_load_pyplot():
-    code = "import pyro_vae.conditional, sys; print('matplotlib.pyplot' in sys.modules)"
+    code = "import pyro_vae.models.cvae, sys; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,7 +11,7 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
-from pyro_vae.conditional import (
+from pyro_vae.models.cvae import (
     ConditionalVAE,
     conditional_elbo_terms,
     quadrant_mask,
@@ -85,7 +85,7 @@ def test_the_test_scores_are_those_of_the_runs_own_missing_pixels(cvae_run):
     data = pv.load_dataset("digits")
     mask = quadrant_mask(data.image_shape, 1)
     cvae, _ = pv.load_checkpoint(cvae_run / "checkpoint.pt")
-    x_binary, _ = pv.runs.evaluation_sets(cvae, data, seed=0)
+    x_binary, _ = pv.jobs.runs.evaluation_sets(cvae, data, seed=0)
     x, _ = split_by_mask(x_binary, mask)
     _, c = split_by_mask(data.x_test, mask)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Training on many processes (pyro_vae.distributed, fit under torchrun) and fit's deferred reads.
+"""Training on many processes (pyro_vae.infer.distributed, fit under torchrun) and fit's deferred
+reads.
 
 The tests that launch torchrun start real processes (gloo on the CPU) and are marked slow.
 """
@@ -21,9 +22,9 @@ from test_faults import assert_same_run, wait_for_checkpoint
 from torch.utils.data import DistributedSampler
 
 import pyro_vae as pv
-from pyro_vae import distributed
-from pyro_vae.distributed import Ranks
-from pyro_vae.train import TrainingState
+from pyro_vae.infer import distributed
+from pyro_vae.infer.distributed import Ranks
+from pyro_vae.infer.fit import TrainingState
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"

@@ -14,8 +14,9 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
-from pyro_vae import conditional_job, semisupervised_job
-from pyro_vae.conditional import (
+from pyro_vae.jobs import cvae as conditional_job
+from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.models.cvae import (
     ConditionalBaseline,
     conditional_log_likelihood,
     quadrant_mask,
@@ -78,7 +79,7 @@ def check_provenance(result: dict, run_dir: Path, seed: int) -> None:
 def test_load_run_gives_back_the_m2_and_the_test_set_it_scored(m2_run):
     run = pv.load_run(m2_run)
     assert isinstance(run, semisupervised_job.Run) and run.config["model"] == "m2"
-    assert run.checkpoint["evaluation_digest"] == pv.runs.digest(run.x_test)
+    assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
     assert len(run.setup.labelled) == 30 and run.x_test.device.type == "cpu"
     # The accuracy the run reported after its last epoch is the loaded model's on this set.
     final = json.loads((m2_run / "final_metrics.json").read_text())
@@ -133,7 +134,7 @@ def test_evaluate_m2_prints_a_line_per_stage_and_a_table(m2_run, capsys):
 def test_load_run_gives_back_the_cvae_run(cvae_run):
     run = pv.load_run(cvae_run)
     assert isinstance(run, conditional_job.Run) and run.config["model"] == "cvae"
-    assert run.checkpoint["evaluation_digest"] == pv.runs.digest(run.x_test)
+    assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
 
 
 def test_evaluate_cvae_reports_both_likelihoods_and_the_spread(cvae_run, capsys):

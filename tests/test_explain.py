@@ -140,7 +140,7 @@ def test_sections_1_to_3_print_the_encoders_mu_and_sigma_and_their_measurements(
         assert_printed(printed, value.item(), decimals, "spread across the test set")
 
     # 2. μ_i(x) = w_i · h(x) + b_i with the read-out's first latent_dim rows.
-    layer = pv.networks.output_layer(vae.encoder.net)
+    layer = pv.components.networks.output_layer(vae.encoder.net)
     captured = []
     handle = layer.register_forward_hook(lambda module, args, out: captured.append(args[0]))
     vae.encoder(x)

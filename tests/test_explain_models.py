@@ -10,9 +10,10 @@ from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
-from pyro_vae import conditional_job, semisupervised_job
-from pyro_vae.conditional import quadrant_mask, sample_spread, split_by_mask
-from pyro_vae.semisupervised import M2, UNLABELLED, hide_labels, labelled_subset
+from pyro_vae.jobs import cvae as conditional_job
+from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.models.cvae import quadrant_mask, sample_spread, split_by_mask
+from pyro_vae.models.m2 import M2, UNLABELLED, hide_labels, labelled_subset
 
 NUM_TEST = 60
 

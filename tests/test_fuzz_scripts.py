@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from scripts_in_process import load_script
 
 import pyro_vae as pv
-from pyro_vae import cli
+from pyro_vae.jobs import cli
 
 MAX_EXAMPLES = 600  # ~20 s on a shared 2-core machine
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyro_vae as pv
-from pyro_vae.distributions import DiscretizedLogistic
+from pyro_vae.components.distributions import DiscretizedLogistic
 
 
 @pytest.mark.parametrize("num_levels", [2, 17, 256])

@@ -13,7 +13,8 @@ import torch
 from conftest import binary_data
 
 import pyro_vae as pv
-from pyro_vae import evaluate, model
+from pyro_vae.infer import estimators as evaluate
+from pyro_vae.models import vae as model
 
 # The module, not the function pv.explain that shares its name.
 explain = importlib.import_module("pyro_vae.explain")

@@ -1,4 +1,4 @@
-"""scripts/train.py --model m2 (pyro_vae.semisupervised_job), run in this process through the
+"""scripts/train.py --model m2 (pyro_vae.jobs.m2), run in this process through the
 script's ``run(argv)``: what it writes, that a resumed run ends bit for bit where an
 uninterrupted one does, the labelled subset it records, and what it refuses."""
 
@@ -10,8 +10,8 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
-from pyro_vae import semisupervised_job
-from pyro_vae.semisupervised import M2, UNLABELLED, build_m2, labelled_subset
+from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.models.m2 import M2, UNLABELLED, build_m2, labelled_subset
 
 NUM_LABELLED = 30
 # A small digits run: a few seconds.
@@ -73,8 +73,8 @@ def test_the_checkpoint_rebuilds_the_m2_whose_accuracy_was_reported(m2_run, digi
     assert payload["args"]["model"] == "m2" and payload["args"]["num_labelled"] == NUM_LABELLED
     assert payload["epoch"] == 2
     # The accuracy recorded is the saved classifier's on the test set the run scored.
-    x_test, _ = pv.runs.evaluation_sets(m2, digits, seed=3)
-    assert pv.runs.digest(x_test) == payload["evaluation_digest"]
+    x_test, _ = pv.jobs.runs.evaluation_sets(m2, digits, seed=3)
+    assert pv.jobs.runs.digest(x_test) == payload["evaluation_digest"]
     final = json.loads((m2_run / "final_metrics.json").read_text())
     assert m2.accuracy(x_test, digits.y_test) == final["test_accuracy"]
 
@@ -228,7 +228,7 @@ def test_conv_networks_train_on_images_and_the_checkpoint_rebuilds_them(tmp_path
     assert "M2 (conv, latent 2" in stdout
     m2, payload = pv.load_checkpoint(out / "checkpoint.pt")
     assert payload["config"]["image_shape"] == [8, 8] and payload["config"]["hidden_dims"] == []
-    assert isinstance(m2.classifier, pv.networks.ConvNet)
+    assert isinstance(m2.classifier, pv.components.networks.ConvNet)
 
 
 def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(tmp_path, capsys):

@@ -18,7 +18,7 @@ from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
-from pyro_vae.runs import RunDirectory
+from pyro_vae.jobs.runs import RunDirectory
 
 train_script, evaluate_script, explain_script = map(load_script, ("train", "evaluate", "explain"))
 # A small digits run: a few seconds.
@@ -64,7 +64,7 @@ def test_train_writes_checkpoint_metrics_and_figures(tiny_run):
 def test_load_run_rebuilds_the_test_set_the_run_scored_and_its_elbo(tiny_run):
     run = pv.load_run(tiny_run)
     final = json.loads((tiny_run / "final_metrics.json").read_text())
-    assert run.checkpoint["evaluation_digest"] == pv.runs.digest(run.x_test)
+    assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
     assert torch.equal(run.x_test, run.x_test.round())  # binarized, as the likelihood needs
     # The run scored one draw of z per example; ours averages 20. Their difference is Monte
     # Carlo noise only: its standard error comes from two independent one-draw estimates.
@@ -92,11 +92,11 @@ def test_the_evaluation_binarization_is_a_stream_of_its_own(tiny_run):
     """Drawn on the CPU from the seed through a stream of its own: not the training
     generator's first draws, and the same for the same seed."""
     run = pv.load_run(tiny_run)
-    again, _ = pv.runs.evaluation_sets(run.vae, run.data, seed=0)
+    again, _ = pv.jobs.runs.evaluation_sets(run.vae, run.data, seed=0)
     assert torch.equal(again, run.x_test)
     training_stream = pv.binarize(run.data.x_test, torch.Generator().manual_seed(0))
     assert not torch.equal(training_stream, run.x_test)
-    other, _ = pv.runs.evaluation_sets(run.vae, run.data, seed=1)
+    other, _ = pv.jobs.runs.evaluation_sets(run.vae, run.data, seed=1)
     assert not torch.equal(other, run.x_test)
 
 
@@ -234,7 +234,7 @@ def test_evaluate_reports_every_metric_per_class_and_where_it_came_from(tiny_run
     assert report["num_iw_particles"] == 20 and report["dataset"] == "digits"
     checkpoint = (tiny_run / "checkpoint.pt").read_bytes()
     assert report["checkpoint_sha256"] == hashlib.sha256(checkpoint).hexdigest()
-    assert report["test_set_sha256"] == pv.runs.digest(pv.load_run(tiny_run).x_test)
+    assert report["test_set_sha256"] == pv.jobs.runs.digest(pv.load_run(tiny_run).x_test)
     assert len(report["kl_per_dimension"]) == 3 and 0 <= report["active_units"] <= 3
     # The identity average KL = I + marginal KL holds for the estimates, and the closed-form
     # KL per dimension sums to the Monte-Carlo average KL within its standard errors.

@@ -12,7 +12,7 @@ from conftest import binary_data
 from torch.nn import functional as F
 
 import pyro_vae as pv
-from pyro_vae.semisupervised import (
+from pyro_vae.models.m2 import (
     M2,
     UNLABELLED,
     SupervisedClassifier,

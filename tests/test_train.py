@@ -221,7 +221,7 @@ def test_a_second_ctrl_c_stops_at_once():
     import os
     import signal
 
-    from pyro_vae.train import _sigint_flag
+    from pyro_vae.infer.fit import _sigint_flag
 
     before = signal.getsignal(signal.SIGINT)  # a background CI job may start with it ignored
     with _sigint_flag(enabled=True) as interrupted:

@@ -1,11 +1,11 @@
 """The main job of scripts/train.py for ``--model m2``: the semi-supervised VAE M2 (Kingma et
-al. 2014, :mod:`pyro_vae.semisupervised`) trained on a few labels and the rest of the training
+al. 2014, :mod:`pyro_vae.models.m2`) trained on a few labels and the rest of the training
 images unlabelled.
 
     python scripts/train.py --model m2 --num-labelled 100 --num-epochs 2
 
 The steps are the VAE's (arguments, data, model, fit, evaluate, write) and the run directory
-is pyro_vae.runs' format. The labelled rows are ``labelled_subset(y_train, n, seed)``: fixed,
+is pyro_vae.jobs.runs' format. The labelled rows are ``labelled_subset(y_train, n, seed)``: fixed,
 class-balanced and seeded; every other training label is hidden (:data:`UNLABELLED`), and fit
 trains on (x, y) with M2's ``TraceEnum_ELBO``, which sums y out where it is hidden. The run
 directory gets
@@ -38,10 +38,12 @@ import torch
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, distributed, plots
+from pyro_vae import plots
 from pyro_vae.checkpoint import build_model
-from pyro_vae.runs import RunDirectory, claim_run_directory
-from pyro_vae.semisupervised import (
+from pyro_vae.infer import distributed
+from pyro_vae.jobs import cli
+from pyro_vae.jobs.runs import RunDirectory, claim_run_directory
+from pyro_vae.models.m2 import (
     M2,
     UNLABELLED,
     hide_labels,
@@ -171,7 +173,7 @@ def load_run(directory: str | os.PathLike) -> Run:
         ones the run used.
     """
     directory = Path(directory)
-    path = pv.runs.checkpoint_path(directory)
+    path = pv.jobs.runs.checkpoint_path(directory)
     m2, checkpoint = pv.load_checkpoint(path)
     if not isinstance(m2, M2):
         raise ValueError(f"{path}: not a run of --model m2")
@@ -192,14 +194,16 @@ def main(args: argparse.Namespace, prog: str) -> int:
     first, as the VAE's does."""
     if args.resume is not None:
         with claim_run_directory(args.resume, mode="existing") as run_dir:
-            path = pv.runs.checkpoint_path(Path(args.resume))
+            path = pv.jobs.runs.checkpoint_path(Path(args.resume))
             m2, checkpoint = pv.load_checkpoint(path)
             for key in ("args", "training", "labelled_indices", "evaluation_digest"):
                 if key not in checkpoint:
                     raise ValueError(f"{path}: holds no {key!r}; it was not written by train.py")
             # scripts/train.py's parser has refused every flag a resume may not change.
             overrides = sorted(args.given - {"--resume"})
-            args = pv.runs.resumed_args(checkpoint["args"], args, checkpoint["training"], overrides)
+            args = pv.jobs.runs.resumed_args(
+                checkpoint["args"], args, checkpoint["training"], overrides
+            )
             pyro.set_rng_seed(args.seed)
             assert isinstance(m2, M2)  # config["model"] == "m2": train.py dispatched here
             model: M2 = m2.to(args.device)
@@ -212,7 +216,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
     if args.alpha is None:
         args.alpha = paper_alpha(len(rows), len(labelled))
     config = model_config(args, data)
-    pv.runs.check_model_size(config)
+    pv.jobs.runs.check_model_size(config)
     m2 = cast(M2, build_model(config)).to(args.device)
     setup = prepare(args, data, m2, {})
     with claim_run_directory(
@@ -274,7 +278,7 @@ def prepare(
     (``checkpoint`` given), also that they are the ones it trained on and scored."""
     labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
     if checkpoint:
-        path = Path(args.out_dir) / pv.runs.CHECKPOINT
+        path = Path(args.out_dir) / pv.jobs.runs.CHECKPOINT
         recorded = checkpoint["labelled_indices"]
         if not isinstance(recorded, Tensor):
             raise ValueError(f"{path}: its labelled_indices is no tensor")
@@ -284,10 +288,10 @@ def prepare(
                 f"{args.dataset} with seed {args.seed} now (have the data or the code changed?)"
             )
         labelled = recorded.cpu()
-    x_test, _ = pv.runs.evaluation_sets(m2, data, args.seed)  # type: ignore[arg-type]
-    if checkpoint and pv.runs.digest(x_test) != checkpoint.get("evaluation_digest"):
+    x_test, _ = pv.jobs.runs.evaluation_sets(m2, data, args.seed)  # type: ignore[arg-type]
+    if checkpoint and pv.jobs.runs.digest(x_test) != checkpoint.get("evaluation_digest"):
         raise ValueError(
-            f"{Path(args.out_dir) / pv.runs.CHECKPOINT}: the test set rebuilt from "
+            f"{Path(args.out_dir) / pv.jobs.runs.CHECKPOINT}: the test set rebuilt from "
             f"{args.dataset} is not the one this run scored (have the data files changed?)"
         )
     y_all = hide_labels(data.y_train.cpu(), labelled)
@@ -325,7 +329,7 @@ def train(
         f"train / {len(x_test)} test examples of {data.data_dim} features, {m2.num_labels} "
         f"classes; M2 ({network}, latent {args.latent_dim}, alpha {m2.alpha:.3g}); "
         f"TraceEnum_ELBO with {args.num_particles} particle(s); device {args.device}; "
-        f"writing to {run_dir.path}" + pv.runs.start_details(args.batch_size, state)
+        f"writing to {run_dir.path}" + pv.jobs.runs.start_details(args.batch_size, state)
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:
@@ -357,8 +361,8 @@ def train(
             m2,
             setup.config,
             metrics,
-            args=pv.runs.run_arguments(args),
-            evaluation_digest=pv.runs.digest(x_test),
+            args=pv.jobs.runs.run_arguments(args),
+            evaluation_digest=pv.jobs.runs.digest(x_test),
             labelled_indices=setup.labelled,
         ),
         checkpoint_every=args.checkpoint_every,

@@ -3,10 +3,10 @@
 ``torchrun --nproc-per-node N scripts/train.py ...`` starts N processes (ranks) and gives each
 its place in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, the rendezvous).
 :func:`join` turns that into a process group (gloo on the CPU, NCCL on CUDA, one GPU per rank);
-:func:`~pyro_vae.train.fit` sees the group and trains one model over all ranks
+:func:`~pyro_vae.infer.fit.fit` sees the group and trains one model over all ranks
 (docs/design.md, "Many processes"):
 
-- the loss is the :class:`~pyro_vae.objective.Objective`'s, computed by a module wrapped in
+- the loss is the :class:`~pyro_vae.infer.objective.Objective`'s, computed by a module wrapped in
   ``DistributedDataParallel`` (:class:`DistributedStep`), whose averaged gradient is the
   gradient of the global batch (:meth:`DistributedStep.loss_and_grads` says why);
 - every rank starts from rank 0's parameters (DDP broadcasts them) and draws its own noise;
@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pyro_vae.compiled import CompiledStep
-from pyro_vae.objective import Objective
+from pyro_vae.infer.compiled import CompiledStep
+from pyro_vae.infer.objective import Objective
 
 # How long a rank waits in a collective (an all-reduce of gradients, of metrics) for the others
 # before it gives up with an error: a rank that died or hangs never holds the others for ever.
@@ -216,7 +216,8 @@ class _LossModule(nn.Module):
 
 
 class DistributedStep:
-    """One SVI step over all ranks: the :class:`~pyro_vae.objective.Objective`'s loss, computed
+    """One SVI step over all ranks: the :class:`~pyro_vae.infer.objective.Objective`'s loss,
+    computed
     by a module wrapped in ``DistributedDataParallel``, so that backward averages the gradients
     over the ranks.
 
@@ -224,7 +225,7 @@ class DistributedStep:
         Every parameter it trains must belong to the module (``nn.Module.parameters()``): DDP
         broadcasts and averages those alone.
     :param device: the device of this rank.
-    :param compiled: the objective's :class:`~pyro_vae.compiled.CompiledStep`, to compute the
+    :param compiled: the objective's :class:`~pyro_vae.infer.compiled.CompiledStep`, to compute the
         loss with a compiled graph (whose backward DDP's hooks see as any other), or ``None``.
     """
 

@@ -1,7 +1,7 @@
 """Build a VAE from component *names*: what the command line and checkpoints use, so that a
 run is described by plain values and rebuilt exactly from them.
 
-In Python, pass component objects to :class:`~pyro_vae.model.VAE` directly (``prior=``,
+In Python, pass component objects to :class:`~pyro_vae.models.vae.VAE` directly (``prior=``,
 ``encoder=``, ...); :func:`build_vae` is the same with names, one keyword per swap::
 
     build_vae(784, 50, prior="flow", encoder="iaf", likelihood="discretized-logistic")
@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from pyro_vae import encoders, likelihoods, priors
-from pyro_vae.bayesian import BayesianMLP
-from pyro_vae.model import VAE
-from pyro_vae.networks import MLP, DeconvNet
+from pyro_vae.components import encoders, likelihoods, priors
+from pyro_vae.components.bayesian import BayesianMLP
+from pyro_vae.components.networks import MLP, DeconvNet
+from pyro_vae.models.vae import VAE
 
 # The names build_vae takes for each part (tuples of strings, for argparse's choices).
 PRIOR_NAMES = ("standard-normal", "diagonal-normal", "mixture", "vamp", "flow")
@@ -60,7 +60,7 @@ def build_vae(
     beta: float = 1.0,
     prior_scale: float = 1.0,
 ) -> VAE:
-    """A :class:`~pyro_vae.model.VAE` from component names.
+    """A :class:`~pyro_vae.models.vae.VAE` from component names.
 
     :param prior: one of :data:`PRIOR_NAMES`: ``standard-normal`` N(0, I);
         ``diagonal-normal``, a learnable diagonal Gaussian; ``mixture``, a learnable mixture of
@@ -74,7 +74,7 @@ def build_vae(
         decoder of fixed layers (needs ``image_shape``; refuses ``hidden_dims``).
     :param decoder: one of :data:`DECODER_NAMES`: ``deterministic`` weights, fitted as point
         estimates; or ``bayesian``, decoder weights with a Normal(0, ``prior_scale``) prior and
-        a mean-field Normal posterior (:class:`~pyro_vae.bayesian.BayesianMLP`; needs
+        a mean-field Normal posterior (:class:`~pyro_vae.components.bayesian.BayesianMLP`; needs
         ``network="mlp"``).
     :param hidden_dims: MLP widths of the encoder; the MLP decoder mirrors them. ``None``:
         ``(400,)`` for ``network="mlp"``.

@@ -21,7 +21,7 @@ correctness untested. On the CPU no mode is passed (``torch.compile``'s default)
 What is an input of the graph, and what makes a new trace
 ---------------------------------------------------------
 - **Inputs**, read afresh at every step: the trained parameters, the model's buffers, the
-  batch, the random draws (below) and, for a :class:`~pyro_vae.model.VAE`, β (the KL weight,
+  batch, the random draws (below) and, for a :class:`~pyro_vae.models.vae.VAE`, β (the KL weight,
   which a KL warm-up changes at every step): its ``poutine.scale`` gets a tensor while tracing.
 - **A new trace** (and compilation) for each new key: the shapes, dtypes and devices of the
   batch's tensors, the dataset size N (the data plate's N/B scale is a Python number inside
@@ -68,8 +68,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
-from pyro_vae.model import VAE
-from pyro_vae.objective import Objective
+from pyro_vae.infer.objective import Objective
+from pyro_vae.models.vae import VAE
 
 # The draws that become inputs: torch functions (or Tensor methods) that fill a tensor of a
 # given shape from torch's global random state. The first two are methods of a fresh tensor.
@@ -231,7 +231,7 @@ class _Graph:
 
 
 class CompiledStep:
-    """The step of :meth:`Objective.loss_and_grads <pyro_vae.objective.Objective.
+    """The step of :meth:`Objective.loss_and_grads <pyro_vae.infer.objective.Objective.
     loss_and_grads>`, traced and compiled (module docstring). It has the same call and the
     same effect: the loss, with the gradients put into the parameters' ``.grad``.
 
@@ -280,9 +280,9 @@ class CompiledStep:
 
     def differentiable_loss(self, *batch: Tensor, num_data: int) -> Tensor:
         """The loss alone, compiled, as a tensor whose backward gives the gradients (the
-        objective's :meth:`~pyro_vae.objective.Objective.differentiable_loss`, compiled): what
+        objective's :meth:`~pyro_vae.infer.objective.Objective.differentiable_loss`, compiled): what
         the module that DistributedDataParallel wraps returns, so that DDP averages the
-        gradients of a compiled step (:mod:`pyro_vae.distributed`)."""
+        gradients of a compiled step (:mod:`pyro_vae.infer.distributed`)."""
         graph = self._graph(batch, num_data, gradients=False)
         if graph is None:
             return self.objective.differentiable_loss(*batch, num_data=num_data)

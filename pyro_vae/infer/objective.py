@@ -1,4 +1,4 @@
-"""The unit that :func:`~pyro_vae.train.fit` trains: a model, its guide and a Pyro ELBO, as one
+"""The unit that :func:`~pyro_vae.infer.fit.fit` trains: a model, its guide and a Pyro ELBO, as one
 object.
 
 It knows nothing of VAEs. Whatever Pyro finds in the model and the guide is what it trains: the
@@ -24,7 +24,7 @@ from torch.distributions import kl_divergence
 from torch.overrides import TorchFunctionMode
 
 from pyro_vae._sites import site_distribution
-from pyro_vae.distributions import describe
+from pyro_vae.components.distributions import describe
 
 
 class Objective:
@@ -32,7 +32,7 @@ class Objective:
 
     :param module: any object with ``model`` and ``guide`` callables that take a batch's
         tensors and ``num_data=`` (the dataset size, for the data plate's N/B scaling); a
-        :class:`~pyro_vae.model.VAE`, or a model of one's own.
+        :class:`~pyro_vae.models.vae.VAE`, or a model of one's own.
     :param loss: a Pyro ELBO estimator.
     """
 
@@ -166,7 +166,7 @@ class Objective:
     def differentiable_loss(self, *batch: Tensor, num_data: int) -> Tensor:
         """The loss of :meth:`loss_and_grads` as a tensor whose backward gives its gradients,
         without back-propagating: what a ``torch.nn.Module``'s forward returns (for
-        ``DistributedDataParallel``, :mod:`pyro_vae.distributed`). Call :meth:`parameters`
+        ``DistributedDataParallel``, :mod:`pyro_vae.infer.distributed`). Call :meth:`parameters`
         first.
 
         Pyro's ``differentiable_loss`` where the estimator has one. ``RenyiELBO`` has none: its

@@ -39,7 +39,6 @@ import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
-from pyro_vae import distributed
 from pyro_vae._files import atomic_write
 from pyro_vae.checkpoint import (
     _built_on_meta,
@@ -47,15 +46,17 @@ from pyro_vae.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pyro_vae.cli import say
+from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
-from pyro_vae.evaluate import elbo_terms, log_likelihood
-from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.model import VAE
-from pyro_vae.train import TrainingDivergedError, TrainingState, describe_position
+from pyro_vae.infer import distributed
+from pyro_vae.infer.estimators import elbo_terms, log_likelihood
+from pyro_vae.infer.fit import TrainingDivergedError, TrainingState, describe_position
+from pyro_vae.jobs.cli import say
+from pyro_vae.models.vae import VAE
 
 if TYPE_CHECKING:
-    from pyro_vae import conditional_job, semisupervised_job
+    from pyro_vae.jobs import cvae as conditional_job
+    from pyro_vae.jobs import m2 as semisupervised_job
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".pyro_vae.lock"
@@ -221,8 +222,8 @@ def load_run(
     scored.
 
     A VAE run (``--model vae``) comes back as a :class:`Run`; an M2 run (``--model m2``) as
-    :class:`pyro_vae.semisupervised_job.Run` and a CVAE run (``--model cvae``) as
-    :class:`pyro_vae.conditional_job.Run`, each read by its job's ``load_run`` with the same
+    :class:`pyro_vae.jobs.m2.Run` and a CVAE run (``--model cvae``) as
+    :class:`pyro_vae.jobs.cvae.Run`, each read by its job's ``load_run`` with the same
     checks (tell them apart with ``isinstance``).
 
     :raises ValueError: when ``directory`` holds no run, its checkpoint is damaged or was not
@@ -235,7 +236,8 @@ def load_run(
     vae, payload = load_checkpoint(path)
     if not isinstance(vae, VAE):
         # Imported here: the job modules import this one.
-        from pyro_vae import conditional_job, semisupervised_job
+        from pyro_vae.jobs import cvae as conditional_job
+        from pyro_vae.jobs import m2 as semisupervised_job
 
         kind = payload["config"].get("model")
         if kind == "m2":

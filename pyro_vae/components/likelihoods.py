@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_float, check_positive_int
-from pyro_vae.distributions import DiscretizedLogistic
+from pyro_vae.components.distributions import DiscretizedLogistic
 
 
 class BernoulliLikelihood(nn.Module):

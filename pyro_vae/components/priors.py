@@ -4,7 +4,7 @@ over the examples.
 
 A prior with learnable parameters is trained with the rest of the model (its parameters are
 the VAE's). A prior that needs the VAE's encoder (the VampPrior) has a ``bind_encoder(encoder)``
-method, which :class:`~pyro_vae.model.VAE` calls when it is built.
+method, which :class:`~pyro_vae.models.vae.VAE` calls when it is built.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.distributions import describe, has_density_everywhere
+from pyro_vae.components.distributions import describe, has_density_everywhere
 
 # softplus(_SOFTPLUS_ONE) == 1: unconstrained scales start at a scale of one.
 _SOFTPLUS_ONE = float(torch.log(torch.expm1(torch.tensor(1.0))))
@@ -94,7 +94,7 @@ class VampPrior(nn.Module):
     posteriors at ``num_pseudo_inputs`` learnable pseudo-inputs u_k,
     p(z) = (1/K) Σ_k q(z | u_k).
 
-    It uses the VAE's encoder, which :class:`~pyro_vae.model.VAE` binds when it is built (or
+    It uses the VAE's encoder, which :class:`~pyro_vae.models.vae.VAE` binds when it is built (or
     pass ``encoder=``). The encoder is referenced, not owned: its weights stay the encoder's, so
     they are neither saved twice nor registered twice with Pyro. Its posteriors must have a
     density at any z (diagonal or full-covariance Normal), which rules out the Delta and flow
@@ -148,7 +148,8 @@ class FlowPrior(nn.Module):
         is a plain affine map).
     :param int flow_depth: the number of autoregressive layers.
     :param flow_hidden_dims: hidden widths of each layer's autoregressive network; default
-        ``(4 * latent_dim,)``. (As in :class:`~pyro_vae.encoders.IAFEncoder`; ``hidden_dims``
+        ``(4 * latent_dim,)``. (As in :class:`~pyro_vae.components.encoders.IAFEncoder`;
+        ``hidden_dims``
         elsewhere means the widths of the encoder's and decoder's MLPs.)
     """
 

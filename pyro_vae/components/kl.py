@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from torch.distributions.kl import register_kl
 
-from pyro_vae.model import VAE
+from pyro_vae.models.vae import VAE
 
 
 @register_kl(MultivariateNormal, Independent)

@@ -1,6 +1,6 @@
 """``fit``: stochastic variational inference, the one training core of pyro_vae.
 
-It trains any model and guide (:class:`~pyro_vae.objective.Objective`): a VAE, a VAE with a
+It trains any model and guide (:class:`~pyro_vae.infer.objective.Objective`): a VAE, a VAE with a
 Bayesian decoder, or a model of one's own. The loss and its gradients come from a Pyro ELBO
 estimator (``Trace_ELBO`` by default) exactly as ``pyro.infer.SVI.step`` computes them, over
 the parameters SVI would find. Two things differ from ``SVI.step``, both for speed and neither
@@ -18,7 +18,7 @@ gradient that is not finite) runs there, skipping every update from the first ba
 that the read still stops training at that step with the parameters from before it. (Pyro's
 eager estimators read values out of the step themselves; the compiled step does not.)
 
-Under ``torchrun`` (:mod:`pyro_vae.distributed`) it trains one model over all processes: each
+Under ``torchrun`` (:mod:`pyro_vae.infer.distributed`) it trains one model over all processes: each
 takes its shard of a shared shuffle, the gradients are averaged by DistributedDataParallel, the
 step losses are all-reduced, and only rank 0 calls ``checkpoint``. Every rank must call ``fit``
 with the same arguments.
@@ -46,13 +46,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from pyro_vae import distributed
 from pyro_vae._checks import check_positive_float, check_positive_int
-from pyro_vae.compiled import CompiledStep
+from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.data import is_binary, to_tensor
-from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.model import VAE
-from pyro_vae.objective import Objective
+from pyro_vae.infer import distributed
+from pyro_vae.infer.compiled import CompiledStep
+from pyro_vae.infer.objective import Objective
+from pyro_vae.models.vae import VAE
 
 
 @dataclass
@@ -110,7 +110,7 @@ class TrainingState:
     """The state of fit's ``generator`` (shuffles, binarization), if one was given."""
     history: History
     rank_states: list[dict[str, Any]] | None = None
-    """On many processes (:mod:`pyro_vae.distributed`), every rank's own random states, in
+    """On many processes (:mod:`pyro_vae.infer.distributed`), every rank's own random states, in
     rank order: ``torch_rng``, ``cuda_rng`` and ``noise_rng`` (its binarization generator);
     ``None`` on one process."""
 
@@ -269,10 +269,10 @@ def fit(
     log_every: int | None = None,
 ) -> History:
     """Fit ``module.model`` and ``module.guide`` to ``data`` by stochastic variational
-    inference: every parameter Pyro finds in them is trained (:class:`~pyro_vae.objective.
+    inference: every parameter Pyro finds in them is trained (:class:`~pyro_vae.infer.objective.
     Objective`), with Pyro's loss and gradients and one ``torch.optim.Adam``.
 
-    :param module: a :class:`~pyro_vae.model.VAE`, or any object whose ``model`` and ``guide``
+    :param module: a :class:`~pyro_vae.models.vae.VAE`, or any object whose ``model`` and ``guide``
         take a batch's tensors and ``num_data=`` (the dataset size, for the data plate's
         subsample scaling); trained in place, on the device of its parameters.
     :param data: a tensor ``(N, data_dim)``, a torch ``Dataset`` whose items are tensors (or
@@ -308,7 +308,7 @@ def fit(
         exactly as if it had never stopped.
     :param progress: show a progress bar; ``None`` means only on a terminal.
     :param generator: random source for the shuffling and the binarization.
-    :param compile: trace each step once and compile it (:mod:`pyro_vae.compiled`, which says
+    :param compile: trace each step once and compile it (:mod:`pyro_vae.infer.compiled`, which says
         what "exact" means then), with PyTorch's fused Adam. A step that cannot be traced
         (``TraceEnum_ELBO``, ``RenyiELBO``, dynamic control flow) runs eager, after one
         warning that names the reason. On many processes the loss alone is compiled, and DDP
@@ -654,7 +654,7 @@ def _noise_generator(
     if len({draws for _, draws, _ in states}) != group.world_size:
         raise ValueError(
             "torch's random state is the same on two ranks, which would draw the same z on "
-            "both; seed each rank apart, e.g. torch.manual_seed(pyro_vae.distributed."
+            "both; seed each rank apart, e.g. torch.manual_seed(pyro_vae.infer.distributed."
             "noise_seed(seed, rank))"
         )
     seed = distributed.noise_seed(generator.initial_seed(), group.rank, "binarization")

@@ -1,5 +1,5 @@
 """The semi-supervised VAE "M2" of Kingma et al. (2014) as a Pyro model and guide, trained by
-:func:`~pyro_vae.train.fit` like any other model:
+:func:`~pyro_vae.infer.fit.fit` like any other model:
 
 - model: y ~ p(y) (uniform over ``num_labels`` classes), z ~ p(z),
   x ~ p(x | y, z) = likelihood(decoder(z, y));
@@ -36,12 +36,12 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pyro_vae import contract
 from pyro_vae._checks import check_positive_float, check_positive_int
-from pyro_vae.encoders import DiagonalNormalEncoder
-from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.networks import MLP, DeconvNet, feature_network
-from pyro_vae.priors import StandardNormalPrior
+from pyro_vae.components.encoders import DiagonalNormalEncoder
+from pyro_vae.components.likelihoods import BernoulliLikelihood
+from pyro_vae.components.networks import MLP, DeconvNet, feature_network
+from pyro_vae.components.priors import StandardNormalPrior
+from pyro_vae.models import contract
 
 UNLABELLED = -1
 """The label of a row whose class is unknown."""
@@ -141,11 +141,11 @@ class M2(PyroModule, contract.DataChecks):
     concatenation of x and the one-hot y to q(z | x, y) (the package's encoder contract, with
     ``data_dim + K`` inputs); ``decoder`` maps the concatenation of z and the one-hot y to the
     likelihood's parameters. Defaults: MLPs of ``hidden_dims`` (the decoder's reversed) and a
-    :class:`~pyro_vae.encoders.DiagonalNormalEncoder`; with ``image_shape``, a
-    :class:`~pyro_vae.networks.ConvNet` classifier, a convolutional encoder that reads y as K
-    extra image channels (constant planes, 1 for the class), and a
-    :class:`~pyro_vae.networks.DeconvNet` decoder from (z, y). Likelihood default Bernoulli
-    (``fit`` then binarizes grayscale data dynamically), prior default N(0, I).
+    :class:`~pyro_vae.components.encoders.DiagonalNormalEncoder`; with ``image_shape``, a
+    :class:`~pyro_vae.components.networks.ConvNet` classifier, a convolutional encoder that
+    reads y as K extra image channels (constant planes, 1 for the class), and a
+    :class:`~pyro_vae.components.networks.DeconvNet` decoder from (z, y). Likelihood default
+    Bernoulli (``fit`` then binarizes grayscale data dynamically), prior default N(0, I).
 
     :param int data_dim: features per example.
     :param int num_labels: the number of classes K.

@@ -1,4 +1,4 @@
-"""The component contract of :class:`~pyro_vae.model.VAE`, checked: the shapes every part must
+"""The component contract of :class:`~pyro_vae.models.vae.VAE`, checked: the shapes every part must
 return, and the form of the data it is given.
 
 These checks live apart from the Pyro program (model.py) so that the program reads on its own.
@@ -15,7 +15,7 @@ import torch
 from pyro.distributions import constraints
 from torch import Tensor, nn
 
-from pyro_vae.likelihoods import BernoulliLikelihood
+from pyro_vae.components.likelihoods import BernoulliLikelihood
 
 # Two examples, not one, so that a part which mixes up the batch dimension with another one
 # cannot pass the shape check by accident.
@@ -165,7 +165,7 @@ class DataChecks:
 
     A model that mixes this in has ``data_dim``, ``data_support`` (the likelihood's support, set
     when it checked its parts) and ``likelihood``; it gets ``device``, ``dtype``,
-    ``validate_data`` (which :func:`~pyro_vae.train.fit` calls before any step) and
+    ``validate_data`` (which :func:`~pyro_vae.infer.fit.fit` calls before any step) and
     ``_check_batch`` (for the inputs of its networks).
     """
 

@@ -5,7 +5,7 @@
 latents, their guide, outside the plate).
 
 Everything else in pyro_vae plugs into these two functions. The checks of the component
-contract live in :mod:`pyro_vae.contract`.
+contract live in :mod:`pyro_vae.models.contract`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 from torch import Tensor, nn
 
-from pyro_vae import contract
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae._sites import site_distribution
-from pyro_vae.encoders import DiagonalNormalEncoder
-from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.networks import MLP
-from pyro_vae.priors import StandardNormalPrior
+from pyro_vae.components.encoders import DiagonalNormalEncoder
+from pyro_vae.components.likelihoods import BernoulliLikelihood
+from pyro_vae.components.networks import MLP
+from pyro_vae.components.priors import StandardNormalPrior
+from pyro_vae.models import contract
 
 # Each VAE instance gets its own Pyro name ("vae0", "vae1", ...), which prefixes its entries in
 # Pyro's global param store. Two VAEs built in one process, or a VAE and its deep copy, would
@@ -51,14 +51,18 @@ class VAE(PyroModule, contract.DataChecks):
     that keeps the component contract works (README, "Components"):
 
     - ``prior()`` -> distribution, ``batch_shape == ()``, ``event_shape == (latent_dim,)``;
-      default :class:`~pyro_vae.priors.StandardNormalPrior`.
+      default :class:`~pyro_vae.components.priors.StandardNormalPrior`.
     - ``encoder(x)`` -> reparameterized distribution, ``batch_shape == (B,)``,
-      ``event_shape == (latent_dim,)``; default :class:`~pyro_vae.encoders.DiagonalNormalEncoder`
+      ``event_shape == (latent_dim,)``; default
+      :class:`~pyro_vae.components.encoders.DiagonalNormalEncoder`
       with an MLP of ``hidden_dims``.
-    - ``decoder(z)`` -> tensor ``(B, ...)``, the likelihood's parameters; default an
-      :class:`~pyro_vae.networks.MLP` with ``hidden_dims`` reversed, giving ``data_dim`` logits.
+    - ``decoder(z)`` -> tensor ``(B, ...)``, the likelihood's parameters; default
+    an
+      :class:`~pyro_vae.components.networks.MLP` with ``hidden_dims`` reversed, giving ``data_dim``
+      logits.
     - ``likelihood(params)`` -> distribution, ``batch_shape == (B,)``,
-      ``event_shape == (data_dim,)``; default :class:`~pyro_vae.likelihoods.BernoulliLikelihood`.
+      ``event_shape == (data_dim,)``; default
+      :class:`~pyro_vae.components.likelihoods.BernoulliLikelihood`.
 
     Parts are checked once, here, and a part that breaks the contract raises a ``ValueError``
     naming it.
@@ -201,7 +205,8 @@ class VAE(PyroModule, contract.DataChecks):
     @property
     def weight_guide(self) -> Callable[[], object] | None:
         """The guide of the decoder's global latents (its ``guide()`` method, as
-        :class:`~pyro_vae.bayesian.BayesianMLP` has), or ``None`` for a deterministic decoder."""
+        :class:`~pyro_vae.components.bayesian.BayesianMLP` has), or ``None`` for a
+        deterministic decoder."""
         guide = getattr(self.decoder, "guide", None)
         return guide if callable(guide) else None
 

@@ -5,9 +5,9 @@ baseline.
     python scripts/train.py --model cvae --given-quadrants 2 --num-epochs 2
 
 The steps are the VAE's (arguments, data, model, fit, evaluate, write) and the run directory
-is pyro_vae.runs' format. The images are split by the quadrant mask into the missing pixels x
+is pyro_vae.jobs.runs' format. The images are split by the quadrant mask into the missing pixels x
 (the only observed site, dynamically binarized in training and binarized once, on the CPU from
-the seed, for evaluation: :func:`pyro_vae.runs.evaluation_sets`) and the given pixels c (the
+the seed, for evaluation: :func:`pyro_vae.jobs.runs.evaluation_sets`) and the given pixels c (the
 grayscale condition). The run directory gets
 
 - ``checkpoint.pt``: the CVAE (config ``"model": "cvae"``), written by fit after each epoch
@@ -40,9 +40,11 @@ import torch
 from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae import cli, distributed
 from pyro_vae.checkpoint import build_model
-from pyro_vae.conditional import (
+from pyro_vae.infer import distributed
+from pyro_vae.jobs import cli
+from pyro_vae.jobs.runs import RunDirectory, claim_run_directory
+from pyro_vae.models.cvae import (
     ConditionalBaseline,
     ConditionalVAE,
     completions,
@@ -52,7 +54,6 @@ from pyro_vae.conditional import (
     quadrant_mask,
     split_by_mask,
 )
-from pyro_vae.runs import RunDirectory, claim_run_directory
 
 OWN_FLAGS: tuple[str, ...] = ("given_quadrants",)
 BASELINE = "baseline.pt"
@@ -147,10 +148,10 @@ class Run(NamedTuple):
 
 
 def evaluation_sets(cvae: ConditionalVAE, data: pv.DataSplits, seed: int) -> tuple[Tensor, Tensor]:
-    """The VAE's evaluation sets (:func:`pyro_vae.runs.evaluation_sets`): whole images, of
+    """The VAE's evaluation sets (:func:`pyro_vae.jobs.runs.evaluation_sets`): whole images, of
     which the run scores the missing pixels."""
     # It reads the model's likelihood only, which the CVAE has as the VAE does.
-    return pv.runs.evaluation_sets(cast(pv.VAE, cvae), data, seed)
+    return pv.jobs.runs.evaluation_sets(cast(pv.VAE, cvae), data, seed)
 
 
 def main(args: argparse.Namespace, prog: str) -> int:
@@ -162,7 +163,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
             run = load_run(args.resume)
             # scripts/train.py's parser has refused every flag a resume may not change.
             overrides = sorted(args.given - {"--resume"})
-            args = pv.runs.resumed_args(run.args, args, run.checkpoint["training"], overrides)
+            args = pv.jobs.runs.resumed_args(run.args, args, run.checkpoint["training"], overrides)
             pyro.set_rng_seed(args.seed)
             return run_dir.guarded(prog, lambda: train(args, run_dir, run))
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
@@ -170,7 +171,7 @@ def main(args: argparse.Namespace, prog: str) -> int:
     mask = quadrant_mask(data.image_shape, args.given_quadrants)
     num_given = int(mask.sum())
     config = model_config(args, data.data_dim - num_given, num_given)
-    pv.runs.check_model_size(config)
+    pv.jobs.runs.check_model_size(config)
     cvae = cast(ConditionalVAE, build_model(config)).to(args.device)
     x_test, x_train_eval = evaluation_sets(cvae, data, args.seed)
     # Data outside the likelihood's support are refused here, before any file is written.
@@ -187,7 +188,7 @@ def load_run(directory: Path) -> Run:
     """The CVAE run in ``directory`` (what :func:`pyro_vae.load_run` returns for it): the
     model, its arguments and checkpoint, the data, and the very evaluation sets it scored,
     checked by their digest."""
-    path = pv.runs.checkpoint_path(directory)
+    path = pv.jobs.runs.checkpoint_path(directory)
     cvae, payload = pv.load_checkpoint(path)
     if not isinstance(cvae, ConditionalVAE):
         raise ValueError(f"{path}: not a run of --model cvae")
@@ -197,7 +198,7 @@ def load_run(directory: Path) -> Run:
     saved = payload["args"]
     data = pv.load_dataset(saved["dataset"], saved["data_dir"])
     x_test, x_train_eval = evaluation_sets(cvae, data, saved["seed"])
-    if pv.runs.digest(x_test) != payload["evaluation_digest"]:
+    if pv.jobs.runs.digest(x_test) != payload["evaluation_digest"]:
         raise ValueError(
             f"{path}: the test set rebuilt from {saved['dataset']} is not the one this run "
             "scored (have the data files changed?)"
@@ -228,7 +229,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
     x_train_eval, c_train_eval = _split(
         cvae, run.x_train_eval, data.x_train[: len(run.x_train_eval)], mask, "training data"
     )
-    loss = pv.runs.make_loss(args.elbo, args.num_particles)
+    loss = pv.jobs.runs.make_loss(args.elbo, args.num_particles)
     metrics, state = run_dir.resume_state(run.checkpoint)
     cli.say(
         f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images; "
@@ -236,7 +237,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
         f"{x_train.shape[1]} to predict; CVAE latent {args.latent_dim}, widths "
         f"{args.hidden_dims}; {type(loss).__name__} with {args.num_particles} particle(s), "
         f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
-        + pv.runs.start_details(args.batch_size, state)
+        + pv.jobs.runs.start_details(args.batch_size, state)
     )
 
     def after_epoch(epoch: int, history: pv.History) -> None:
@@ -274,8 +275,8 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
             cvae,
             config,
             metrics,
-            args=pv.runs.run_arguments(args),
-            evaluation_digest=pv.runs.digest(run.x_test),
+            args=pv.jobs.runs.run_arguments(args),
+            evaluation_digest=pv.jobs.runs.digest(run.x_test),
         ),
         checkpoint_every=args.checkpoint_every,
         resume=state,
@@ -305,7 +306,7 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
             run_dir.path / BASELINE,
             baseline,
             baseline_config(config),
-            args=pv.runs.run_arguments(args),
+            args=pv.jobs.runs.run_arguments(args),
             train_loss=baseline_history.loss,
         )
     baseline_trained = time.perf_counter() - started - trained

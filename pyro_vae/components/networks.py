@@ -1,5 +1,6 @@
 """Plain torch networks. Nothing probabilistic lives here: the distributions are built in
-:mod:`pyro_vae.encoders` and :mod:`pyro_vae.likelihoods` from what these networks compute."""
+:mod:`pyro_vae.components.encoders` and :mod:`pyro_vae.components.likelihoods` from what these
+networks compute."""
 
 from __future__ import annotations
 

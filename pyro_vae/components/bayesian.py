@@ -4,7 +4,7 @@ Normal(0, prior_scale) prior, and the mean-field Normal guide over them.
 In the model, ``decoder(z)`` samples every weight once per step (the VAE calls it outside the
 data plate, so the weights are shared by all examples and their log-densities are not scaled
 by N/B). In the guide, ``decoder.guide()`` samples the same sites from
-q(w) = Normal(loc, scale), one independent Normal per weight. :class:`~pyro_vae.model.VAE`
+q(w) = Normal(loc, scale), one independent Normal per weight. :class:`~pyro_vae.models.vae.VAE`
 calls that guide from its own, so ``fit`` and a user's ``SVI(vae.model, vae.guide, ...)``
 train the weight posterior with no extra code.
 

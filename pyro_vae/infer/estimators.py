@@ -18,8 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.distributions import has_density_everywhere, is_diagonal_normal
-from pyro_vae.model import VAE
+from pyro_vae.components.distributions import has_density_everywhere, is_diagonal_normal
+from pyro_vae.models.vae import VAE
 
 
 class ELBOTerms(NamedTuple):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.networks import feature_network, output_layer
+from pyro_vae.components.networks import feature_network, output_layer
 
 
 def _positive_scale(raw: Tensor, min_scale: float) -> Tensor:
@@ -84,7 +84,7 @@ class FullCovarianceNormalEncoder(_NetworkEncoder):
     entries below it, all outputs of the network.
 
     Against a diagonal Normal prior, the KL is closed form (registered in
-    :mod:`pyro_vae.kl`), so ``TraceMeanField_ELBO`` uses it.
+    :mod:`pyro_vae.components.kl`), so ``TraceMeanField_ELBO`` uses it.
 
     Arguments as :class:`DiagonalNormalEncoder`.
     """

@@ -1,5 +1,5 @@
 """The conditional VAE (Sohn, Lee & Yan 2015) as a Pyro model and guide, trained by
-:func:`~pyro_vae.train.fit` like any other, and the quadrant-completion task of Pyro's
+:func:`~pyro_vae.infer.fit.fit` like any other, and the quadrant-completion task of Pyro's
 ``examples/cvae``: given some quadrants of an image, generate the others.
 
 Names: ``x`` is what the model predicts (the *missing* pixels: the only observed site), ``c``
@@ -11,9 +11,10 @@ likelihood, the first tensor only, and the condition stays the grayscale input i
 in the data plate.
 ``guide(x, c)``:  z ~ q(z | x, c) = encoder([x, c]) in the data plate.
 
-The parts are the package's: the encoder is any of :mod:`pyro_vae.encoders` built for
-``data_dim + condition_dim`` inputs, the decoder an :class:`~pyro_vae.networks.MLP` from
-``latent_dim + condition_dim``, the likelihood any of :mod:`pyro_vae.likelihoods`. Only the
+The parts are the package's: the encoder is any of :mod:`pyro_vae.components.encoders` built for
+``data_dim + condition_dim`` inputs, the decoder an :class:`~pyro_vae.components.networks.MLP` from
+``latent_dim + condition_dim``, the likelihood any of :mod:`pyro_vae.components.likelihoods`. Only
+the
 prior is new: :class:`ConditionalNormalPrior`, a ``PyroModule`` that takes the condition, so a
 prior here is ``prior(c)`` where the VAE's is ``prior()``.
 
@@ -41,11 +42,11 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pyro_vae import contract
 from pyro_vae._checks import check_positive_float, check_positive_int
-from pyro_vae.encoders import DiagonalNormalEncoder
-from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.networks import MLP, _image_shape
+from pyro_vae.components.encoders import DiagonalNormalEncoder
+from pyro_vae.components.likelihoods import BernoulliLikelihood
+from pyro_vae.components.networks import MLP, _image_shape
+from pyro_vae.models import contract
 from pyro_vae.plots import _figure, _save
 
 # Each instance gets a Pyro name of its own, which prefixes its entries in Pyro's global param
@@ -139,7 +140,7 @@ def check_mask(mask: object, data_dim: int | None = None) -> Tensor:
 
 def split_by_mask(images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(x, c)``: the pixels to predict and the given pixels of ``images`` ``(N, D)``, each
-    ``(N, ·)`` in the images' pixel order; the tuple that :func:`~pyro_vae.train.fit` takes."""
+    ``(N, ·)`` in the images' pixel order; the tuple that :func:`~pyro_vae.infer.fit.fit` takes."""
     mask = check_mask(mask)
     images = contract.check_form(images, "images", mask.numel())
     mask = mask.to(images.device)
@@ -217,7 +218,7 @@ class ConditionalNormalPrior(PyroModule):
     ``forward(c)`` maps ``(B, condition_dim)`` to a distribution with ``batch_shape == (B,)``
     and ``event_shape == (latent_dim,)``.
 
-    μ and σ are the two halves of an :class:`~pyro_vae.networks.MLP`'s output;
+    μ and σ are the two halves of an :class:`~pyro_vae.components.networks.MLP`'s output;
     σ(c) = softplus(raw) + ``min_scale``, as the encoders do.
 
     :param int condition_dim: the size of c.
@@ -309,7 +310,7 @@ class _PyroProgram(PyroModule, contract.DataChecks):
 
 class ConditionalVAE(_PyroProgram):
     """A conditional VAE (Sohn et al. 2015): prior network p(z | c), likelihood p(x | z, c)
-    with a decoder network, and the guide q(z | x, c). Trained by :func:`~pyro_vae.train.fit`
+    with a decoder network, and the guide q(z | x, c). Trained by :func:`~pyro_vae.infer.fit.fit`
     on the tuple ``(x, c)``; its test log p(x | c) by :func:`conditional_log_likelihood`.
 
     Every part is an optional keyword; ``None`` gives the documented default:
@@ -317,12 +318,12 @@ class ConditionalVAE(_PyroProgram):
     - ``prior(c)`` -> distribution, ``batch_shape == (B,)``, ``event_shape == (latent_dim,)``;
       default :class:`ConditionalNormalPrior` with an MLP of ``hidden_dims``.
     - ``encoder(torch.cat([x, c], -1))`` -> reparameterized distribution of the same shapes;
-      default :class:`~pyro_vae.encoders.DiagonalNormalEncoder` for ``data_dim +
+      default :class:`~pyro_vae.components.encoders.DiagonalNormalEncoder` for ``data_dim +
       condition_dim`` inputs (any encoder of the package fits).
     - ``decoder(torch.cat([z, c], -1))`` -> tensor ``(B, ...)``, the likelihood's parameters;
-      default an :class:`~pyro_vae.networks.MLP` with ``hidden_dims`` reversed.
+      default an :class:`~pyro_vae.components.networks.MLP` with ``hidden_dims`` reversed.
     - ``likelihood(params)`` -> distribution, ``batch_shape == (B,)``, ``event_shape ==
-      (data_dim,)``; default :class:`~pyro_vae.likelihoods.BernoulliLikelihood`.
+      (data_dim,)``; default :class:`~pyro_vae.components.likelihoods.BernoulliLikelihood`.
 
     :param int data_dim: the size of x, the part to predict.
     :param int condition_dim: the size of c, the given part.
@@ -466,7 +467,7 @@ class ConditionalBaseline(_PyroProgram):
     :param int data_dim: the size of x.
     :param int condition_dim: the size of c.
     :param hidden_dims: hidden widths of the MLP.
-    :param likelihood: default :class:`~pyro_vae.likelihoods.BernoulliLikelihood`.
+    :param likelihood: default :class:`~pyro_vae.components.likelihoods.BernoulliLikelihood`.
     :param net: a network ``(B, condition_dim) -> (B, ...)`` instead of the MLP.
     """
 
