@@ -64,7 +64,7 @@ def test_all_is_sorted_and_complete():
 
 def test_every_exported_component_is_contract_tested():
     # The CVAE's parts take the condition, so the VAE's contract does not apply to them:
-    # tests/test_conditional.py checks ConditionalNormalPrior's own (a prior that ignores c).
+    # tests/models/test_cvae.py checks ConditionalNormalPrior's own (a prior that ignores c).
     exported = {
         n
         for n in pv.__all__

@@ -26,7 +26,7 @@ from pyro_vae.infer import distributed
 from pyro_vae.infer.distributed import Ranks
 from pyro_vae.infer.fit import TrainingState
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "scripts" / "train.py"
 RUN = ("--latent-dim", "3", "--hidden-dims", "16", "--num-iw-particles", "0", "--no-progress")
 
@@ -265,7 +265,7 @@ def test_ddp_gradient_equals_the_gradient_of_the_global_batch(tmp_path):
     evaluation metrics all-reduced over the ranks equal one process's on the whole set, and
     fit refuses arguments that differ between ranks ("refused" is 0 when it did)."""
     out = tmp_path / "largest.json"
-    done = torchrun(str(ROOT / "tests" / "distributed_gradients.py"), str(out))
+    done = torchrun(str(ROOT / "tests" / "infer" / "distributed_gradients.py"), str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     largest = json.loads(out.read_text())
     assert set(largest) == {

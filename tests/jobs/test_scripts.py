@@ -1,5 +1,5 @@
 """The three scripts, run in this process through their ``run(argv)``: what they write, what
-they refuse, and what they say. tests/test_faults.py keeps the true end-to-end runs (kills,
+they refuse, and what they say. tests/jobs/test_faults.py keeps the true end-to-end runs (kills,
 Ctrl-C, closed pipes) in subprocesses."""
 
 import argparse

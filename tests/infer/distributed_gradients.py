@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2``: the gradient that
+"""Run by tests/infer/test_distributed.py under ``torchrun --nproc-per-node 2``: the gradient that
 DDP averages over two ranks, each with half of a global batch, against the gradient one
 process computes on the whole global batch, with the same ε for every example.
 

@@ -14,7 +14,7 @@ import torch
 
 import pyro_vae as pv
 
-TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+TRAIN = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
 # A small digits run with a checkpoint after every step: many instants to be killed at.
 # Every test here runs the script in a subprocess, as a user would: the slow end-to-end set.
 pytestmark = pytest.mark.slow

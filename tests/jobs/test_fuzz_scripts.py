@@ -52,7 +52,7 @@ FUZZED = sorted(set(ACTIONS) - {"--out-dir", "--help"})
 
 # The flags of --model m2 and cvae. The fuzzer drives the VAE's job (--model vae, or an invalid
 # name): there, each of these must be refused. The other models' command lines are checked in
-# tests/test_m2_job.py and tests/test_cvae_job.py.
+# tests/jobs/test_m2_job.py and tests/jobs/test_cvae_job.py.
 JOB_FLAGS = {
     action.option_strings[-1]
     for action in ACTIONS.values()
@@ -273,5 +273,5 @@ def test_the_fuzzer_knows_every_flag_and_the_budget_is_recorded():
         action = ACTIONS[flag]
         if action.nargs != 0:
             assert _valid_value(action, "1") in (True, False)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"{MAX_EXAMPLES} random command lines" in readme

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import binary_data
 from pyro.infer import RenyiELBO, TraceMeanField_ELBO
-from test_model import assert_every_parameter_moved, snapshot
+from test_vae import assert_every_parameter_moved, snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 

@@ -13,7 +13,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroParam, pyro_method
-from test_model import (
+from test_vae import (
     BayesianDecoder,
     assert_every_parameter_moved,
     snapshot,
