@@ -74,7 +74,7 @@ from pyro_vae.models.m2 import (
 )
 from pyro_vae.models.vae import VAE
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ActiveUnits",
