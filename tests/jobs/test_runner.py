@@ -1,0 +1,80 @@
+"""The one runner (pyro_vae.jobs.runner) for every model kind: a resumed run reads its
+checkpoint once, and each kind goes through the same steps."""
+
+import builtins
+import os
+from pathlib import Path
+
+import pytest
+from scripts_in_process import call, load_script
+
+from pyro_vae.jobs import JOBS
+
+pytestmark = pytest.mark.usefixtures("float32")
+train_script = load_script("train")
+
+# The smallest run of each kind: one epoch on digits, no importance-weighted score.
+KIND_FLAGS = {
+    "vae": ("--latent-dim", "2", "--hidden-dims", "8"),
+    "m2": ("--model", "m2", "--num-labelled", "20", "--latent-dim", "2", "--hidden-dims", "8"),
+    "cvae": ("--model", "cvae", "--latent-dim", "2", "--hidden-dims", "8"),
+}
+
+
+def reads_of(name: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every opening of a file called ``name`` for reading from here on, through os.open or
+    open() (which every read in Python and torch goes through)."""
+    opened: list[str] = []
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path).name == name and flags & os.O_ACCMODE == os.O_RDONLY:
+            opened.append(f"os.open({path})")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(file, (str, os.PathLike)) and Path(file).name == name and "r" in mode:
+            opened.append(f"open({file})")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    return opened
+
+
+def test_every_kind_has_a_job_with_the_same_functions():
+    functions = (
+        "add_arguments",
+        "check_arguments",
+        "new_config",
+        "check_run",
+        "prepare",
+        "epoch_row",
+        "epoch_line",
+        "finish",
+        "summary",
+        "evaluate",
+        "table",
+        "explain",
+    )
+    for kind, job in JOBS.items():
+        assert job.KIND == kind
+        assert all(callable(getattr(job, name, None)) for name in functions), kind
+        assert isinstance(job.OWN_FLAGS, tuple)
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_FLAGS))
+def test_a_resume_opens_the_checkpoint_once(kind, tmp_path, capsys, monkeypatch):
+    out = tmp_path / kind
+    flags = (*KIND_FLAGS[kind], "--num-iw-particles", "0", "--no-progress", "--num-threads", "1")
+    code, _, err = call(
+        train_script, *flags, "--num-epochs", "1", "--out-dir", str(out), capsys=capsys
+    )
+    assert code == 0, err
+    opened = reads_of("checkpoint.pt", monkeypatch)
+    code, stdout, err = call(
+        train_script, "--resume", str(out), "--num-epochs", "2", capsys=capsys
+    )
+    assert code == 0, err
+    assert "resuming from the end of epoch 1" in stdout
+    assert len(opened) == 1, opened
