@@ -30,7 +30,7 @@ import pyro_vae as pv
 # (row label, build_vae keywords): the baseline, then one prior or one encoder swapped at a time.
 RUNS = [
     ("baseline: standard-normal prior, diagonal encoder", {}),
-    ("prior: diagonal-normal (learnt)", {"prior": "diagonal-normal"}),
+    ("prior: diagonal-normal (learned)", {"prior": "diagonal-normal"}),
     ("prior: mixture of 10 Gaussians", {"prior": "mixture", "num_components": 10}),
     ("prior: VampPrior, 100 pseudo-inputs", {"prior": "vamp", "num_components": 100}),
     ("prior: flow (2 MAF layers)", {"prior": "flow", "flow_depth": 2}),

@@ -641,7 +641,7 @@ def _least_weights(config: dict[str, Any]) -> int:
     stride-2 layers leave, and the encoder's read-out from the same map); each
     autoregressive flow layer (latent_dim inputs, and the IAF's context, to 4 * latent_dim
     hidden units, to two outputs per latent); the mixture's means and scales and the
-    VampPrior's pseudo-inputs; a learnt scale per feature.
+    VampPrior's pseudo-inputs; a learned scale per feature.
     """
     data_dim, latent_dim = config["data_dim"], config["latent_dim"]
     hidden = list((400,) if config.get("hidden_dims") is None else config["hidden_dims"])

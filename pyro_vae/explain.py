@@ -380,7 +380,7 @@ def _per_example(vae: Encoded, x: Tensor, loc: Tensor, scale: Tensor) -> str:
         f"and σ_i(x) with {float(spread_scale.min()):.4f} to {float(spread_scale.max()):.4f}. "
         f"The pixel statistics of the dataset are two numbers; the encoder produced "
         f"{2 * loc.numel()} μ and σ values here, {2 * vae.latent_dim} per input.\n\n"
-        f"**Are μ and σ learnt parameters?** No. The model has {num_parameters} learnt "
+        f"**Are μ and σ learned parameters?** No. The model has {num_parameters} learned "
         f"parameters ({encoder_parameters} in the encoder), all weights and biases of the "
         f"networks (and of the prior or likelihood, if learnable); none of them is a μ or a σ "
         f"of any example. Training changes the weights, and so the function x ↦ (μ(x), σ(x)).\n"
@@ -418,7 +418,7 @@ def _read_outs(vae: Encoded, encoder_input: Tensor, loc: Tensor) -> str:
     return (
         "## 2. Do μ_1 and μ_2 both compute the mean of the hidden vector?\n\n"
         f"No. The encoder's last hidden layer h(x) has {hidden.shape[1]} units. Each μ_i(x) is "
-        "its own learnt read-out of it, μ_i(x) = w_i · h(x) + b_i, with a different weight "
+        "its own learned read-out of it, μ_i(x) = w_i · h(x) + b_i, with a different weight "
         f"vector w_i for every i. Rebuilding μ from h with those weights matches the encoder "
         f"to {error:.1e}.\n\n"
         + _table(header, rows)

@@ -37,7 +37,7 @@ class BayesianMLP(nn.Module):
     :param float init_scale: the guide's starting standard deviation for every weight. It
         starts narrow: the guide's means start where an ordinary network's weights do, and a
         wide posterior would drown that network in weight noise before the encoder and the
-        means have learnt anything. The KL term then widens it as far as the data allow.
+        means have learned anything. The KL term then widens it as far as the data allow.
     :param activation: the hidden non-linearity.
     :param str site_prefix: the first part of every weight site's name.
     """

@@ -1,7 +1,7 @@
 """Observation models p(x | z): modules whose ``forward(params)`` turns the decoder's output
 ``(B, data_dim)`` (one value per feature) into a distribution with ``batch_shape == (B,)`` and
 ``event_shape == (data_dim,)``. A scale, where a likelihood has one, is the likelihood's own
-(fixed, or a learnt parameter), not a decoder output.
+(fixed, or a learned parameter), not a decoder output.
 
 A likelihood states what data it accepts through its distribution's ``support``; the VAE checks
 data against it before any training or evaluation starts.
@@ -48,17 +48,17 @@ class ContinuousBernoulliLikelihood(nn.Module):
         return dist.ContinuousBernoulli(logits=logits).to_event(1)
 
 
-# softplus(raw) + _MIN_SCALE: the floor keeps a learnt scale from collapsing onto features that
+# softplus(raw) + _MIN_SCALE: the floor keeps a learned scale from collapsing onto features that
 # never vary (image borders), where the density, and so the ELBO, would grow without bound.
 _MIN_SCALE = 1e-3
 
 
-def _learnt_scale(name: str, scale: float, data_dim: int | None) -> nn.Parameter:
-    """The unconstrained parameter of a learnt scale starting at ``scale``: one shared, or one
+def _learned_scale(name: str, scale: float, data_dim: int | None) -> nn.Parameter:
+    """The unconstrained parameter of a learned scale starting at ``scale``: one shared, or one
     per feature when ``data_dim`` is given. :func:`_positive` maps it back."""
     check_positive_float(f"{name}: scale", scale)
     if scale <= _MIN_SCALE:
-        raise ValueError(f"{name}: a learnt scale must start above {_MIN_SCALE}")
+        raise ValueError(f"{name}: a learned scale must start above {_MIN_SCALE}")
     shape = () if data_dim is None else (check_positive_int("data_dim", data_dim),)
     raw = torch.log(torch.expm1(torch.tensor(scale - _MIN_SCALE)))  # softplus⁻¹
     return nn.Parameter(raw.expand(shape).clone())
@@ -69,7 +69,7 @@ def _positive(raw_scale: Tensor) -> Tensor:
 
 
 class _LocationScaleLikelihood(nn.Module):
-    """p(x | z) = Π_d family(x_d; loc_d, scale); the scale fixed or learnt."""
+    """p(x | z) = Π_d family(x_d; loc_d, scale); the scale fixed or learned."""
 
     # The distribution's class, called as family(loc, scale).
     family: Callable[[Tensor, Tensor], dist.TorchDistribution]
@@ -86,10 +86,11 @@ class _LocationScaleLikelihood(nn.Module):
         self.learn_scale = bool(learn_scale)
         if data_dim is not None and not self.learn_scale:
             raise ValueError(
-                f"{name}: data_dim is for a learnt per-feature scale; pass learn_scale=True as well"
+                f"{name}: data_dim is for a learned per-feature scale; pass learn_scale=True "
+                "as well"
             )
         if self.learn_scale:
-            self.raw_scale = _learnt_scale(name, scale, data_dim)
+            self.raw_scale = _learned_scale(name, scale, data_dim)
         else:
             self.register_buffer("fixed_scale", torch.tensor(float(scale)))
 
@@ -108,7 +109,7 @@ class NormalLikelihood(_LocationScaleLikelihood):
     With a linear decoder and a fixed scale this is probabilistic PCA, whose log p(x) has a
     closed form.
 
-    :param float scale: the observation standard deviation (the starting value when learnt).
+    :param float scale: the observation standard deviation (the starting value when learned).
     :param bool learn_scale: learn the scale with the rest of the model.
     :param int data_dim: with ``learn_scale``, one scale per feature; ``None``: one shared.
     """
@@ -126,11 +127,11 @@ class LaplaceLikelihood(_LocationScaleLikelihood):
 class DiscretizedLogisticLikelihood(nn.Module):
     """p(x | z) = Π_d DiscretizedLogistic(x_d; loc_d, scale_d, num_levels): a proper probability
     for each of ``num_levels`` pixel levels k / (num_levels − 1) (data in [0, 1] on that grid, such
-    as 8-bit images divided by 255), with a learnt scale.
+    as 8-bit images divided by 255), with a learned scale.
 
     :param int num_levels: the number of pixel levels: 256 for 8-bit images, 17 for the digits.
     :param float scale: the starting scale.
-    :param int data_dim: one learnt scale per feature; ``None``: one shared scale.
+    :param int data_dim: one learned scale per feature; ``None``: one shared scale.
     """
 
     def __init__(self, num_levels: int = 256, scale: float = 0.1, data_dim: int | None = None):
@@ -138,7 +139,7 @@ class DiscretizedLogisticLikelihood(nn.Module):
         self.num_levels = check_positive_int("num_levels", num_levels)
         if num_levels < 2:
             raise ValueError(f"num_levels must be at least 2, got {num_levels}")
-        self.raw_scale = _learnt_scale(type(self).__name__, scale, data_dim)
+        self.raw_scale = _learned_scale(type(self).__name__, scale, data_dim)
 
     @property
     def scale(self) -> Tensor:

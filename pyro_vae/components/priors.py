@@ -28,7 +28,7 @@ _SOFTPLUS_ONE = float(torch.log(torch.expm1(torch.tensor(1.0))))
 class StandardNormalPrior(nn.Module):
     """The standard normal prior p(z) = N(0, I).
 
-    Its location and scale are buffers, not parameters: nothing here is learnt, and they follow
+    Its location and scale are buffers, not parameters: nothing here is learned, and they follow
     the model across ``.to(device)`` and ``.double()``.
 
     :param int latent_dim: the size of z.

@@ -119,7 +119,7 @@ class Objective:
             raise ValueError(
                 f"the model's latent site(s) {', '.join(repr(n) for n in missing)} have no "
                 "site of the same name in the guide, so their values would be drawn from the "
-                "prior at every step and never learnt. Give them a guide: a decoder with random "
+                "prior at every step and never learned. Give them a guide: a decoder with random "
                 "weights provides a guide() method that samples them (pyro_vae.BayesianMLP "
                 "does), or the guide samples each of those sites itself (for example through "
                 "pyro.infer.autoguide.AutoNormal over them)"

@@ -84,7 +84,7 @@ def build_vae(
         (default 100).
     :param flow_depth: layers of the ``flow`` prior and of the ``iaf`` encoder.
     :param likelihood_scale: for ``normal`` and ``laplace``: a number (fixed), ``"learned"``
-        (one learnt scale) or ``"learned-per-feature"``; for ``discretized-logistic``, learnt
+        (one learned scale) or ``"learned-per-feature"``; for ``discretized-logistic``, learned
         either way, shared or per feature.
     :param num_levels: pixel levels for ``discretized-logistic`` (256 for 8-bit images).
     :param beta: the KL weight (β-VAE).

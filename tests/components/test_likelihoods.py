@@ -87,7 +87,7 @@ LEARNT_SCALES = {
 
 
 @pytest.mark.parametrize("name", sorted(LEARNT_SCALES))
-def test_learnt_scale_starts_where_asked_and_never_falls_below_its_floor(name):
+def test_learned_scale_starts_where_asked_and_never_falls_below_its_floor(name):
     """scale = softplus(raw) + 1e-3: the floor keeps the density bounded on features that never
     vary. Driven far below zero, the raw parameter gives the floor exactly."""
     likelihood = LEARNT_SCALES[name]()

@@ -110,7 +110,7 @@ def easy_problem(num: int, generator: torch.Generator):
     """Three classes of 12 binary pixels: class k lights its own block of four pixels with
     probability 0.9 and the rest with 0.1. The Bayes classifier's error is below 1e-3 (the
     majority vote inside each block errs only when two blocks tie or swap), so a classifier
-    that learnt the classes scores near 1, and one that learnt nothing 1/3."""
+    that learned the classes scores near 1, and one that learned nothing 1/3."""
     labels = torch.randint(0, 3, (num,), generator=generator)
     blocks = torch.arange(12) // 4
     probs = torch.where(blocks == labels[:, None], 0.9, 0.1)
