@@ -36,15 +36,10 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.models.cvae import (
-    ConditionalBaseline,
-    ConditionalVAE,
-    completions,
-    conditional_log_likelihood,
-    plot_completions,
-    quadrant_mask,
-    split_by_mask,
-)
+from pyro_vae.models.cvae import ConditionalBaseline, ConditionalVAE
+from pyro_vae.models.cvae_estimators import completions, conditional_log_likelihood
+from pyro_vae.models.masks import quadrant_mask, split_by_mask
+from pyro_vae.plots import plot_completions
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -36,7 +36,8 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.models.m2 import M2, SupervisedClassifier, hide_labels, labelled_subset
+from pyro_vae.models.labels import hide_labels, labelled_subset
+from pyro_vae.models.m2 import M2, SupervisedClassifier
 
 
 def run_one(num_labelled: int, data: pv.DataSplits, tests: dict, args) -> dict:

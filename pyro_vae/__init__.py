@@ -9,7 +9,6 @@ from pyro_vae.components.encoders import (
     FullCovarianceNormalEncoder,
     IAFEncoder,
 )
-from pyro_vae.components.kl import has_closed_form_kl  # importing it registers the closed-form KLs
 from pyro_vae.components.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -50,29 +49,18 @@ from pyro_vae.models.build import (
     PRIOR_NAMES,
     build_vae,
 )
-from pyro_vae.models.cvae import (
+from pyro_vae.models.cvae import ConditionalBaseline, ConditionalNormalPrior, ConditionalVAE
+from pyro_vae.models.cvae_estimators import (
     Completions,
-    ConditionalBaseline,
-    ConditionalNormalPrior,
-    ConditionalVAE,
-    check_mask,
     completions,
     conditional_log_likelihood,
-    merge_by_mask,
-    plot_completions,
-    quadrant_mask,
     sample_spread,
-    split_by_mask,
 )
-from pyro_vae.models.m2 import (
-    M2,
-    UNLABELLED,
-    SupervisedClassifier,
-    hide_labels,
-    labelled_subset,
-    paper_alpha,
-)
-from pyro_vae.models.vae import VAE
+from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
+from pyro_vae.models.m2 import M2, SupervisedClassifier
+from pyro_vae.models.masks import check_mask, merge_by_mask, quadrant_mask, split_by_mask
+from pyro_vae.models.vae import VAE, has_closed_form_kl  # the VAE registers the closed-form KLs
+from pyro_vae.plots import plot_completions
 
 __version__ = "0.2.0"
 

@@ -31,7 +31,8 @@ from pyro_vae.infer.estimators import (
     kl_per_dimension,
     weight_spread,
 )
-from pyro_vae.models.cvae import ConditionalVAE, sample_spread
+from pyro_vae.models.cvae import ConditionalVAE
+from pyro_vae.models.cvae_estimators import sample_spread
 from pyro_vae.models.m2 import M2
 from pyro_vae.models.vae import VAE
 
@@ -189,7 +190,7 @@ def explain_cvae(
     """Write ``out_dir/report.md`` for a trained CVAE on the missing parts ``x`` of its test
     inputs and their given parts ``condition``: q(z | x, c)'s μ and σ (sections 1 and 2 of
     the VAE's report) and the spread of completions per condition
-    (:func:`~pyro_vae.models.cvae.sample_spread` at ``num_particles`` draws); return the
+    (:func:`~pyro_vae.models.cvae_estimators.sample_spread` at ``num_particles`` draws); return the
     report's path."""
     cvae.validate_data(x, "test data")
     condition = cvae.validate_condition(condition, len(x))
@@ -271,7 +272,7 @@ def _confusion(
 
 
 def _plot_confusion(counts: Tensor, class_names: Sequence[str], path: Path) -> None:
-    fig = plots._figure(figsize=(1 + 0.5 * len(class_names), 1 + 0.5 * len(class_names)))
+    fig = plots.new_figure(figsize=(1 + 0.5 * len(class_names), 1 + 0.5 * len(class_names)))
     ax = fig.add_subplot()
     ax.imshow(counts.numpy(), cmap="Blues")
     ticks = range(len(class_names))
@@ -279,7 +280,7 @@ def _plot_confusion(counts: Tensor, class_names: Sequence[str], path: Path) -> N
     ax.set_yticks(ticks, [str(name) for name in class_names])
     ax.set_xlabel("most probable under q(y | x)")
     ax.set_ylabel("true class")
-    plots._save(fig, path)
+    plots.save_figure(fig, path)
 
 
 def _label_entropy(m2: M2, x: Tensor, labels: Tensor, class_names: Sequence[str]) -> str:

@@ -1,4 +1,5 @@
-"""Figures of a trained VAE, written as PNG files.
+"""Every figure of the package, written as PNG files: a trained VAE's, M2's and the conditional
+VAE's.
 
 The figures are drawn on :class:`matplotlib.figure.Figure` objects, never through pyplot.
 pyplot holds process-wide state: a backend, which a library must not choose for its user (doing
@@ -29,14 +30,18 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from pyro_vae.models.cvae_estimators import Completions
 
-def _figure(**kwargs: Any) -> Figure:
+
+def new_figure(**kwargs: Any) -> Figure:
+    """A bare matplotlib ``Figure`` (no pyplot: see the module's docstring); keywords go to
+    it."""
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     """Write ``fig`` to ``path`` in the format its suffix names (PNG without one), atomically:
     an interrupted run leaves the old file or none, never a truncated image."""
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
@@ -55,7 +60,7 @@ def _input_label(inputs: Tensor) -> str:
     return "input (binary)" if binary else "input"
 
 
-def _image_grid(images: Tensor, image_shape: Sequence[int], rows: int, cols: int) -> Any:
+def image_grid(images: Tensor, image_shape: Sequence[int], rows: int, cols: int) -> Any:
     """Tile ``rows * cols`` flattened images into one 2-D numpy array, with a 1-pixel gap.
     numpy, not a tensor: matplotlib's ``np.array(x, copy=False)`` on a tensor is deprecated."""
     h, w = image_shape
@@ -70,7 +75,8 @@ def _numpy(values: Tensor) -> Any:
     return values.detach().cpu().numpy()
 
 
-def _integer_ticks(ax: Axes) -> None:
+def integer_ticks(ax: Axes) -> None:
+    """Ticks at whole numbers only on ``ax``'s x axis (epochs: a tick at 1.5 names none)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -89,15 +95,15 @@ def plot_reconstructions(
     (a binarized test set), else "input". Pass "input (binarized)" when you binarized it."""
     n = min(len(inputs), 10)
     rows = torch.cat([inputs[:n], reconstructions[:n]])
-    fig = _figure(figsize=(n * 0.9, 2.2))
+    fig = new_figure(figsize=(n * 0.9, 2.2))
     ax = fig.subplots()
-    ax.imshow(_image_grid(rows, image_shape, 2, n), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(image_grid(rows, image_shape, 2, n), cmap="gray", vmin=0, vmax=1)
     h = image_shape[0]
     ax.set_yticks([(h - 1) / 2, (h + 1) + (h - 1) / 2])
     ax.set_yticklabels([input_label or _input_label(inputs[:n]), "reconstruction\n(mean)"])
     ax.set_xticks([])
     ax.set_title("Test inputs and their reconstructions (likelihood mean at z = μ(x))")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -105,12 +111,12 @@ def plot_samples(samples: Tensor, image_shape: Sequence[int], path: str | os.Pat
     """A grid of decoded prior samples; return the figure."""
     cols = 8
     rows = max(1, len(samples) // cols)
-    fig = _figure(figsize=(cols, rows))
+    fig = new_figure(figsize=(cols, rows))
     ax = fig.subplots()
-    ax.imshow(_image_grid(samples, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(image_grid(samples, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
     ax.set_title("Samples: z ~ p(z), decoded (likelihood mean)")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -136,7 +142,7 @@ def plot_latent_space(
         points = torch.cat([loc, torch.zeros(len(loc), 2 - loc.shape[1])], dim=1)
         axis_names = ["μ_1(x)", "μ_2(x)" if loc.shape[1] == 2 else "(none)"]
         title = "Test-set μ(x)"
-    fig = _figure(figsize=(7, 6))
+    fig = new_figure(figsize=(7, 6))
     ax = fig.subplots()
     cmap = colormaps["tab10"]
     labels = labels.cpu()
@@ -155,14 +161,14 @@ def plot_latent_space(
     ax.set_ylabel(axis_names[1])
     ax.set_title(title)
     ax.legend(markerscale=3, fontsize=8, loc="best", title="label")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
 def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> Figure:
     """Per-example −ELBO (train and test) and the KL term, per epoch; return the figure."""
     epochs = [m["epoch"] for m in metrics]
-    fig = _figure(figsize=(11, 4))
+    fig = new_figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
     left.plot(epochs, [m["train_loss"] for m in metrics], label="training objective (running)")
     left.plot(epochs, [-m["train_elbo"] for m in metrics], label="train −ELBO")
@@ -175,9 +181,9 @@ def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> Figure:
     right.set_title("The two terms of the test ELBO")
     for ax in (left, right):
         ax.set_xlabel("epoch")
-        _integer_ticks(ax)  # epochs are whole: a tick at 1.5 names no epoch
+        integer_ticks(ax)  # epochs are whole: a tick at 1.5 names no epoch
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -193,7 +199,7 @@ def plot_weight_spread(
     deviation (on its own colour scale, printed in the title); return the figure.
     ``input_label`` as in :func:`plot_reconstructions`."""
     n = min(len(inputs), 10)
-    fig = _figure(figsize=(n * 0.9, 3.6))
+    fig = new_figure(figsize=(n * 0.9, 3.6))
     axes = fig.subplots(3, 1)
     rows = [
         (inputs[:n], input_label or _input_label(inputs[:n]), 1.0),
@@ -201,7 +207,7 @@ def plot_weight_spread(
         (std[:n], "std over weights", float(std[:n].max()) or 1.0),
     ]
     for ax, (images, label, top) in zip(axes, rows, strict=True):
-        ax.imshow(_image_grid(images, image_shape, 1, n), cmap="gray", vmin=0, vmax=top)
+        ax.imshow(image_grid(images, image_shape, 1, n), cmap="gray", vmin=0, vmax=top)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center")
@@ -209,7 +215,7 @@ def plot_weight_spread(
         "Reconstructions (z = μ(x)) over draws of the decoder's weights; "
         f"std scale 0 to {rows[2][2]:.3g}"
     )
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -221,7 +227,7 @@ def plot_point_cloud(
     from matplotlib.patches import Rectangle
 
     i, j = dims
-    fig = _figure(figsize=(5, 5))
+    fig = new_figure(figsize=(5, 5))
     ax = fig.subplots()
     ax.scatter(_numpy(z[:, i]), _numpy(z[:, j]), s=3, alpha=0.3, label="z = μ(x) + σ(x)·ε")
     ax.plot(float(loc[i]), float(loc[j]), "r+", markersize=14, mew=2, label="μ(x)")
@@ -242,7 +248,7 @@ def plot_point_cloud(
     ax.set_title("The reparameterization cloud of one test input")
     ax.legend(loc="best", fontsize=8)
     ax.set_aspect("equal", adjustable="datalim")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -268,7 +274,7 @@ def plot_aggregate_posterior(
     from matplotlib.lines import Line2D
 
     i, j = dims
-    fig = _figure(figsize=(6, 5.5))
+    fig = new_figure(figsize=(6, 5.5))
     ax = fig.subplots()
     grid = torch.linspace(-3.5, 3.5, 200, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
@@ -319,7 +325,7 @@ def plot_aggregate_posterior(
         fontsize=7,
         loc="lower left",
     )
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -333,16 +339,16 @@ def plot_traversal(
     """Rows: one latent dimension each (tensor indices ``dims``), varied over ``values`` with
     the others at 0. Return the figure."""
     rows, cols = len(dims), len(values)
-    fig = _figure(figsize=(cols * 0.8, rows * 0.9))
+    fig = new_figure(figsize=(cols * 0.8, rows * 0.9))
     ax = fig.subplots()
-    ax.imshow(_image_grid(images, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(image_grid(images, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
     h = image_shape[0]
     ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
     ax.set_yticklabels([_name(d) for d in dims])
     ax.set_xticks([c * (image_shape[1] + 1) + (image_shape[1] - 1) / 2 for c in range(cols)])
     ax.set_xticklabels([f"{float(v):+.1f}" for v in values], fontsize=7)
     ax.set_title("Latent traversal: one dimension varied, the others at the prior mean 0")
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -352,7 +358,7 @@ def plot_kl_per_dimension(
     """KL per latent dimension and Cov_x(E_q[z_i]), with the active-unit threshold; return the
     figure. Bars stand at 1, 2, ...: z_1 is the first dimension, as in the report."""
     positions = list(range(1, len(kl) + 1))
-    fig = _figure(figsize=(10, 3.6))
+    fig = new_figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
     left.bar(positions, _numpy(kl))
     left.set_title("average KL(q(z_i|x) ‖ p(z_i))\n(bounds the information z_i carries)")
@@ -364,6 +370,119 @@ def plot_kl_per_dimension(
     right.legend(fontsize=8)
     for ax in (left, right):
         ax.set_xlabel("latent dimension i of z_i")
-        _integer_ticks(ax)
-    _save(fig, path)
+        integer_ticks(ax)
+    save_figure(fig, path)
+    return fig
+
+
+# ---------------------------------------------------------------------------- M2's figures
+
+
+def plot_accuracy(
+    metrics: list[dict[str, Any]], num_labels: int, path: str | os.PathLike
+) -> Figure:
+    """M2's test accuracy of q(y|x) per epoch, binarized and grayscale, over chance; return the
+    figure."""
+    epochs = [row["epoch"] for row in metrics]
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(epochs, [row["test_accuracy"] for row in metrics], "o-", label="binarized test set")
+    ax.plot(
+        epochs,
+        [row["test_accuracy_grayscale"] for row in metrics],
+        "s--",
+        label="grayscale test set",
+    )
+    ax.axhline(1 / num_labels, color="k", lw=0.8, ls=":", label=f"chance (1/{num_labels})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy of argmax q(y|x)")
+    ax.set_ylim(0, 1)
+    integer_ticks(ax)
+    ax.set_title("M2: test accuracy of the classifier q(y|x)")
+    ax.legend()
+    save_figure(fig, path)
+    return fig
+
+
+def plot_class_samples(
+    samples: Tensor, image_shape: Sequence[int], class_names: Sequence[str], path: str | os.PathLike
+) -> Figure:
+    """M2's samples, a row per class: y fixed, z ~ p(z) varied along the row (the same z in
+    every row). ``samples`` holds the rows one after the other; return the figure."""
+    rows = len(class_names)
+    cols = len(samples) // rows
+    fig = new_figure(figsize=(cols * 0.8, rows * 0.8))
+    ax = fig.subplots()
+    ax.imshow(image_grid(samples, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
+    h = image_shape[0]
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
+    ax.set_yticklabels([f"y = {name}" for name in class_names])
+    ax.set_xticks([])
+    ax.set_xlabel("z ~ p(z): one draw per column")
+    ax.set_title("M2 samples: y fixed per row, z varied (likelihood mean)")
+    save_figure(fig, path)
+    return fig
+
+
+def plot_style_transfer(
+    grid: Tensor,
+    rows: int,
+    image_shape: Sequence[int],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+) -> Figure:
+    """M2's style transfer, a row per test input: the input, then its z decoded under every
+    class; return the figure."""
+    cols = len(class_names) + 1
+    fig = new_figure(figsize=(cols * 0.8, rows * 0.8))
+    ax = fig.subplots()
+    ax.imshow(image_grid(grid, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
+    w = image_shape[1]
+    ax.set_xticks([c * (w + 1) + (w - 1) / 2 for c in range(cols)])
+    ax.set_xticklabels(["binarized\ninput", *(f"y = {name}" for name in class_names)], fontsize=7)
+    ax.set_yticks([])
+    ax.set_title(
+        "M2 style transfer: z = μ(x, most probable y) of a test input, decoded under each y"
+    )
+    save_figure(fig, path)
+    return fig
+
+
+# ---------------------------------------------------------------------------- the CVAE's figure
+
+
+def plot_completions(figure_data: Completions, path: str | os.PathLike | None = None) -> Figure:
+    """Draw :func:`~pyro_vae.models.cvae_estimators.completions` as a grid, one column per
+    image: inputs (missing pixels in red), truth, baseline, then one row per CVAE sample. Saved
+    to ``path`` (PNG unless its suffix names another format) when given; returns the
+    matplotlib ``Figure``.
+
+    A bare ``Figure``, never pyplot, as every figure here."""
+    from matplotlib import colormaps
+
+    channels, height, width = figure_data.image_shape
+    rows = [
+        ("inputs", figure_data.inputs),
+        ("truth", figure_data.truth),
+        ("baseline", figure_data.baseline),
+        *((f"CVAE {k + 1}", s) for k, s in enumerate(figure_data.samples)),
+    ]
+    num_images = figure_data.truth.shape[0]
+    fig = new_figure(figsize=(0.9 * num_images + 0.8, 0.9 * len(rows)))
+    axes = fig.subplots(len(rows), num_images, squeeze=False)
+    cmap = colormaps["gray"].with_extremes(bad="tab:red")
+    for r, (label, batch) in enumerate(rows):
+        for i in range(num_images):
+            image = batch[i].detach().cpu().reshape(channels, height, width)
+            ax = axes[r][i]
+            if channels == 1:
+                ax.imshow(image[0].numpy(), cmap=cmap, vmin=0.0, vmax=1.0)
+            else:
+                ax.imshow(image.permute(1, 2, 0).nan_to_num(0.0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    if path is not None:
+        save_figure(fig, path)
     return fig

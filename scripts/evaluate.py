@@ -43,12 +43,9 @@ from pyro_vae.jobs import cli
 from pyro_vae.jobs import cvae as conditional_job
 from pyro_vae.jobs import m2 as semisupervised_job
 from pyro_vae.jobs.runs import RunDirectory
-from pyro_vae.models.cvae import (
-    ConditionalBaseline,
-    conditional_log_likelihood,
-    quadrant_mask,
-    sample_spread,
-)
+from pyro_vae.models.cvae import ConditionalBaseline
+from pyro_vae.models.cvae_estimators import conditional_log_likelihood, sample_spread
+from pyro_vae.models.masks import quadrant_mask
 
 PROG = "evaluate.py"
 # Draws of z per condition for the spread of a CVAE's completions, and conditions per pass.

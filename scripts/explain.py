@@ -27,7 +27,7 @@ from pyro_vae.jobs import cli
 from pyro_vae.jobs import cvae as conditional_job
 from pyro_vae.jobs import m2 as semisupervised_job
 from pyro_vae.jobs.runs import EXPLAIN_DIR, RunDirectory
-from pyro_vae.models.cvae import quadrant_mask, split_by_mask
+from pyro_vae.models.masks import quadrant_mask, split_by_mask
 
 PROG = "explain.py"
 

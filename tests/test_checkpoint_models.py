@@ -18,7 +18,8 @@ from pyro_vae import checkpoint
 from pyro_vae.models import cvae as conditional
 from pyro_vae.models import m2 as semisupervised
 from pyro_vae.models.cvae import ConditionalBaseline, ConditionalVAE, build_cvae
-from pyro_vae.models.m2 import M2, hide_labels, labelled_subset
+from pyro_vae.models.labels import hide_labels, labelled_subset
+from pyro_vae.models.m2 import M2
 
 M2_CONFIG = {
     "model": "m2",

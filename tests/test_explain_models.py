@@ -12,8 +12,10 @@ from test_explain import sections
 import pyro_vae as pv
 from pyro_vae.jobs import cvae as conditional_job
 from pyro_vae.jobs import m2 as semisupervised_job
-from pyro_vae.models.cvae import quadrant_mask, sample_spread, split_by_mask
-from pyro_vae.models.m2 import M2, UNLABELLED, hide_labels, labelled_subset
+from pyro_vae.models.cvae_estimators import sample_spread
+from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset
+from pyro_vae.models.m2 import M2
+from pyro_vae.models.masks import quadrant_mask, split_by_mask
 
 NUM_TEST = 60
 

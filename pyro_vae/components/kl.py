@@ -1,22 +1,20 @@
 """Closed-form KL divergences that torch lacks, registered with ``torch.distributions`` (which
-Pyro's ``TraceMeanField_ELBO`` consults), and a check of whether a VAE's KL is closed form.
+Pyro's ``TraceMeanField_ELBO`` consults) when this module is imported. Whether a VAE's KL is
+closed form: :func:`~pyro_vae.models.vae.has_closed_form_kl`.
 
 Registered here:
 
 - KL(N(μ, Σ) ‖ N(m, diag s²)): a full-covariance Normal posterior against a diagonal Normal
   prior (``FullCovarianceNormalEncoder`` with the standard or a learnable diagonal prior).
 
-Each is tested against a Monte-Carlo estimate (tests/test_kl.py).
+Each is tested against a Monte-Carlo estimate (tests/components/test_kl.py).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import Independent, MultivariateNormal, Normal
 from torch.distributions.kl import register_kl
-
-from pyro_vae.models.vae import VAE
 
 
 @register_kl(MultivariateNormal, Independent)
@@ -34,18 +32,3 @@ def _kl_full_covariance_normal_diagonal_normal(q: MultivariateNormal, p: Indepen
     log_det_posterior = 2 * q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     dim = q.event_shape[-1]
     return 0.5 * (trace + mahalanobis - dim + log_det_prior - log_det_posterior)
-
-
-@torch.no_grad()
-def has_closed_form_kl(vae: VAE) -> bool:
-    """Whether ``kl_divergence(q(z | x), p(z))`` is available for this VAE's encoder and prior,
-    that is, whether ``TraceMeanField_ELBO`` computes the KL exactly rather than falling back
-    to a Monte-Carlo estimate."""
-    x = torch.zeros(2, vae.data_dim, dtype=vae.dtype, device=vae.device)
-    posterior = vae.encoder(x)
-    prior = vae.prior().expand(posterior.batch_shape)
-    try:
-        kl_divergence(posterior, prior)
-    except NotImplementedError:
-        return False
-    return True

@@ -59,7 +59,7 @@ class ConvNet(nn.Module):
         activation: type[nn.Module] = nn.Softplus,
     ) -> None:
         super().__init__()
-        self.image_shape = _image_shape(image_shape)
+        self.image_shape = check_image_shape(image_shape)
         c, h, w = self.image_shape
         layers: list[nn.Module] = []
         for c_in, c_out in pairwise([c, *channels]):
@@ -94,7 +94,7 @@ class DeconvNet(nn.Module):
         activation: type[nn.Module] = nn.Softplus,
     ) -> None:
         super().__init__()
-        self.image_shape = _image_shape(image_shape)
+        self.image_shape = check_image_shape(image_shape)
         c, h, w = self.image_shape
         for _ in channels:
             h, w = _downsampled(h), _downsampled(w)
@@ -117,7 +117,9 @@ class DeconvNet(nn.Module):
         return images.reshape(*leading, self.out_dim)
 
 
-def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+def check_image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(channels, height, width)`` from ``(height, width)`` (one channel) or ``(channels,
+    height, width)``; any other length, or a size below 1, is refused."""
     shape = tuple(int(s) for s in shape)
     if len(shape) == 2:
         shape = (1, *shape)

@@ -199,11 +199,11 @@ def _beta_input(module: Any, beta: Tensor | None) -> Iterator[None]:
     if beta is None:
         yield
         return
-    module._beta_scale = lambda: poutine.scale(scale=beta)
+    module.beta_scale = lambda: poutine.scale(scale=beta)
     try:
         yield
     finally:
-        del module._beta_scale
+        del module.beta_scale
 
 
 def eager_reason(objective: Objective) -> str | None:

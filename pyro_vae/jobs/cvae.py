@@ -44,16 +44,14 @@ from pyro_vae.checkpoint import build_model
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.runs import RunDirectory, claim_run_directory
-from pyro_vae.models.cvae import (
-    ConditionalBaseline,
-    ConditionalVAE,
+from pyro_vae.models.cvae import ConditionalBaseline, ConditionalVAE
+from pyro_vae.models.cvae_estimators import (
     completions,
     conditional_elbo_terms,
     conditional_log_likelihood,
-    plot_completions,
-    quadrant_mask,
-    split_by_mask,
 )
+from pyro_vae.models.masks import quadrant_mask, split_by_mask
+from pyro_vae.plots import plot_completions
 
 OWN_FLAGS: tuple[str, ...] = ("given_quadrants",)
 BASELINE = "baseline.pt"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -43,13 +42,8 @@ from pyro_vae.checkpoint import build_model
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.runs import RunDirectory, claim_run_directory
-from pyro_vae.models.m2 import (
-    M2,
-    UNLABELLED,
-    hide_labels,
-    labelled_subset,
-    paper_alpha,
-)
+from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
+from pyro_vae.models.m2 import M2
 
 OWN_FLAGS: tuple[str, ...] = ("num_labelled", "num_unlabelled", "alpha")
 DEFAULT_NUM_LABELLED = 100
@@ -424,14 +418,14 @@ def write_figures(
 ) -> None:
     """accuracy.png, samples.png and style_transfer.png (see the module's docstring); the
     draws of z come from ``seed``, so that the figures of a run are always the same."""
-    plot_accuracy(metrics, m2.num_labels, directory / "accuracy.png")
+    plots.plot_accuracy(metrics, m2.num_labels, directory / "accuracy.png")
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(SAMPLE_COLUMNS, m2.latent_dim, generator=generator).to(m2.device, m2.dtype)
     classes = torch.arange(m2.num_labels, device=m2.device)
     # Row k: class k under each column's z.
     y = classes.repeat_interleave(SAMPLE_COLUMNS)
     samples = m2.decode(z.repeat(m2.num_labels, 1), y)
-    plot_class_samples(samples, data.image_shape, data.class_names, directory / "samples.png")
+    plots.plot_class_samples(samples, data.image_shape, data.class_names, directory / "samples.png")
     inputs = x_test[:STYLE_ROWS]
     guessed = m2.classify(inputs)
     z_inputs, _ = m2.encode(inputs, guessed)
@@ -440,73 +434,10 @@ def write_figures(
         z_inputs.repeat_interleave(m2.num_labels, 0), classes.repeat(len(inputs))
     ).reshape(len(inputs), m2.num_labels, -1)
     grid = torch.cat([inputs.unsqueeze(1), decoded], dim=1).reshape(-1, inputs.shape[1])
-    plot_style_transfer(
+    plots.plot_style_transfer(
         grid,
         len(inputs),
         data.image_shape,
         data.class_names,
         directory / "style_transfer.png",
     )
-
-
-def plot_accuracy(metrics: list[dict[str, Any]], num_labels: int, path: Path) -> None:
-    """Test accuracy of q(y|x) per epoch, binarized and grayscale, over chance."""
-    epochs = [row["epoch"] for row in metrics]
-    fig = plots._figure(figsize=(6, 4))
-    ax = fig.subplots()
-    ax.plot(epochs, [row["test_accuracy"] for row in metrics], "o-", label="binarized test set")
-    ax.plot(
-        epochs,
-        [row["test_accuracy_grayscale"] for row in metrics],
-        "s--",
-        label="grayscale test set",
-    )
-    ax.axhline(1 / num_labels, color="k", lw=0.8, ls=":", label=f"chance (1/{num_labels})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy of argmax q(y|x)")
-    ax.set_ylim(0, 1)
-    plots._integer_ticks(ax)
-    ax.set_title("M2: test accuracy of the classifier q(y|x)")
-    ax.legend()
-    plots._save(fig, path)
-
-
-def plot_class_samples(
-    samples: Tensor, image_shape: Sequence[int], class_names: Sequence[str], path: Path
-) -> None:
-    """A row per class: y fixed, z ~ p(z) varied along the row (the same z in every row)."""
-    rows = len(class_names)
-    fig = plots._figure(figsize=(SAMPLE_COLUMNS * 0.8, rows * 0.8))
-    ax = fig.subplots()
-    ax.imshow(
-        plots._image_grid(samples, image_shape, rows, SAMPLE_COLUMNS), cmap="gray", vmin=0, vmax=1
-    )
-    h = image_shape[0]
-    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
-    ax.set_yticklabels([f"y = {name}" for name in class_names])
-    ax.set_xticks([])
-    ax.set_xlabel("z ~ p(z): one draw per column")
-    ax.set_title("M2 samples: y fixed per row, z varied (likelihood mean)")
-    plots._save(fig, path)
-
-
-def plot_style_transfer(
-    grid: Tensor,
-    rows: int,
-    image_shape: Sequence[int],
-    class_names: Sequence[str],
-    path: Path,
-) -> None:
-    """A row per test input: the input, then its z decoded under every class."""
-    cols = len(class_names) + 1
-    fig = plots._figure(figsize=(cols * 0.8, rows * 0.8))
-    ax = fig.subplots()
-    ax.imshow(plots._image_grid(grid, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
-    w = image_shape[1]
-    ax.set_xticks([c * (w + 1) + (w - 1) / 2 for c in range(cols)])
-    ax.set_xticklabels(["binarized\ninput", *(f"y = {name}" for name in class_names)], fontsize=7)
-    ax.set_yticks([])
-    ax.set_title(
-        "M2 style transfer: z = μ(x, most probable y) of a test input, decoded under each y"
-    )
-    plots._save(fig, path)

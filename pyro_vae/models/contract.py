@@ -1,14 +1,12 @@
-"""The component contract of :class:`~pyro_vae.models.vae.VAE`, checked: the shapes every part must
-return, and the form of the data it is given.
+"""The component contract of :class:`~pyro_vae.models.vae.VAE`, checked: the shapes every part
+must return, and the form of the data it is given.
 
-These checks live apart from the Pyro program (model.py) so that the program reads on its own.
-Each raises a ``ValueError`` that names the part or the data at fault.
+These checks live apart from the Pyro programs (vae.py, m2.py, cvae.py) so that each program
+reads on its own. Each raises a ``ValueError`` that names the part or the data at fault.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,11 +37,11 @@ def check_components(
     x = torch.zeros(CHECK_BATCH, data_dim, dtype=dtype, device=device)
     latent = (latent_dim,)
 
-    prior_distribution = _call_part("prior", prior)
-    _check_shapes("prior", prior_distribution, batch_shape=(), event_shape=latent, given="()")
+    prior_distribution = call_part("prior", prior)
+    check_shapes("prior", prior_distribution, batch_shape=(), event_shape=latent, given="()")
 
-    posterior = _call_part("encoder", encoder, x)
-    _check_shapes(
+    posterior = call_part("encoder", encoder, x)
+    check_shapes(
         "encoder",
         posterior,
         batch_shape=(CHECK_BATCH,),
@@ -57,7 +55,7 @@ def check_components(
         )
 
     z = posterior.rsample()
-    params = _call_part("decoder", decoder, z)
+    params = call_part("decoder", decoder, z)
     if not isinstance(params, Tensor) or params.ndim == 0 or params.shape[0] != CHECK_BATCH:
         got = (
             f"shape {tuple(params.shape)}" if isinstance(params, Tensor) else type(params).__name__
@@ -66,8 +64,8 @@ def check_components(
             f"decoder: must return a tensor (B, ...) for z of shape {tuple(z.shape)}, got {got}"
         )
 
-    observation = _call_part("likelihood", likelihood, params)
-    _check_shapes(
+    observation = call_part("likelihood", likelihood, params)
+    check_shapes(
         "likelihood",
         observation,
         batch_shape=(CHECK_BATCH,),
@@ -123,9 +121,9 @@ def check_support(
         )
 
 
-def _call_part(name: str, part: nn.Module, *args: Tensor) -> Any:
+def call_part(name: str, part: nn.Module, *args: Tensor) -> Any:
     # Any, as nn.Module.__call__ returns: what a part returns is for its caller to check
-    # (_check_shapes for a distribution, the decoder's tensor check in check_components).
+    # (check_shapes for a distribution, the decoder's tensor check in check_components).
     if not callable(part):
         raise ValueError(f"{name}: must be a callable nn.Module, got {type(part).__name__}")
     try:
@@ -137,7 +135,7 @@ def _call_part(name: str, part: nn.Module, *args: Tensor) -> Any:
         raise ValueError(f"{name}: failed when called with {shapes}: {error}") from error
 
 
-def _check_shapes(
+def check_shapes(
     name: str, d: object, *, batch_shape: tuple, event_shape: tuple, given: str
 ) -> None:
     if not isinstance(d, torch.distributions.Distribution):
@@ -163,37 +161,23 @@ def _offending_value(row: Tensor, support: constraints.Constraint) -> str:
 class DataChecks:
     """What the models (VAE, M2, the CVAE) check of the data they are given, in one place.
 
-    A model that mixes this in has ``data_dim``, ``data_support`` (the likelihood's support, set
-    when it checked its parts) and ``likelihood``; it gets ``device``, ``dtype``,
-    ``validate_data`` (which :func:`~pyro_vae.infer.fit.fit` calls before any step) and
-    ``_check_batch`` (for the inputs of its networks).
+    A model that mixes this in (through :class:`~pyro_vae.models.base.PyroProgram`, which gives
+    it ``device`` and ``dtype``) has ``data_dim``, ``data_support`` (the likelihood's support,
+    set when it checked its parts) and ``likelihood``; it gets ``validate_data`` (which
+    :func:`~pyro_vae.infer.fit.fit` calls before any step) and ``_check_batch`` (for the inputs
+    of its networks).
     """
 
     data_dim: int
     data_support: constraints.Constraint
     likelihood: nn.Module
 
-    if TYPE_CHECKING:  # nn.Module provides them to the models this is mixed into
+    if TYPE_CHECKING:  # PyroProgram provides them to the models this is mixed into
 
-        def parameters(self) -> Iterator[nn.Parameter]: ...
-        def buffers(self) -> Iterator[Tensor]: ...
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the model's parameters (the CPU for a model without any)."""
-        return self._reference_tensor().device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The floating dtype of the model's parameters (torch's default without any)."""
-        reference = self._reference_tensor()
-        return reference.dtype if reference.numel() else torch.get_default_dtype()
-
-    def _reference_tensor(self) -> Tensor:
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            if tensor.is_floating_point():
-                return tensor
-        return torch.empty(0)
+        @property
+        def device(self) -> torch.device: ...
+        @property
+        def dtype(self) -> torch.dtype: ...
 
     def _check_batch(self, x: object) -> Tensor:
         """The checks of :meth:`validate_data` that any input of the networks needs (type,

@@ -20,7 +20,6 @@ with a loss of its own; here it is a site of the one model, so that one ``fit`` 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
-from pyro.nn import PyroModule, pyro_method
+from pyro.nn import pyro_method
 from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -42,86 +41,11 @@ from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.components.networks import MLP, DeconvNet, feature_network
 from pyro_vae.components.priors import StandardNormalPrior
 from pyro_vae.models import contract
-
-UNLABELLED = -1
-"""The label of a row whose class is unknown."""
-
-# The fraction of the dataset size N that Kingma et al. use as α (section 3.1.2: "α = 0.1·N").
-PAPER_ALPHA_FRACTION = 0.1
-
-# Each M2 gets its own Pyro name, for the reason VAE does (docs/design.md, "Pyro names").
-_instance_ids = itertools.count()
+from pyro_vae.models.base import NamedPyroModule, PyroProgram, check_num_data, data_plate
+from pyro_vae.models.labels import UNLABELLED, check_label_tensor, paper_alpha
 
 
-def paper_alpha(num_data: int, num_labelled: int) -> float:
-    """Kingma et al.'s weight of the classification term, per labelled example.
-
-    Their objective is J^α = J + α · E_labelled[−log q(y | x)] with α = 0.1 · N, J summed over
-    the N examples and the expectation an average over the N_l labelled ones. Per labelled
-    example that is 0.1 · N / N_l: 60 for 100 labels among 60000 images, 2 for 3000. (Pyro's
-    ``ss_vae_M2`` uses a fixed 46 on MNIST, whatever the number of labels, 3000 by default; the
-    paper's rule keeps the classification term's total weight, 0.1 · N, the same whatever
-    N_l. In a short budget on Fashion-MNIST the paper's value taught the classifier more
-    slowly than 50 did: benchmarks/README.md, "M2".)
-    """
-    check_positive_int("num_data", num_data)
-    check_positive_int("num_labelled", num_labelled)
-    if num_labelled > num_data:
-        raise ValueError(f"num_labelled={num_labelled} exceeds num_data={num_data}")
-    return PAPER_ALPHA_FRACTION * num_data / num_labelled
-
-
-def labelled_subset(labels: Tensor, num_labelled: int, seed: int) -> Tensor:
-    """A fixed, class-balanced choice of ``num_labelled`` rows to keep the labels of.
-
-    Every class gets ``num_labelled // K`` rows; the ``num_labelled % K`` left over go one each
-    to classes picked at random. The rows of each class are a random draw without replacement.
-    All randomness comes from a ``torch.Generator`` seeded with ``seed``, so the same labels,
-    count and seed give the same rows on any machine.
-
-    :param labels: all the training labels, integers 0..K-1, ``(N,)``; K is the largest + 1.
-    :returns: the chosen row indices, sorted, ``(num_labelled,)`` (``torch.long``).
-    :raises ValueError: when a class has fewer rows than its share, naming the class.
-    """
-    labels = _check_label_tensor(labels, "labels")
-    check_positive_int("num_labelled", num_labelled)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if len(labels) and int(labels.min()) < 0:
-        index = int((labels < 0).nonzero()[0])
-        raise ValueError(
-            f"labels must all be known (0..K-1) to choose a labelled subset; "
-            f"labels[{index}] = {int(labels[index])}"
-        )
-    if num_labelled > len(labels):
-        raise ValueError(f"num_labelled={num_labelled} exceeds the {len(labels)} rows")
-    labels = labels.cpu()
-    num_classes = int(labels.max()) + 1
-    generator = torch.Generator().manual_seed(seed)
-    share = torch.full((num_classes,), num_labelled // num_classes)
-    share[torch.randperm(num_classes, generator=generator)[: num_labelled % num_classes]] += 1
-    chosen = []
-    for label in range(num_classes):
-        rows = (labels == label).nonzero().squeeze(1)
-        if len(rows) < share[label]:
-            raise ValueError(
-                f"class {label} has {len(rows)} rows, fewer than its share of "
-                f"{int(share[label])} in a balanced subset of {num_labelled}"
-            )
-        chosen.append(rows[torch.randperm(len(rows), generator=generator)[: share[label]]])
-    return torch.cat(chosen).sort().values
-
-
-def hide_labels(labels: Tensor, keep: Tensor) -> Tensor:
-    """A copy of ``labels`` with every row outside the indices ``keep`` set to
-    :data:`UNLABELLED`: the label tensor M2 trains on."""
-    labels = _check_label_tensor(labels, "labels")
-    hidden = torch.full_like(labels, UNLABELLED)
-    hidden[keep] = labels[keep]
-    return hidden
-
-
-class M2(PyroModule, contract.DataChecks):
+class M2(PyroProgram):
     """The semi-supervised VAE M2 (Kingma et al. 2014): p(y) p(z) p(x | y, z), guide
     q(y | x) q(z | x, y).
 
@@ -151,11 +75,14 @@ class M2(PyroModule, contract.DataChecks):
     :param int num_labels: the number of classes K.
     :param int latent_dim: the size of z.
     :param float alpha: the weight of log q(y | x) per labelled example;
-        :func:`paper_alpha` gives the paper's choice, which :meth:`from_data` uses by default.
+        :func:`~pyro_vae.models.labels.paper_alpha` gives the paper's choice, which
+        :meth:`from_data` uses by default.
     :param hidden_dims: widths of the default MLPs.
     :param image_shape: ``(height, width)`` or ``(channels, height, width)``: convolutional
         default networks.
     """
+
+    pyro_kind = "m2"
 
     def __init__(
         self,
@@ -172,7 +99,7 @@ class M2(PyroModule, contract.DataChecks):
         likelihood: nn.Module | None = None,
         prior: nn.Module | None = None,
     ) -> None:
-        super().__init__(name=f"m2_{next(_instance_ids)}")
+        super().__init__()
         self.data_dim = check_positive_int("data_dim", data_dim)
         self.num_labels = check_positive_int("num_labels", num_labels)
         if num_labels < 2:
@@ -236,7 +163,7 @@ class M2(PyroModule, contract.DataChecks):
         ``num_labels=`` when the labelled rows might miss the last class."""
         if not isinstance(x, Tensor) or x.ndim != 2:
             raise ValueError("x must be a tensor (N, data_dim)")
-        labels = _check_label_tensor(labels, "labels")
+        labels = check_label_tensor(labels, "labels")
         known = labels[labels != UNLABELLED]
         if len(known) == 0:
             raise ValueError("labels has no labelled row: M2 needs some labels")
@@ -244,10 +171,6 @@ class M2(PyroModule, contract.DataChecks):
         if alpha is None:
             alpha = paper_alpha(len(labels), len(known))
         return cls(x.shape[1], num_labels, latent_dim, alpha=alpha, **kwargs)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        _rename(self, "m2")
 
     @staticmethod
     def loss(**kwargs: Any) -> TraceEnum_ELBO:
@@ -262,14 +185,11 @@ class M2(PyroModule, contract.DataChecks):
     # ------------------------------------------------------------------ the Pyro program
 
     def _scale(self, x: Tensor, num_data: int | None) -> float:
-        batch_size = x.shape[0]
+        """N / B: the two plates of a batch have sizes of their own, so the subsample scale is
+        applied by hand."""
         if num_data is None:
             return 1.0
-        if num_data < batch_size:
-            raise ValueError(
-                f"num_data={num_data} is smaller than the batch of {batch_size} examples"
-            )
-        return num_data / batch_size
+        return check_num_data(x.shape[0], num_data) / x.shape[0]
 
     @pyro_method
     def model(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
@@ -387,7 +307,7 @@ class M2(PyroModule, contract.DataChecks):
         with torch.no_grad():
             x = torch.zeros(b, self.data_dim)
             y = torch.zeros(b, dtype=torch.long)
-            logits = contract._call_part("classifier", self.classifier, x)
+            logits = contract.call_part("classifier", self.classifier, x)
             if not isinstance(logits, Tensor) or tuple(logits.shape) != (b, k):
                 got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                 raise ValueError(
@@ -395,8 +315,8 @@ class M2(PyroModule, contract.DataChecks):
                     f"got {got}"
                 )
             encoder_in = self._encoder_input(x, y)
-            posterior = contract._call_part("encoder", self.encoder, encoder_in)
-            contract._check_shapes(
+            posterior = contract.call_part("encoder", self.encoder, encoder_in)
+            contract.check_shapes(
                 "encoder",
                 posterior,
                 batch_shape=(b,),
@@ -405,14 +325,14 @@ class M2(PyroModule, contract.DataChecks):
             )
             if not posterior.has_rsample:
                 raise ValueError("encoder: q(z | x, y) must be reparameterized (has_rsample)")
-            prior = contract._call_part("prior", self.prior)
-            contract._check_shapes(
+            prior = contract.call_part("prior", self.prior)
+            contract.check_shapes(
                 "prior", prior, batch_shape=(), event_shape=(self.latent_dim,), given="()"
             )
             decoder_in = self._decoder_input(posterior.rsample(), y)
-            params = contract._call_part("decoder", self.decoder, decoder_in)
-            observation = contract._call_part("likelihood", self.likelihood, params)
-            contract._check_shapes(
+            params = contract.call_part("decoder", self.decoder, decoder_in)
+            observation = contract.call_part("likelihood", self.likelihood, params)
+            contract.check_shapes(
                 "likelihood",
                 observation,
                 batch_shape=(b,),
@@ -424,7 +344,7 @@ class M2(PyroModule, contract.DataChecks):
     def check_labels(self, labels: object, num_rows: int) -> Tensor:
         """``labels`` must be an integer tensor ``(num_rows,)`` of classes 0..K-1 or
         :data:`UNLABELLED`; the error names the first offending row and its value."""
-        labels = _check_label_tensor(labels, "labels")
+        labels = check_label_tensor(labels, "labels")
         if len(labels) != num_rows:
             raise ValueError(f"labels has {len(labels)} rows, the data {num_rows}")
         bad = (labels < UNLABELLED) | (labels >= self.num_labels)
@@ -444,33 +364,30 @@ class M2(PyroModule, contract.DataChecks):
         self.check_labels(labels, len(x))
 
 
-class SupervisedClassifier(PyroModule):
+class SupervisedClassifier(NamedPyroModule):
     """The supervised-only baseline of M2: y ~ Categorical(classifier(x)) observed, nothing
     latent, trained by ``fit`` on labelled rows alone (``Trace_ELBO``: the loss is then the
     cross-entropy). Give it the very network M2 starts with (``copy.deepcopy(m2.classifier)``)
     for a comparison of like with like."""
 
+    pyro_kind = "classifier"
+
     def __init__(self, classifier: nn.Module, num_labels: int) -> None:
-        super().__init__(name=f"classifier_{next(_instance_ids)}")
+        super().__init__()
         self.classifier = classifier
         self.num_labels = check_positive_int("num_labels", num_labels)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        _rename(self, "classifier")
 
     @pyro_method
     def model(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
         classifier = self.classifier
-        size = len(x) if num_data is None else num_data
-        with pyro.plate("data", size=size, subsample=x):
+        with data_plate(x, num_data):
             pyro.sample("y", dist.Categorical(logits=classifier(x)), obs=y)
 
     def guide(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
         """Nothing is latent."""
 
     def validate_inputs(self, x: Tensor, labels: Tensor) -> None:
-        labels = _check_label_tensor(labels, "labels")
+        labels = check_label_tensor(labels, "labels")
         bad = (labels < 0) | (labels >= self.num_labels)
         if bool(bad.any()):
             index = int(bad.nonzero()[0])
@@ -513,28 +430,8 @@ def build_m2(
     )
 
 
-def _rename(root: PyroModule, prefix: str) -> None:
-    """A fresh Pyro name for ``root`` and its PyroModule children. ``copy.deepcopy`` and
-    unpickling go through ``__setstate__``, which calls this, so that training a copy leaves
-    the original's param-store entries alone (docs/design.md, "Pyro names")."""
-    old, new = root._pyro_name, f"{prefix}_{next(_instance_ids)}"
-    for module in root.modules():
-        if isinstance(module, PyroModule):
-            module._pyro_name = new + module._pyro_name[len(old) :]
-
-
 def _concat(a: Tensor, b: Tensor) -> Tensor:
     """``a`` and ``b`` side by side along the last dimension, their leading dimensions
     broadcast (an enumerated y has an extra one in front)."""
     leading = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     return torch.cat([a.expand(*leading, a.shape[-1]), b.expand(*leading, b.shape[-1])], dim=-1)
-
-
-def _check_label_tensor(labels: object, what: str) -> Tensor:
-    if not isinstance(labels, Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{what} must be an integer tensor (class indices), got {labels.dtype}")
-    if labels.ndim != 1:
-        raise ValueError(f"{what} must have shape (N,), got {tuple(labels.shape)}")
-    return labels

@@ -10,31 +10,24 @@ contract live in :mod:`pyro_vae.models.contract`.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule, pyro_method
+from pyro.nn import pyro_method
 from torch import Tensor, nn
+from torch.distributions import kl_divergence
 
-from pyro_vae._checks import check_positive_float, check_positive_int
+import pyro_vae.components.kl  # noqa: F401  (registers the closed-form KLs torch lacks)
+from pyro_vae._checks import check_positive_int
 from pyro_vae._sites import site_distribution
 from pyro_vae.components.encoders import DiagonalNormalEncoder
 from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.components.networks import MLP
 from pyro_vae.components.priors import StandardNormalPrior
 from pyro_vae.models import contract
-
-# Each VAE instance gets its own Pyro name ("vae0", "vae1", ...), which prefixes its entries in
-# Pyro's global param store. Two VAEs built in one process, or a VAE and its deep copy, would
-# otherwise share entries such as "encoder$$$net.0.weight", and SVI on one would silently
-# optimize the other's tensors (docs/design.md, "Pyro names"). The name is never part of a
-# sample site's name or of a state_dict key, so checkpoints load into any instance.
-_instance_ids = itertools.count()
+from pyro_vae.models.base import BetaScaled, PyroProgram, data_plate
 
 # Draws per example for the moments of a posterior that has no closed form (VAE.encode).
 ENCODE_PARTICLES = 128
@@ -43,7 +36,7 @@ ENCODE_PARTICLES = 128
 SAMPLE_CHUNK = 4096
 
 
-class VAE(PyroModule, contract.DataChecks):
+class VAE(BetaScaled, PyroProgram):
     """A variational autoencoder: prior p(z), likelihood p(x | z) with a decoder network, and an
     amortized guide q(z | x) (the encoder).
 
@@ -56,10 +49,9 @@ class VAE(PyroModule, contract.DataChecks):
       ``event_shape == (latent_dim,)``; default
       :class:`~pyro_vae.components.encoders.DiagonalNormalEncoder`
       with an MLP of ``hidden_dims``.
-    - ``decoder(z)`` -> tensor ``(B, ...)``, the likelihood's parameters; default
-    an
-      :class:`~pyro_vae.components.networks.MLP` with ``hidden_dims`` reversed, giving ``data_dim``
-      logits.
+    - ``decoder(z)`` -> tensor ``(B, ...)``, the likelihood's parameters; default an
+      :class:`~pyro_vae.components.networks.MLP` with ``hidden_dims`` reversed, giving
+      ``data_dim`` logits.
     - ``likelihood(params)`` -> distribution, ``batch_shape == (B,)``,
       ``event_shape == (data_dim,)``; default
       :class:`~pyro_vae.components.likelihoods.BernoulliLikelihood`.
@@ -73,6 +65,8 @@ class VAE(PyroModule, contract.DataChecks):
         guide, so ``TraceMeanField_ELBO`` sees it too. Must be > 0.
     :param hidden_dims: hidden widths of the default encoder and decoder MLPs.
     """
+
+    pyro_kind = "vae"
 
     def __init__(
         self,
@@ -89,10 +83,10 @@ class VAE(PyroModule, contract.DataChecks):
         """Assemble the VAE from its parts (``None``: the default part) and check each one
         against the component contract, raising a ``ValueError`` that names a part that
         breaks it. A VampPrior is bound to this encoder. The VAE takes a Pyro name of its own
-        (``vae0``, ``vae1``, ...), so that two VAEs never share param-store entries. The
-        arguments are described in the class docstring.
+        (:class:`~pyro_vae.models.base.NamedPyroModule`), so that two VAEs never share
+        param-store entries. The arguments are described in the class docstring.
         """
-        super().__init__(name=_new_name())
+        super().__init__()
         check_positive_int("data_dim", data_dim)
         check_positive_int("latent_dim", latent_dim)
         for width in hidden_dims:
@@ -123,42 +117,7 @@ class VAE(PyroModule, contract.DataChecks):
             device=self.device,
         )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # copy.deepcopy and unpickling come through here: the copy gets a Pyro name of its own,
-        # so that training it leaves the original's param-store entries alone.
-        super().__setstate__(state)
-        old, new = self._pyro_name, _new_name()
-        for module in self.modules():
-            if isinstance(module, PyroModule):
-                module._pyro_name = new + module._pyro_name[len(old) :]
-
-    # β is a property so that a KL warm-up schedule can change it and still be checked.
-    @property
-    def beta(self) -> float:
-        return self._beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self._beta = check_positive_float("beta", value)
-
     # ------------------------------------------------------------------ the Pyro program
-
-    def _data_plate(self, x: Tensor, num_data: int | None) -> pyro.plate:
-        batch_size = x.shape[0]
-        if num_data is None:
-            num_data = batch_size
-        elif num_data < batch_size:
-            raise ValueError(
-                f"num_data={num_data} is smaller than the batch of {batch_size} examples"
-            )
-        # subsample=x: the batch *is* the subsample, so Pyro scales log-densities by
-        # num_data / batch_size without drawing random indices of its own.
-        return pyro.plate("data", size=num_data, subsample=x)
-
-    def _beta_scale(self) -> contextlib.AbstractContextManager:
-        # At β = 1 the scale handler would multiply by one; leaving it out saves a handler on
-        # every site of every step.
-        return contextlib.nullcontext() if self.beta == 1.0 else poutine.scale(scale=self.beta)
 
     @pyro_method
     def model(self, x: Tensor, num_data: int | None = None) -> Tensor:
@@ -174,11 +133,11 @@ class VAE(PyroModule, contract.DataChecks):
         # per step, outside the data plate, as global latents must be: they are not scaled by
         # N/B, and all examples share one draw (docs/design.md, "Global latents").
         prior, decoder, likelihood = self.prior, self.decoder, self.likelihood
-        data_plate = self._data_plate(x, num_data)
-        with data_plate, self._beta_scale():
+        plate = data_plate(x, num_data)
+        with plate, self.beta_scale():
             z = pyro.sample("z", prior())
         params = decoder(z)
-        with data_plate:
+        with plate:
             pyro.sample("x", likelihood(params), obs=x)
         return params
 
@@ -193,7 +152,7 @@ class VAE(PyroModule, contract.DataChecks):
         :returns: the sampled z, ``(B, latent_dim)``.
         """
         encoder, weight_guide = self.encoder, self.weight_guide
-        with self._data_plate(x, num_data), self._beta_scale():
+        with data_plate(x, num_data), self.beta_scale():
             z = pyro.sample("z", encoder(x))
         # After z, as in the model: TraceMeanField_ELBO checks that the sites come in one order.
         if weight_guide is not None:
@@ -299,8 +258,17 @@ class VAE(PyroModule, contract.DataChecks):
             chunk.copy_(self.likelihood(decoder(z)).mean)
         return samples
 
-    # ------------------------------------------------------------------ device, dtype, checks
 
-
-def _new_name() -> str:
-    return f"vae{next(_instance_ids)}"
+@torch.no_grad()
+def has_closed_form_kl(vae: VAE) -> bool:
+    """Whether ``kl_divergence(q(z | x), p(z))`` is available for this VAE's encoder and prior,
+    that is, whether ``TraceMeanField_ELBO`` computes the KL exactly rather than falling back
+    to a Monte-Carlo estimate."""
+    x = torch.zeros(2, vae.data_dim, dtype=vae.dtype, device=vae.device)
+    posterior = vae.encoder(x)
+    prior = vae.prior().expand(posterior.batch_shape)
+    try:
+        kl_divergence(posterior, prior)
+    except NotImplementedError:
+        return False
+    return True

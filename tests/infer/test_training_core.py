@@ -29,7 +29,7 @@ def test_a_latent_site_without_a_guide_is_refused_before_any_step():
     before = snapshot(vae)
     with pytest.raises(
         ValueError,
-        match=r"'vae\d+\.decoder\.linear\.weight', 'vae\d+\.decoder\.linear\.bias' have no",
+        match=r"'vae_\d+\.decoder\.linear\.weight', 'vae_\d+\.decoder\.linear\.bias' have no",
     ) as e:
         pv.fit(vae, binary_data(20, 12), num_epochs=1, batch_size=10, progress=False)
     assert "guide() method" in str(e.value)  # says how to give it one

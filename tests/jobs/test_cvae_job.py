@@ -11,12 +11,9 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
-from pyro_vae.models.cvae import (
-    ConditionalVAE,
-    conditional_elbo_terms,
-    quadrant_mask,
-    split_by_mask,
-)
+from pyro_vae.models.cvae import ConditionalVAE
+from pyro_vae.models.cvae_estimators import conditional_elbo_terms
+from pyro_vae.models.masks import quadrant_mask, split_by_mask
 
 train_script = load_script("train")
 # A small digits run: a few seconds.

@@ -16,13 +16,9 @@ from scripts_in_process import call, load_script
 import pyro_vae as pv
 from pyro_vae.jobs import cvae as conditional_job
 from pyro_vae.jobs import m2 as semisupervised_job
-from pyro_vae.models.cvae import (
-    ConditionalBaseline,
-    conditional_log_likelihood,
-    quadrant_mask,
-    sample_spread,
-    split_by_mask,
-)
+from pyro_vae.models.cvae import ConditionalBaseline
+from pyro_vae.models.cvae_estimators import conditional_log_likelihood, sample_spread
+from pyro_vae.models.masks import quadrant_mask, split_by_mask
 
 train_script = load_script("train")
 evaluate_script = load_script("evaluate")

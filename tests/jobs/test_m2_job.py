@@ -11,7 +11,8 @@ from scripts_in_process import call, load_script
 
 import pyro_vae as pv
 from pyro_vae.jobs import m2 as semisupervised_job
-from pyro_vae.models.m2 import M2, UNLABELLED, build_m2, labelled_subset
+from pyro_vae.models.labels import UNLABELLED, labelled_subset
+from pyro_vae.models.m2 import M2, build_m2
 
 NUM_LABELLED = 30
 # A small digits run: a few seconds.

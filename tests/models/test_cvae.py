@@ -17,19 +17,10 @@ from torch import distributions as td
 from torch.nn import functional as F
 
 import pyro_vae as pv
-from pyro_vae.models.cvae import (
-    ConditionalBaseline,
-    ConditionalNormalPrior,
-    ConditionalVAE,
-    check_mask,
-    completions,
-    conditional_log_likelihood,
-    merge_by_mask,
-    plot_completions,
-    quadrant_mask,
-    sample_spread,
-    split_by_mask,
-)
+from pyro_vae.models.cvae import ConditionalBaseline, ConditionalNormalPrior, ConditionalVAE
+from pyro_vae.models.cvae_estimators import completions, conditional_log_likelihood, sample_spread
+from pyro_vae.models.masks import check_mask, merge_by_mask, quadrant_mask, split_by_mask
+from pyro_vae.plots import plot_completions
 
 # ---------------------------------------------------------------- the linear-Gaussian model
 #

@@ -12,14 +12,8 @@ from conftest import binary_data
 from torch.nn import functional as F
 
 import pyro_vae as pv
-from pyro_vae.models.m2 import (
-    M2,
-    UNLABELLED,
-    SupervisedClassifier,
-    hide_labels,
-    labelled_subset,
-    paper_alpha,
-)
+from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
+from pyro_vae.models.m2 import M2, SupervisedClassifier
 
 K, D, LATENT = 3, 5, 2
 

@@ -1,0 +1,95 @@
+"""The label bookkeeping of semi-supervised training (:mod:`pyro_vae.models.m2`): which rows
+keep their labels, the label of the others (:data:`UNLABELLED`), and Kingma et al.'s weight of
+the classification term."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pyro_vae._checks import check_positive_int
+
+UNLABELLED = -1
+"""The label of a row whose class is unknown."""
+
+# The fraction of the dataset size N that Kingma et al. use as α (section 3.1.2: "α = 0.1·N").
+PAPER_ALPHA_FRACTION = 0.1
+
+
+def paper_alpha(num_data: int, num_labelled: int) -> float:
+    """Kingma et al.'s weight of the classification term, per labelled example.
+
+    Their objective is J^α = J + α · E_labelled[−log q(y | x)] with α = 0.1 · N, J summed over
+    the N examples and the expectation an average over the N_l labelled ones. Per labelled
+    example that is 0.1 · N / N_l: 60 for 100 labels among 60000 images, 2 for 3000. (Pyro's
+    ``ss_vae_M2`` uses a fixed 46 on MNIST, whatever the number of labels, 3000 by default; the
+    paper's rule keeps the classification term's total weight, 0.1 · N, the same whatever
+    N_l. In a short budget on Fashion-MNIST the paper's value taught the classifier more
+    slowly than 50 did: benchmarks/README.md, "M2".)
+    """
+    check_positive_int("num_data", num_data)
+    check_positive_int("num_labelled", num_labelled)
+    if num_labelled > num_data:
+        raise ValueError(f"num_labelled={num_labelled} exceeds num_data={num_data}")
+    return PAPER_ALPHA_FRACTION * num_data / num_labelled
+
+
+def labelled_subset(labels: Tensor, num_labelled: int, seed: int) -> Tensor:
+    """A fixed, class-balanced choice of ``num_labelled`` rows to keep the labels of.
+
+    Every class gets ``num_labelled // K`` rows; the ``num_labelled % K`` left over go one each
+    to classes picked at random. The rows of each class are a random draw without replacement.
+    All randomness comes from a ``torch.Generator`` seeded with ``seed``, so the same labels,
+    count and seed give the same rows on any machine.
+
+    :param labels: all the training labels, integers 0..K-1, ``(N,)``; K is the largest + 1.
+    :returns: the chosen row indices, sorted, ``(num_labelled,)`` (``torch.long``).
+    :raises ValueError: when a class has fewer rows than its share, naming the class.
+    """
+    labels = check_label_tensor(labels, "labels")
+    check_positive_int("num_labelled", num_labelled)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if len(labels) and int(labels.min()) < 0:
+        index = int((labels < 0).nonzero()[0])
+        raise ValueError(
+            f"labels must all be known (0..K-1) to choose a labelled subset; "
+            f"labels[{index}] = {int(labels[index])}"
+        )
+    if num_labelled > len(labels):
+        raise ValueError(f"num_labelled={num_labelled} exceeds the {len(labels)} rows")
+    labels = labels.cpu()
+    num_classes = int(labels.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    share = torch.full((num_classes,), num_labelled // num_classes)
+    share[torch.randperm(num_classes, generator=generator)[: num_labelled % num_classes]] += 1
+    chosen = []
+    for label in range(num_classes):
+        rows = (labels == label).nonzero().squeeze(1)
+        if len(rows) < share[label]:
+            raise ValueError(
+                f"class {label} has {len(rows)} rows, fewer than its share of "
+                f"{int(share[label])} in a balanced subset of {num_labelled}"
+            )
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[: share[label]]])
+    return torch.cat(chosen).sort().values
+
+
+def hide_labels(labels: Tensor, keep: Tensor) -> Tensor:
+    """A copy of ``labels`` with every row outside the indices ``keep`` set to
+    :data:`UNLABELLED`: the label tensor M2 trains on."""
+    labels = check_label_tensor(labels, "labels")
+    hidden = torch.full_like(labels, UNLABELLED)
+    hidden[keep] = labels[keep]
+    return hidden
+
+
+def check_label_tensor(labels: object, what: str = "labels") -> Tensor:
+    """``labels`` must be an integer tensor ``(N,)`` (class indices); returned unchanged."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{what} must be an integer tensor (class indices), got {labels.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"{what} must have shape (N,), got {tuple(labels.shape)}")
+    return labels
