@@ -1,6 +1,6 @@
 """Checkpoints: a model's ``state_dict`` plus the plain arguments that rebuild it.
 
-The config's ``"model"`` key names the function that rebuilds it (:data:`MODEL_NAMES`):
+The config's ``"model"`` key names the function that rebuilds it, in :data:`MODEL_BUILDERS`:
 absent or ``"vae"``, :func:`~pyro_vae.models.build.build_vae`, so that every checkpoint written
 before the key existed loads as it did; ``"m2"``, :func:`~pyro_vae.models.m2.build_m2`;
 ``"cvae"`` and ``"cvae-baseline"``, :func:`~pyro_vae.models.cvae.build_cvae` and
@@ -14,28 +14,21 @@ previous checkpoint intact; :func:`save_checkpoint` refuses, before writing, any
 
 :func:`load_checkpoint` checks, in this order and before building anything:
 
-1. the path is a regular file (a FIFO or a device would block or never end);
-2. the archive is whole: every member is stored uncompressed, as ``torch.save`` writes them
-   (a compressed member could inflate to any size), the members fit in the file, and each
-   one's CRC-32 matches its bytes. ``torch.load`` checks no CRC, so a flipped bit in a weight
-   would otherwise load silently. A CRC catches accidental damage (flipped bits, overwritten
-   or missing bytes), not a deliberate edit that recomputes it: no checksum stored in the
-   file could. Checkpoints written before this check have the same format and CRCs, and are
-   checked the same way;
-3. the pickle holds only tensors and plain values (``weights_only=True``);
-4. its structure: the format tag, the config's model name, its other keys (the builder's
+1. the file's bytes (:mod:`pyro_vae._checkpoint_files`): a regular file, a whole archive of
+   uncompressed members whose CRC-32s match, a pickle of tensors and plain values only;
+2. its structure: the format tag, the config's model name, its other keys (the builder's
    arguments, every one without a default present) and types (sizes plain positive ints;
    a VAE config of version 0.1 is first mapped to today's names, see
    :func:`upgrade_config`), names mapped to tensors;
-5. sizes: every tensor is backed by bytes of its own in the file, and the config's model
+3. sizes: every tensor is backed by bytes of its own in the file, and the config's model
    holds no more weights than the checkpoint, so that a small crafted file cannot make the
    model's construction allocate gigabytes. For a VAE, a lower bound on its weights is
-   computed from the config (:func:`_least_weights`). The other models are built on the
-   ``meta`` device, which allocates nothing (their hidden layers first counted against the
-   tensors held, since even there each layer takes time), and their weights must be the
-   checkpoint's, name for name and shape for shape; a config whose meta build fails is
-   refused;
-6. the weights are finite.
+   computed from the config (:func:`~pyro_vae.models.build.least_weights`). The other models
+   are built on the ``meta`` device, which allocates nothing (their hidden layers first
+   counted against the tensors held, since even there each layer takes time), and their
+   weights must be the checkpoint's, name for name and shape for shape; a config whose meta
+   build fails is refused;
+4. the weights are finite.
 
 Then the model is built, and its weights must fit it exactly. Each refusal is a
 ``ValueError`` naming the file and the problem.
@@ -45,13 +38,9 @@ from __future__ import annotations
 
 import inspect
 import io
-import itertools
 import math
 import os
 import pickle
-import stat
-import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,24 +49,32 @@ import pyro
 import torch
 from torch import nn
 
+from pyro_vae import _checkpoint_files as files
 from pyro_vae._files import atomic_write
-from pyro_vae.components.encoders import IAFEncoder
 from pyro_vae.data import check_device
-from pyro_vae.models.build import build_vae, describe
+from pyro_vae.models.build import build_vae, describe, least_weights
+from pyro_vae.models.cvae import build_cvae, build_cvae_baseline
+from pyro_vae.models.m2 import build_m2
 
 FORMAT = "pyro_vae.checkpoint/1"
 
-MODEL_NAMES = ("vae", "m2", "cvae", "cvae-baseline")
-"""The values of a config's ``"model"`` key: which builder rebuilds the model. No key means
-``"vae"`` (:func:`~pyro_vae.models.build.build_vae`), so that every checkpoint written before the
-key
-existed loads as it did."""
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "vae": build_vae,
+    "m2": build_m2,
+    "cvae": build_cvae,
+    "cvae-baseline": build_cvae_baseline,
+}
+"""The model kinds a checkpoint holds: each value of a config's ``"model"`` key and the
+function that rebuilds the model from the config's other keys, which take plain values only.
+No key means ``"vae"``, so that every checkpoint written before the key existed loads as it
+did. Looked up at each build, so that a test can watch a builder."""
+
+MODEL_NAMES = tuple(MODEL_BUILDERS)
+"""The values of a config's ``"model"`` key (the registry's keys)."""
 
 # The config key that names the builder; every other key is one of the builder's arguments.
 _MODEL_KEY = "model"
 _BUILD_KEYS = frozenset(inspect.signature(build_vae).parameters) | {_MODEL_KEY}
-# The size of the IAF encoder's context h(x); build_vae leaves it at its default.
-_IAF_CONTEXT = inspect.signature(IAFEncoder).parameters["context_dim"].default
 
 # The largest pixel depth: 16-bit images. num_levels sets no weight, only work per pixel.
 _MAX_NUM_LEVELS = 2**16
@@ -126,7 +123,7 @@ def save_checkpoint(
     any plain ``extra`` entries (epoch, metrics, script arguments, a
     :class:`~pyro_vae.infer.fit.TrainingState`'s ``to_dict()``).
 
-    ``config["model"]`` names the builder, one of :data:`MODEL_NAMES`: absent or ``"vae"``,
+    ``config["model"]`` names the builder in :data:`MODEL_BUILDERS`: absent or ``"vae"``,
     :func:`~pyro_vae.models.build.build_vae` (component names, sizes); ``"m2"``,
     :func:`~pyro_vae.models.m2.build_m2`; ``"cvae"`` and ``"cvae-baseline"``,
     :func:`~pyro_vae.models.cvae.build_cvae` and
@@ -161,7 +158,7 @@ def save_checkpoint(
         data = buffer.getvalue()
         # Read back as load_checkpoint reads it: what it would refuse is refused now, while the
         # previous checkpoint is still there.
-        _check_payload(_unpickle(data, torch.device("cpu")), len(data))
+        _check_payload(files.unpickle(data, torch.device("cpu")), len(data))
     except ValueError as error:
         raise ValueError(f"{path}: checkpoint not written: {error}") from error
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,16 +183,16 @@ def load_checkpoint(
         the file and says which.
     """
     device = check_device(map_location)
-    data = _read_regular_file(path)
+    data = files.read_regular_file(path)
     try:
-        _check_archive(data)
-        payload = _unpickle(data, device)
+        files.check_archive(data)
+        payload = files.unpickle(data, device)
         _check_payload(payload, len(data))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     config = payload["config"]
     try:
-        module = _builder(config)(**_arguments(config))
+        module = build_model(config)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: its config does not describe a model: {error}") from error
     try:
@@ -213,24 +210,14 @@ def load_checkpoint(
 
 
 def _kind(config: dict[str, Any]) -> str:
-    """The config's model name, checked by :func:`_check_config` to be one of MODEL_NAMES."""
+    """The config's model name, checked by :func:`_check_config` to be one of
+    :data:`MODEL_BUILDERS`."""
     return str(config.get(_MODEL_KEY, "vae"))
 
 
 def _builder(config: dict[str, Any]) -> Callable[..., nn.Module]:
     """The function that builds the config's model from its other keys."""
-    kind = _kind(config)
-    if kind == "vae":
-        return build_vae  # looked up at each call, so that a test can watch it
-    # Imported here: the model modules import parts of the package that need not load with
-    # every checkpoint, and a later import of this module from theirs cannot become a cycle.
-    if kind == "m2":
-        from pyro_vae.models import m2 as semisupervised
-
-        return semisupervised.build_m2
-    from pyro_vae.models import cvae as conditional
-
-    return conditional.build_cvae if kind == "cvae" else conditional.build_cvae_baseline
+    return MODEL_BUILDERS[_kind(config)]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -250,95 +237,6 @@ def _summary(config: dict[str, Any]) -> str:
         return f"latent_dim {config.get('latent_dim')}, {describe(config)}"
     sizes = ", ".join(f"{key} {value}" for key, value in _arguments(config).items())
     return f"model {_kind(config)}, {sizes}"
-
-
-def _read_regular_file(path: str | os.PathLike) -> bytes:
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the checkpoint ({error.strerror})") from error
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO or a device"
-            raise ValueError(f"{path}: not a loadable checkpoint: it is {kind}, not a file")
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            return file.read()
-    finally:
-        os.close(fd)
-
-
-def _check_archive(data: bytes) -> None:
-    """Refuse anything but a whole, uncompressed zip archive: what torch.save writes."""
-    if not data:
-        raise ValueError("not a loadable checkpoint: the file is empty")
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except Exception as error:  # a damaged archive can fail in many ways; all mean the same
-        if not data.startswith(b"PK\x03\x04"):  # how every zip archive begins
-            raise ValueError(
-                "not a loadable checkpoint: not a zip archive, which is what torch.save writes"
-            ) from error
-        raise ValueError(
-            f"not a loadable checkpoint: the file is corrupt or truncated ({error})"
-        ) from error
-    with archive:
-        members = archive.infolist()
-        for member in members:
-            if member.compress_type != zipfile.ZIP_STORED or member.file_size != (
-                member.compress_size
-            ):
-                raise ValueError(
-                    f"not a loadable checkpoint: its member {member.filename} is compressed, "
-                    "which torch.save never does (and which could inflate to any size)"
-                )
-        # Overlapping members could make a small file read as a large one.
-        stored = sum(member.file_size for member in members)
-        if stored > len(data):
-            raise ValueError(
-                f"not a loadable checkpoint: its members claim {stored} bytes, more than the "
-                f"file's {len(data)}"
-            )
-        try:
-            damaged = archive.testzip()  # reads every member and checks its CRC-32
-        except Exception as error:
-            raise ValueError(f"not a loadable checkpoint: the file is corrupt ({error})") from error
-    if damaged is not None:
-        raise ValueError(
-            f"not a loadable checkpoint: the file is corrupt: its member {damaged} fails its "
-            "CRC-32 check (damaged on disk or in transit)"
-        )
-
-
-def _unpickle(data: bytes, device: torch.device) -> Any:
-    try:
-        with warnings.catch_warnings():
-            # A foreign pickle draws a warning about its protocol before it is refused below.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's message is many lines; keep the one that says what was refused.
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        if any("GLOBAL" in line for line in lines):
-            # weights_only refused a named Python object: unpickling it could run code.
-            detail = next(line for line in lines if "GLOBAL" in line)
-            raise ValueError(
-                "not a loadable checkpoint: it holds objects other than tensors and plain "
-                f"values, which could run code when loaded; refused without loading them "
-                f"({detail})"
-            ) from error
-        detail = next((line for line in lines if "Unsupported" in line), lines[-1] if lines else "")
-        raise ValueError(
-            f"not a loadable checkpoint: its pickled data are not a checkpoint's ({detail})"
-        ) from error
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(
-            f"not a loadable checkpoint ({type(error).__name__}: {first_line})"
-        ) from error
 
 
 def _check_describes(config: dict[str, Any], module: nn.Module) -> None:
@@ -417,23 +315,23 @@ def _built(config: dict[str, Any]) -> nn.Module:
     :func:`_check_describes`), on a fork of the random state."""
     with torch.random.fork_rng(devices=[]):
         try:
-            return _built_on_meta(config)
+            return built_on_meta(config)
         except Exception as error:
             if _kind(config) != "vae":
                 # Its models build on meta: a failure there is the config's.
                 raise ValueError(f"its build on the meta device fails ({error})") from error
             # Some operation did not run on meta (Pyro's autoregressive networks read a value
             # while they are built). The CPU build decides, also whether the config is at fault.
-            return build_vae(**_arguments(config))
+            return build_model(config)
 
 
-def _built_on_meta(config: dict[str, Any]) -> nn.Module:
+def built_on_meta(config: dict[str, Any]) -> nn.Module:
     """The config's model with every tensor on the meta device: shapes, no values, no memory.
     Its models' own checks of their parts run there too (shapes only)."""
     with torch.random.fork_rng(devices=[]):
         # Validation reads values (a meta tensor has none); the shapes are checked anyway.
         with torch.device("meta"), pyro.validation_enabled(False):
-            return _builder(config)(**_arguments(config))
+            return build_model(config)
 
 
 def _check_payload(payload: Any, file_size: int) -> None:
@@ -447,15 +345,10 @@ def _check_payload(payload: Any, file_size: int) -> None:
     payload["config"] = upgrade_config(payload["config"])
     _check_config(payload["config"])
     state_dict = payload["state_dict"]
-    for name, value in state_dict.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"not a whole checkpoint: its state_dict maps {name!r} to a "
-                f"{type(value).__name__}, not a tensor"
-            )
-    _check_tensor_sizes(payload, file_size)
+    files.check_state_dict(state_dict)
+    files.check_tensor_sizes(payload, file_size)
     if _kind(payload["config"]) == "vae":
-        least = _least_weights(payload["config"])
+        least = least_weights(payload["config"])
         held = sum(value.numel() for value in state_dict.values())
         if least > held:
             raise ValueError(
@@ -464,9 +357,7 @@ def _check_payload(payload: Any, file_size: int) -> None:
             )
     else:
         _check_fits_on_meta(payload["config"], state_dict)
-    for name, value in state_dict.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"its weights {name!r} hold NaN or infinite values")
+    files.check_finite(state_dict)
 
 
 def _check_fits_on_meta(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
@@ -484,7 +375,7 @@ def _check_fits_on_meta(config: dict[str, Any], state_dict: dict[str, torch.Tens
             f"layers, and the checkpoint holds {len(state_dict)} tensors"
         )
     try:
-        built = _built_on_meta(config)
+        built = built_on_meta(config)
     except Exception as error:
         raise ValueError(
             f"refused before building its model: its config does not describe a model: its "
@@ -507,16 +398,16 @@ def _check_fits_on_meta(config: dict[str, Any], state_dict: dict[str, torch.Tens
 
 
 def _check_config(config: Any) -> None:
-    """The config names a model of :data:`MODEL_NAMES`, its other keys are that builder's
+    """The config names a model of :data:`MODEL_BUILDERS`, its other keys are that builder's
     arguments, and its values plain Python of the right kind."""
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
     kind = config.get(_MODEL_KEY, "vae")
-    if not isinstance(kind, str) or kind not in MODEL_NAMES:
+    if not isinstance(kind, str) or kind not in MODEL_BUILDERS:
         shown = repr(kind) if isinstance(kind, str) else type(kind).__name__
         raise ValueError(
             f"config[{_MODEL_KEY!r}] is {shown}: not a model a checkpoint holds (one of "
-            f"{', '.join(MODEL_NAMES)})"
+            f"{', '.join(MODEL_BUILDERS)})"
         )
     if kind != "vae":
         _check_other_config(config)
@@ -592,91 +483,6 @@ def _check_size(what: str, value: Any) -> None:
         raise ValueError(f"{what} must be a plain int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{what} must be a positive int, got {value}")
-
-
-def _check_tensor_sizes(payload: dict, file_size: int) -> None:
-    """Every tensor anywhere in the payload is backed by bytes of its own in the file.
-
-    A tensor is saved as a view (sizes and strides) of a stored block of bytes; a crafted view
-    (stride 0, or many views of one block) can claim far more values than the file holds, and
-    any copy of it (into a model, an optimizer) would allocate them all.
-    """
-    claimed = 0
-    seen: set[int] = set()
-    pending: list[Any] = [payload]
-    while pending:  # a loop, not recursion: pickled containers can nest deeply
-        item = pending.pop()
-        if id(item) in seen:  # shared containers are walked once
-            continue
-        seen.add(id(item))
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            pending.extend(item)
-        elif isinstance(item, torch.Tensor):
-            size = item.numel() * item.element_size()
-            if size > item.untyped_storage().nbytes():
-                raise ValueError(
-                    f"not a loadable checkpoint: a tensor of shape {tuple(item.shape)} claims "
-                    f"{size} bytes from a stored block of {item.untyped_storage().nbytes()}"
-                )
-            claimed += size
-    if claimed > file_size:
-        raise ValueError(
-            f"not a loadable checkpoint: its tensors claim {claimed} bytes, more than the "
-            f"file's {file_size}"
-        )
-
-
-def _least_weights(config: dict[str, Any]) -> int:
-    """A lower bound on the number of weights of ``build_vae(**config)``, from the structure
-    of its parts, without building it. A model holding more weights than its checkpoint
-    cannot be the one the checkpoint came from; and since the bound is within a small factor
-    of the true count (tested), building costs a small multiple of the weights stored.
-
-    The terms are weight matrices of: the encoder network and its read-out of the
-    posterior's parameters (loc; loc and scale; plus the off-diagonal entries for the full
-    covariance); the decoder (an MLP mirroring ``hidden_dims``, or for network ``conv`` a
-    linear map from z to a 64-channel feature map of a sixteenth of the pixels, as two
-    stride-2 layers leave, and the encoder's read-out from the same map); each
-    autoregressive flow layer (latent_dim inputs, and the IAF's context, to 4 * latent_dim
-    hidden units, to two outputs per latent); the mixture's means and scales and the
-    VampPrior's pseudo-inputs; a learned scale per feature.
-    """
-    data_dim, latent_dim = config["data_dim"], config["latent_dim"]
-    hidden = list((400,) if config.get("hidden_dims") is None else config["hidden_dims"])
-    flow_depth = config.get("flow_depth", 2)
-    encoder = config.get("encoder", "diagonal")
-    outputs = {
-        "delta": latent_dim,
-        "full-covariance": 2 * latent_dim + latent_dim * (latent_dim - 1) // 2,
-        "iaf": 2 * latent_dim + _IAF_CONTEXT,
-    }.get(encoder, 2 * latent_dim)
-    if config.get("network", "mlp") == "conv":
-        *channels, height, width = config["image_shape"]  # _check_config asks for one
-        features = 64 * math.ceil(height / 4) * math.ceil(width / 4)
-        least = features * latent_dim + features * outputs
-        least += 32 * 9 * (channels or [1])[0]  # the first layer: 32 filters of 3x3 per channel
-    else:  # network mlp: latent -> reversed(hidden) -> data, deterministic or Bayesian
-        widths = [data_dim, *hidden]
-        least = 2 * sum(a * b for a, b in itertools.pairwise(widths))
-        least += widths[-1] * latent_dim + widths[-1] * outputs
-    if config.get("likelihood_scale") == "learned-per-feature" and config.get("likelihood") in (
-        "normal",
-        "laplace",
-        "discretized-logistic",
-    ):
-        least += data_dim
-    if encoder == "iaf":  # each layer also reads the context h(x)
-        least += flow_depth * (12 * latent_dim**2 + 4 * latent_dim * _IAF_CONTEXT)
-    prior = config.get("prior", "standard-normal")
-    if prior == "flow":
-        least += flow_depth * 12 * latent_dim**2
-    elif prior == "mixture":
-        least += 2 * (config.get("num_components") or 10) * latent_dim
-    elif prior == "vamp":
-        least += (config.get("num_components") or 100) * data_dim
-    return least
 
 
 def _sizes(config: dict[str, Any]) -> str:

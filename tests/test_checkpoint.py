@@ -15,7 +15,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import checkpoint
-from pyro_vae.models.build import ENCODER_NAMES, LIKELIHOOD_NAMES, PRIOR_NAMES
+from pyro_vae.models.build import ENCODER_NAMES, LIKELIHOOD_NAMES, PRIOR_NAMES, least_weights
 
 CONFIG = {"data_dim": 64, "latent_dim": 3, "hidden_dims": [16], "image_shape": [8, 8]}
 
@@ -137,7 +137,7 @@ def sizes(config: dict) -> tuple[int, int, int]:
     vae = pv.build_vae(**config)
     stored = sum(v.numel() for v in vae.state_dict().values())
     allocated = sum(t.numel() for t in itertools.chain(vae.parameters(), vae.buffers()))
-    return checkpoint._least_weights(config), stored, allocated
+    return least_weights(config), stored, allocated
 
 
 # Each size a crafted config could inflate, from a small model to a larger one.
@@ -329,7 +329,7 @@ def test_a_crafted_config_is_refused_before_anything_is_built(tmp_path, monkeypa
     def build_vae(**config):
         raise AssertionError(f"build_vae was called with {config}")
 
-    monkeypatch.setattr(checkpoint, "build_vae", build_vae)
+    monkeypatch.setitem(checkpoint.MODEL_BUILDERS, "vae", build_vae)
     refused(
         path,
         r"refused before building its model: .* at least \d+ weights, and the "
@@ -598,7 +598,7 @@ def test_save_builds_the_configs_model_on_meta_when_it_can_and_draws_no_random_n
         attempts.append(torch.empty(0).device.type)  # the default device of this build
         return pv.build_vae(**kwargs)
 
-    monkeypatch.setattr(checkpoint, "build_vae", spy)
+    monkeypatch.setitem(checkpoint.MODEL_BUILDERS, "vae", spy)
     torch.manual_seed(0)
     expected_next = torch.rand(3)
     torch.manual_seed(0)

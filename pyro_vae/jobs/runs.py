@@ -40,18 +40,14 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 
 from pyro_vae._files import atomic_write
-from pyro_vae.checkpoint import (
-    _built_on_meta,
-    _least_weights,
-    load_checkpoint,
-    save_checkpoint,
-)
+from pyro_vae.checkpoint import built_on_meta, load_checkpoint, save_checkpoint
 from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
 from pyro_vae.infer import distributed
 from pyro_vae.infer.estimators import elbo_terms, log_likelihood
 from pyro_vae.infer.fit import TrainingDivergedError, TrainingState, describe_position
 from pyro_vae.jobs.cli import say
+from pyro_vae.models.build import least_weights
 from pyro_vae.models.vae import VAE
 
 if TYPE_CHECKING:
@@ -128,10 +124,10 @@ def check_model_size(config: dict[str, Any]) -> None:
     the checkpoint loader's: a lower bound for a VAE, and for the other models the count of
     the config's model built on the meta device (which allocates nothing)."""
     if config.get("model", "vae") == "vae":
-        weights = _least_weights(config)
+        weights = least_weights(config)
     else:
         try:
-            weights = sum(t.numel() for t in _built_on_meta(config).state_dict().values())
+            weights = sum(t.numel() for t in built_on_meta(config).state_dict().values())
         except RuntimeError as error:
             if "overflow" not in str(error):
                 raise

@@ -5,10 +5,16 @@ In Python, pass component objects to :class:`~pyro_vae.models.vae.VAE` directly 
 ``encoder=``, ...); :func:`build_vae` is the same with names, one keyword per swap::
 
     build_vae(784, 50, prior="flow", encoder="iaf", likelihood="discretized-logistic")
+
+:func:`least_weights` bounds the size of ``build_vae(**config)`` from the config alone, beside
+the builder it mirrors: the checkpoint loader refuses with it a config that describes more
+weights than its file holds, before building anything.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +38,9 @@ LIKELIHOOD_NAMES = (
 )
 NETWORK_NAMES = ("mlp", "conv")
 DECODER_NAMES = ("deterministic", "bayesian")
+
+# The size of the IAF encoder's context h(x); build_vae leaves it at its default.
+_IAF_CONTEXT = inspect.signature(encoders.IAFEncoder).parameters["context_dim"].default
 
 # Version 0.1 named the network through the decoder ("conv" swapped the encoder's too). The
 # message tells a caller of the old names what to write now.
@@ -211,3 +220,54 @@ def describe(config: dict[str, Any]) -> str:
     keys = ("prior", "encoder", "likelihood", "network", "decoder")
     defaults = ("standard-normal", "diagonal", "bernoulli", "mlp", "deterministic")
     return ", ".join(f"{k} {config.get(k, d)}" for k, d in zip(keys, defaults, strict=True))
+
+
+def least_weights(config: dict[str, Any]) -> int:
+    """A lower bound on the number of weights of ``build_vae(**config)``, from the structure
+    of its parts, without building it. A model holding more weights than its checkpoint
+    cannot be the one the checkpoint came from; and since the bound is within a small factor
+    of the true count (tested), building costs a small multiple of the weights stored.
+
+    The terms are weight matrices of: the encoder network and its read-out of the
+    posterior's parameters (loc; loc and scale; plus the off-diagonal entries for the full
+    covariance); the decoder (an MLP mirroring ``hidden_dims``, or for network ``conv`` a
+    linear map from z to a 64-channel feature map of a sixteenth of the pixels, as two
+    stride-2 layers leave, and the encoder's read-out from the same map); each
+    autoregressive flow layer (latent_dim inputs, and the IAF's context, to 4 * latent_dim
+    hidden units, to two outputs per latent); the mixture's means and scales and the
+    VampPrior's pseudo-inputs; a learned scale per feature.
+    """
+    data_dim, latent_dim = config["data_dim"], config["latent_dim"]
+    hidden = list((400,) if config.get("hidden_dims") is None else config["hidden_dims"])
+    flow_depth = config.get("flow_depth", 2)
+    encoder = config.get("encoder", "diagonal")
+    outputs = {
+        "delta": latent_dim,
+        "full-covariance": 2 * latent_dim + latent_dim * (latent_dim - 1) // 2,
+        "iaf": 2 * latent_dim + _IAF_CONTEXT,
+    }.get(encoder, 2 * latent_dim)
+    if config.get("network", "mlp") == "conv":
+        *channels, height, width = config["image_shape"]  # network conv needs one
+        features = 64 * math.ceil(height / 4) * math.ceil(width / 4)
+        least = features * latent_dim + features * outputs
+        least += 32 * 9 * (channels or [1])[0]  # the first layer: 32 filters of 3x3 per channel
+    else:  # network mlp: latent -> reversed(hidden) -> data, deterministic or Bayesian
+        widths = [data_dim, *hidden]
+        least = 2 * sum(a * b for a, b in itertools.pairwise(widths))
+        least += widths[-1] * latent_dim + widths[-1] * outputs
+    if config.get("likelihood_scale") == "learned-per-feature" and config.get("likelihood") in (
+        "normal",
+        "laplace",
+        "discretized-logistic",
+    ):
+        least += data_dim
+    if encoder == "iaf":  # each layer also reads the context h(x)
+        least += flow_depth * (12 * latent_dim**2 + 4 * latent_dim * _IAF_CONTEXT)
+    prior = config.get("prior", "standard-normal")
+    if prior == "flow":
+        least += flow_depth * 12 * latent_dim**2
+    elif prior == "mixture":
+        least += 2 * (config.get("num_components") or 10) * latent_dim
+    elif prior == "vamp":
+        least += (config.get("num_components") or 100) * data_dim
+    return least
