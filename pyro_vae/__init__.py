@@ -38,8 +38,9 @@ from pyro_vae.infer.estimators import (
     log_likelihood,
     weight_spread,
 )
-from pyro_vae.infer.fit import History, TrainingDivergedError, TrainingState, fit
+from pyro_vae.infer.fit import fit
 from pyro_vae.infer.objective import Objective
+from pyro_vae.infer.state import History, TrainingDivergedError, TrainingState
 from pyro_vae.jobs.runs import Run, load_run
 from pyro_vae.models.build import (
     DECODER_NAMES,

@@ -11,6 +11,11 @@ from torch import Tensor
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
+# Defined with the other plain-torch helpers, where the training core reads them too.
+from pyro_vae._distributions import describe as describe
+from pyro_vae._distributions import has_density_everywhere as has_density_everywhere
+from pyro_vae._distributions import is_diagonal_normal as is_diagonal_normal
+
 # What torch's Distribution.expand and .sample accept as a shape.
 _Shape: TypeAlias = "torch.Size | list[int] | tuple[int, ...]"
 
@@ -123,26 +128,3 @@ class DiscretizedLogistic(TorchDistribution):
         continuous = self.loc + self.scale * (u.log() - (-u).log1p())
         last = self.num_levels - 1
         return (continuous * last).round().clamp(0, last) / last
-
-
-def is_diagonal_normal(d: torch.distributions.Distribution) -> bool:
-    """Whether ``d`` is a Normal over a vector with independent coordinates."""
-    return (
-        isinstance(d, torch.distributions.Independent)
-        and isinstance(d.base_dist, torch.distributions.Normal)
-        and d.reinterpreted_batch_ndims == 1
-    )
-
-
-def has_density_everywhere(d: torch.distributions.Distribution) -> bool:
-    """Whether ``d`` has a closed-form density at any point (diagonal or full-covariance
-    Normal), as a mixture of posteriors (VampPrior) or an aggregate posterior needs. A Delta
-    has none, and a flow's needs an inversion per point."""
-    return is_diagonal_normal(d) or isinstance(d, torch.distributions.MultivariateNormal)
-
-
-def describe(d: torch.distributions.Distribution) -> str:
-    """A distribution's family for messages: ``Normal (independent)``, ``MultivariateNormal``."""
-    if isinstance(d, torch.distributions.Independent):
-        return f"{describe(d.base_dist)} (independent)"
-    return type(d).__name__

@@ -4,7 +4,9 @@
 (fixed, or a learned parameter), not a decoder output.
 
 A likelihood states what data it accepts through its distribution's ``support``; the VAE checks
-data against it before any training or evaluation starts.
+data against it before any training or evaluation starts. A likelihood of binary data also says
+so with ``binary_data = True`` (a class attribute; absent means ``False``): ``fit`` then
+binarizes grayscale data dynamically, a fresh draw for every batch.
 
 Which to use: binary data → Bernoulli; grayscale in [0, 1] → continuous Bernoulli, or Bernoulli
 with dynamic binarization; 8-bit pixel levels → discretized logistic (a proper probability for
@@ -15,6 +17,7 @@ real values → Normal or Laplace.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import pyro.distributions as dist
 import torch
@@ -31,6 +34,9 @@ class BernoulliLikelihood(nn.Module):
     Grayscale values are not binary: binarize them (``pyro_vae.binarize``, or ``fit``'s dynamic
     binarization) rather than hiding the mismatch with ``validate_args=False``.
     """
+
+    binary_data: ClassVar[bool] = True
+    """Its data are 0 or 1: ``fit`` binarizes grayscale data for it, afresh for every batch."""
 
     def forward(self, logits: Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=logits).to_event(1)

@@ -21,11 +21,13 @@ correctness untested. On the CPU no mode is passed (``torch.compile``'s default)
 What is an input of the graph, and what makes a new trace
 ---------------------------------------------------------
 - **Inputs**, read afresh at every step: the trained parameters, the model's buffers, the
-  batch, the random draws (below) and, for a :class:`~pyro_vae.models.vae.VAE`, β (the KL weight,
-  which a KL warm-up changes at every step): its ``poutine.scale`` gets a tensor while tracing.
+  batch, the random draws (below) and, for a model with a ``beta`` and a ``beta_scale()`` hook
+  (the context manager that scales its z sites by β: the VAE's and the CVAE's), β (the KL
+  weight, which a KL warm-up changes at every step): while tracing, the hook is replaced by a
+  ``poutine.scale`` by a tensor.
 - **A new trace** (and compilation) for each new key: the shapes, dtypes and devices of the
   batch's tensors, the dataset size N (the data plate's N/B scale is a Python number inside
-  Pyro), and, for a model with a ``beta`` that is not a VAE, the value of β. The last, smaller
+  Pyro), and, for a model with a ``beta`` but no such hook, the value of β. The last, smaller
   batch of an epoch therefore costs one more trace, once per run; each graph is kept.
 
 The random draws
@@ -68,8 +70,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
-from pyro_vae.infer.objective import Objective
-from pyro_vae.models.vae import VAE
+from pyro_vae.infer.objective import Objective, device_and_dtype
 
 # The draws that become inputs: torch functions (or Tensor methods) that fill a tensor of a
 # given shape from torch's global random state. The first two are methods of a fresh tensor.
@@ -193,9 +194,16 @@ def _pyro_traceable() -> Iterator[None]:
             setattr(module, name, original)
 
 
+def _takes_beta_input(module: Any) -> bool:
+    """Whether ``module``'s β is an input of the graph: it has a ``beta`` and a ``beta_scale()``
+    hook, the context manager that scales its β-weighted sites, which tracing replaces."""
+    return hasattr(module, "beta") and callable(getattr(module, "beta_scale", None))
+
+
 @contextlib.contextmanager
 def _beta_input(module: Any, beta: Tensor | None) -> Iterator[None]:
-    """A VAE's β as the tensor ``beta`` (an input of the graph) instead of a Python number."""
+    """The module's β as the tensor ``beta`` (an input of the graph) instead of a Python
+    number: its ``beta_scale()`` hook, overridden on the instance while tracing."""
     if beta is None:
         yield
         return
@@ -309,15 +317,16 @@ class CompiledStep:
 
     def _key(self, batch: tuple[Tensor, ...], num_data: int) -> tuple[Any, ...]:
         module = self.objective.module
-        beta = None if isinstance(module, VAE) else getattr(module, "beta", None)
+        beta = None if _takes_beta_input(module) else getattr(module, "beta", None)
         shapes = tuple((t.shape, t.dtype, t.device) for t in batch)
         return (shapes, num_data, beta)
 
     def _beta(self) -> list[Tensor]:
         module = self.objective.module
-        if not isinstance(module, VAE):
+        if not _takes_beta_input(module):
             return []
-        return [torch.tensor(module.beta, dtype=module.dtype, device=module.device)]
+        device, dtype = device_and_dtype(module)
+        return [torch.tensor(module.beta, dtype=dtype, device=device)]
 
     def _inputs(self, batch: tuple[Tensor, ...], noise: list[Tensor]) -> list[Tensor]:
         return [*self.trained, *self._buffers, *batch, *noise, *self._beta()]
@@ -353,7 +362,7 @@ class CompiledStep:
             traced_batch = tuple(flat[at : at + num_batch])
             at += num_batch
             noise = list(flat[at : at + len(draws)])
-            beta = flat[at + len(draws)] if isinstance(module, VAE) else None
+            beta = flat[at + len(draws)] if _takes_beta_input(module) else None
             with (
                 _ReplayDraws(noise) as replay,
                 _pyro_traceable(),

@@ -9,7 +9,8 @@ with ``num_data=None`` and read each site's *unscaled* log-density, so neither m
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from pyro import poutine
@@ -18,8 +19,37 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.components.distributions import has_density_everywhere, is_diagonal_normal
-from pyro_vae.models.vae import VAE
+from pyro_vae._distributions import has_density_everywhere, is_diagonal_normal
+
+
+class VAELike(Protocol):
+    """What the estimators use of a VAE (:class:`~pyro_vae.VAE` has it all): its Pyro program,
+    its parts, and its checks of the data."""
+
+    @property
+    def model(self) -> Callable[..., Any]: ...
+    @property
+    def guide(self) -> Callable[..., Any]: ...
+    @property
+    def prior(self) -> Callable[[], Any]:
+        """p(z), a distribution, when called."""
+
+    @property
+    def encoder(self) -> Callable[[Tensor], Any]:
+        """x -> q(z | x), a distribution."""
+
+    @property
+    def likelihood(self) -> Callable[[Tensor], Any]:
+        """The decoder's output -> p(x | z), a distribution."""
+
+    @property
+    def weight_guide(self) -> Callable[[], object] | None:
+        """The guide of a Bayesian decoder's weights; ``None`` for a deterministic decoder."""
+
+    def weight_means(self) -> dict[str, Tensor]: ...
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+    def decode(self, z: Tensor, weights: str = ...) -> Tensor: ...
+    def validate_data(self, x: object, what: str = ..., *, probabilities: bool = ...) -> Tensor: ...
 
 
 class ELBOTerms(NamedTuple):
@@ -68,7 +98,9 @@ def _log_prob_parts(trace: poutine.Trace, observed: bool) -> tuple[Tensor, Tenso
     return local, global_
 
 
-def _one_particle(vae: VAE, x: Tensor, weights: str = "sample") -> tuple[Tensor, Tensor, Tensor]:
+def _one_particle(
+    vae: VAELike, x: Tensor, weights: str = "sample"
+) -> tuple[Tensor, Tensor, Tensor]:
     """(log p(x | z), log q(z | x) − log p(z), log q(w) − log p(w)) for one draw of the global
     latents w and one z ~ q(z | x) per example. ``weights="mean"`` fixes w at its posterior
     mean instead (the global term is then 0)."""
@@ -86,7 +118,7 @@ def _one_particle(vae: VAE, x: Tensor, weights: str = "sample") -> tuple[Tensor,
 
 @torch.no_grad()
 def elbo_terms(
-    vae: VAE,
+    vae: VAELike,
     x: Tensor,
     num_particles: int = 1,
     chunk_size: int = 1024,
@@ -96,7 +128,7 @@ def elbo_terms(
     draws of z ~ q(z | x) (and of the weights of a Bayesian decoder, one draw per particle and
     batch, shared by the batch as in training).
 
-    :param vae: a VAE.
+    :param vae: a VAE (:class:`VAELike`).
     :param x: data ``(N, data_dim)`` inside the likelihood's support.
     :param num_particles: draws of z per example.
     :param chunk_size: examples per forward pass (bounds memory).
@@ -128,7 +160,7 @@ def elbo_terms(
 
 
 def elbo(
-    vae: VAE,
+    vae: VAELike,
     x: Tensor,
     num_particles: int = 1,
     chunk_size: int = 1024,
@@ -142,7 +174,7 @@ def elbo(
 
 @torch.no_grad()
 def log_likelihood(
-    vae: VAE,
+    vae: VAELike,
     x: Tensor,
     num_particles: int = 1000,
     chunk_size: int = 4096,
@@ -203,7 +235,7 @@ def log_likelihood(
 
 
 @torch.no_grad()
-def weight_spread(vae: VAE, x: Tensor, num_particles: int = 100) -> tuple[Tensor, Tensor]:
+def weight_spread(vae: VAELike, x: Tensor, num_particles: int = 100) -> tuple[Tensor, Tensor]:
     """What a Bayesian decoder's weight uncertainty does to reconstructions: with z = μ(x)
     fixed, the pixel-wise mean and standard deviation of the likelihood's mean over
     ``num_particles`` weight draws from their guide, each ``(N, data_dim)``. For a
@@ -238,7 +270,7 @@ class ActiveUnits(NamedTuple):
 
 
 @torch.no_grad()
-def active_units(vae: VAE, x: Tensor, threshold: float = 0.01) -> ActiveUnits:
+def active_units(vae: VAELike, x: Tensor, threshold: float = 0.01) -> ActiveUnits:
     """Count the active latent dimensions over the examples ``x`` (at least two)."""
     vae.validate_data(x)
     if len(x) < 2:
@@ -249,7 +281,7 @@ def active_units(vae: VAE, x: Tensor, threshold: float = 0.01) -> ActiveUnits:
 
 
 @torch.no_grad()
-def kl_per_dimension(vae: VAE, x: Tensor, chunk_size: int = 1024) -> Tensor:
+def kl_per_dimension(vae: VAELike, x: Tensor, chunk_size: int = 1024) -> Tensor:
     """KL(q(z_i | x) ‖ p(z_i)) per example and latent dimension, ``(N, latent_dim)``, in closed
     form; the row sums are the examples' KL terms. It needs a factorized posterior and prior
     (diagonal Normal encoder; standard or diagonal Normal prior): otherwise the KL does not
@@ -289,7 +321,7 @@ class KLDecomposition(NamedTuple):
 
 @torch.no_grad()
 def kl_decomposition(
-    vae: VAE,
+    vae: VAELike,
     x: Tensor,
     num_particles: int = 1,
     chunk_size: int = 2**20,

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.distributions import kl_divergence
 from torch.overrides import TorchFunctionMode
 
+from pyro_vae._distributions import describe
 from pyro_vae._sites import site_distribution
-from pyro_vae.components.distributions import describe
 
 
 class Objective:
@@ -32,7 +32,7 @@ class Objective:
 
     :param module: any object with ``model`` and ``guide`` callables that take a batch's
         tensors and ``num_data=`` (the dataset size, for the data plate's N/B scaling); a
-        :class:`~pyro_vae.models.vae.VAE`, or a model of one's own.
+        :class:`~pyro_vae.VAE`, or a model of one's own.
     :param loss: a Pyro ELBO estimator.
     """
 
@@ -204,3 +204,17 @@ class _CatchBackward(TorchFunctionMode):
 
 def _named_parameters(module: Any) -> list[tuple[str, Tensor]]:
     return list(module.named_parameters()) if isinstance(module, nn.Module) else []
+
+
+def device_and_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype ``module`` computes: its own ``device`` and ``dtype`` where it
+    has them (the package's models), else those of its first floating parameter, else the CPU
+    and torch's default dtype."""
+    device, dtype = getattr(module, "device", None), getattr(module, "dtype", None)
+    if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
+        return device, dtype
+    if isinstance(module, nn.Module):
+        for parameter in module.parameters():
+            if parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.get_default_dtype()

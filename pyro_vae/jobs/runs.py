@@ -45,7 +45,7 @@ from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
 from pyro_vae.infer import distributed
 from pyro_vae.infer.estimators import elbo_terms, log_likelihood
-from pyro_vae.infer.fit import TrainingDivergedError, TrainingState, describe_position
+from pyro_vae.infer.state import TrainingDivergedError, TrainingState, describe_position
 from pyro_vae.jobs.cli import say
 from pyro_vae.models.build import least_weights
 from pyro_vae.models.vae import VAE

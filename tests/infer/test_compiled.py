@@ -101,6 +101,58 @@ def test_beta_is_an_input_not_a_constant_of_the_first_trace():
     assert step.traces == 1
 
 
+class OwnBeta(pyro.nn.PyroModule):
+    """A model of one's own with a ``beta`` (scaling z) but no ``beta_scale()`` hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder, self.decoder = (
+            nn.Linear(DATA_DIM, LATENT_DIM),
+            nn.Linear(LATENT_DIM, DATA_DIM),
+        )
+        self.beta = 1.0
+
+    @pyro.nn.pyro_method
+    def model(self, x, num_data=None):
+        with pyro.plate("data", size=num_data, subsample=x):
+            with pyro.poutine.scale(scale=self.beta):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), LATENT_DIM), 1).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    @pyro.nn.pyro_method
+    def guide(self, x, num_data=None):
+        with pyro.plate("data", size=num_data, subsample=x), pyro.poutine.scale(scale=self.beta):
+            pyro.sample("z", dist.Normal(self.encoder(x), 1).to_event(1))
+
+
+@pytest.mark.parametrize(
+    ("make", "condition_dim", "traces"),
+    [
+        # The CVAE has the hook, as the VAE does: one trace for every β.
+        (lambda: pv.ConditionalVAE(DATA_DIM, 4, LATENT_DIM, hidden_dims=(8,)), 4, 1),
+        # Without the hook β is part of the key: one trace per value.
+        (OwnBeta, 0, 3),
+    ],
+    ids=["cvae", "own-model"],
+)
+def test_beta_is_an_input_exactly_for_a_model_with_the_beta_scale_hook(make, condition_dim, traces):
+    module = make()
+    x = binary_data(BATCH, DATA_DIM, 0.5)
+    batch = (x, torch.rand(BATCH, condition_dim)) if condition_dim else (x,)
+    objective = Objective(module, Trace_ELBO())
+    objective.parameters(*batch, num_data=NUM_DATA)
+    step = CompiledStep(objective, backend="eager")
+    for beta in (0.1, 0.5, 1.0):
+        module.beta = beta
+        torch.manual_seed(3)
+        compiled = float(step.loss_and_grads(*batch, num_data=NUM_DATA))
+        torch.manual_seed(3)
+        eager = float(objective.loss_and_grads(*batch, num_data=NUM_DATA))
+        assert compiled == pytest.approx(eager, rel=1e-5)
+    assert step.traces == traces
+
+
 def test_the_last_smaller_batch_and_a_new_dataset_size_are_retraced():
     vae = small_vae()
     x = binary_data(BATCH, DATA_DIM, 0.5)

@@ -24,7 +24,7 @@ from torch.utils.data import DistributedSampler
 import pyro_vae as pv
 from pyro_vae.infer import distributed
 from pyro_vae.infer.distributed import Ranks
-from pyro_vae.infer.fit import TrainingState
+from pyro_vae.infer.state import TrainingState
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "scripts" / "train.py"

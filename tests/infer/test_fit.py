@@ -6,12 +6,13 @@ import pyro
 import pytest
 import torch
 from conftest import binary_data
-from pyro.infer import RenyiELBO, TraceMeanField_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from test_vae import assert_every_parameter_moved, snapshot
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import pyro_vae as pv
+from pyro_vae.infer.objective import Objective
 
 
 def digits_subset(num: int = 300) -> torch.Tensor:
@@ -37,6 +38,22 @@ def test_fit_binarizes_grayscale_dynamically_for_bernoulli():
     vae = pv.VAE(64, 2, hidden_dims=(16,))
     history = pv.fit(vae, digits_subset(64), num_epochs=1, batch_size=32, progress=False)
     assert history.binarized
+
+
+class BinaryContinuousBernoulli(pv.ContinuousBernoulliLikelihood):
+    """Not a Bernoulli, but a likelihood that declares binary data."""
+
+    binary_data = True
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "binarized"),
+    [(pv.ContinuousBernoulliLikelihood, False), (BinaryContinuousBernoulli, True)],
+)
+def test_the_likelihood_s_binary_data_decides_the_dynamic_binarization(likelihood, binarized):
+    vae = pv.VAE(64, 2, hidden_dims=(16,), likelihood=likelihood())
+    history = pv.fit(vae, digits_subset(64), num_epochs=1, batch_size=32, progress=False)
+    assert history.binarized == binarized
 
 
 def test_fit_accepts_a_torch_dataset_of_images_with_labels():
@@ -94,6 +111,10 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_finite_parameters():
     assert all(torch.isfinite(p).all() for p in vae.parameters())
 
 
+def _sgd(parameters, lr=0.1, **options):
+    return torch.optim.SGD(parameters, lr=lr, **options)
+
+
 @pytest.mark.parametrize(
     ("data", "kwargs", "message"),
     [
@@ -106,6 +127,11 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_finite_parameters():
         (binary_data(8, 12), {"learning_rate": float("nan")}, "learning_rate must be"),
         (binary_data(8, 12), {"loss": "elbo"}, "loss must be a pyro.infer.ELBO"),
         ("not data", {}, "must be a torch.Tensor"),
+        (binary_data(8, 12), {"optimizer": "sgd"}, "optimizer must be a function"),
+        (binary_data(8, 12), {"optimizer": lambda ps: ps}, "return a torch.optim.Optimizer"),
+        (binary_data(8, 12), {"optimizer": lambda ps: _sgd(ps[:1])}, "lacks 7 of the 8"),
+        # A late read needs an optimizer that skips a non-finite step on the device.
+        (binary_data(8, 12), {"optimizer": _sgd, "log_every": 2}, "need a fused optimizer"),
     ],
 )
 def test_bad_input_is_rejected_before_any_parameter_changes(data, kwargs, message):
@@ -118,11 +144,42 @@ def test_bad_input_is_rejected_before_any_parameter_changes(data, kwargs, messag
         assert torch.equal(before[name], p)
 
 
+@pytest.mark.parametrize(
+    ("options", "log_every"), [({}, None), ({"fused": True}, 3)], ids=["sgd", "fused-late-read"]
+)
+def test_fit_trains_with_the_optimizer_its_factory_makes(options, log_every):
+    x = binary_data(20, 12)
+    vae = pv.VAE(12, 2, hidden_dims=(8,))
+    by_hand = copy.deepcopy(vae)  # the same weights, under a Pyro name of its own
+    made = []
+
+    def factory(parameters):
+        made.append(_sgd(parameters, **options))
+        return made[-1]
+
+    torch.manual_seed(0)
+    shuffle = torch.Generator().manual_seed(1)
+    pv.fit(vae, x, num_epochs=1, batch_size=20, optimizer=factory, generator=shuffle,
+           log_every=log_every, progress=False)  # fmt: skip
+    (optimizer,) = made
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.param_groups[0]["params"] == list(vae.parameters())
+    # SGD's one step, by hand: the same batch (fit's shuffle of all 20) and the same draws of z.
+    batch = x[torch.randperm(20, generator=torch.Generator().manual_seed(1))]
+    objective = Objective(by_hand, Trace_ELBO())
+    objective.parameters(batch, num_data=20)
+    torch.manual_seed(0)
+    objective.loss_and_grads(batch, num_data=20)
+    for (name, trained), start in zip(vae.named_parameters(), by_hand.parameters(), strict=True):
+        assert start.grad is not None and start.grad.abs().max() > 0, name
+        torch.testing.assert_close(trained, (start - 0.1 * start.grad).detach(), msg=name)
+
+
 class _Killed(Exception):
     """Stands in for a kill: raised from the checkpoint callback."""
 
 
-def _fit_with_checkpoints(weights=None, resume=None, kill_at=None, seed=0):
+def _fit_with_checkpoints(weights=None, resume=None, kill_at=None, seed=0, optimizer=None):
     pyro.set_rng_seed(seed)
     vae = pv.VAE(10, 2, hidden_dims=(8,))
     if weights is not None:
@@ -147,21 +204,29 @@ def _fit_with_checkpoints(weights=None, resume=None, kill_at=None, seed=0):
         resume=resume,
         generator=torch.Generator().manual_seed(seed + 1),
         progress=False,
+        optimizer=optimizer,
     )
     return vae, history, saved
 
 
-def test_resume_in_the_middle_of_an_epoch_ends_exactly_like_an_uninterrupted_fit():
-    reference, reference_history, _ = _fit_with_checkpoints()
+@pytest.mark.parametrize(
+    "optimizer",
+    # The default Adam, and a factory's SGD whose momentum must come back from the checkpoint.
+    [None, lambda parameters: _sgd(parameters, lr=0.01, momentum=0.9)],
+    ids=["adam", "sgd-momentum"],
+)
+def test_resume_in_the_middle_of_an_epoch_ends_exactly_like_an_uninterrupted_fit(optimizer):
+    reference, reference_history, _ = _fit_with_checkpoints(optimizer=optimizer)
     with pytest.raises(_Killed):
-        _fit_with_checkpoints(kill_at=4)
-    _, _, saved = _fit_with_checkpoints(kill_at=None)
+        _fit_with_checkpoints(kill_at=4, optimizer=optimizer)
+    _, _, saved = _fit_with_checkpoints(kill_at=None, optimizer=optimizer)
     # The fourth checkpoint: global steps 3 and 6, the end of epoch 1, then step 2 of epoch 2.
     state, weights = saved[3]
     assert (state["epoch"], state["step"]) == (1, 2)
+    assert state["optimizer"]["state"]  # Adam's moments, or SGD's momentum
     # Another seed and a fresh model: everything that matters must come from the checkpoint.
     resumed, history, _ = _fit_with_checkpoints(
-        weights=weights, resume=pv.TrainingState.from_dict(state), seed=99
+        weights=weights, resume=pv.TrainingState.from_dict(state), seed=99, optimizer=optimizer
     )
     for (name, expected), actual in zip(
         reference.state_dict().items(), resumed.state_dict().values(), strict=True
@@ -221,10 +286,10 @@ def test_a_second_ctrl_c_stops_at_once():
     import os
     import signal
 
-    from pyro_vae.infer.fit import _sigint_flag
+    from pyro_vae.infer.step import sigint_flag
 
     before = signal.getsignal(signal.SIGINT)  # a background CI job may start with it ignored
-    with _sigint_flag(enabled=True) as interrupted:
+    with sigint_flag(enabled=True) as interrupted:
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupted.is_set()  # the handler ran, and nothing was raised
         with pytest.raises(KeyboardInterrupt):
