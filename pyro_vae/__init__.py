@@ -41,7 +41,6 @@ from pyro_vae.infer.estimators import (
 from pyro_vae.infer.fit import fit
 from pyro_vae.infer.objective import Objective
 from pyro_vae.infer.state import History, TrainingDivergedError, TrainingState
-from pyro_vae.jobs.runs import Run, load_run
 from pyro_vae.models.build import (
     DECODER_NAMES,
     ENCODER_NAMES,
@@ -101,7 +100,6 @@ __all__ = [
     "NormalLikelihood",
     "Objective",
     "PRIOR_NAMES",
-    "Run",
     "StandardNormalPrior",
     "SupervisedClassifier",
     "TrainingDivergedError",
@@ -128,7 +126,6 @@ __all__ = [
     "labelled_subset",
     "load_checkpoint",
     "load_dataset",
-    "load_run",
     "log_likelihood",
     "merge_by_mask",
     "paper_alpha",

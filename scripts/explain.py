@@ -8,7 +8,8 @@ cloud; the KL term three ways, with one wrong formula and one wrong reparameteri
 aggregate posterior against N(0, I); active units), with its figures beside the report.
 A run of --model m2 gets q(y|x)'s confusion matrix and entropy, with μ and σ of q(z|x,y) at the
 most probable y; a run of --model cvae the spread of its completions per condition, with μ and
-σ of q(z|x,c) (pyro_vae.explain.explain_m2, explain_cvae).
+σ of q(z|x,c) (pyro_vae.explain.explain_m2, explain_cvae). The run's model kind chooses its
+job (pyro_vae.jobs.vae, .m2, .cvae), which writes the report.
 """
 
 from __future__ import annotations
@@ -18,16 +19,11 @@ import sys
 from pathlib import Path
 
 import pyro
-from torch import Tensor
 
-import pyro_vae as pv
 from pyro_vae.explain import OUTPUT_FILES
 from pyro_vae.infer import distributed
-from pyro_vae.jobs import cli
-from pyro_vae.jobs import cvae as conditional_job
-from pyro_vae.jobs import m2 as semisupervised_job
-from pyro_vae.jobs.runs import EXPLAIN_DIR, RunDirectory
-from pyro_vae.models.masks import quadrant_mask, split_by_mask
+from pyro_vae.jobs import JOBS, cli, load_run
+from pyro_vae.jobs.run_directory import EXPLAIN_DIR, RunDirectory
 
 PROG = "explain.py"
 
@@ -69,50 +65,6 @@ def check_out_dir(out_dir: Path) -> None:
         leftover.unlink()
 
 
-def write_report(run_dir: Path, out_dir: Path, num_particles: int, seed: int) -> Path:
-    """The report of the run in ``run_dir``: the run object load_run gives tells the model."""
-    loaded = pv.load_run(run_dir)
-    data = loaded.data
-    if isinstance(loaded, semisupervised_job.Run):
-        pyro.set_rng_seed(seed)
-        return pv.explain(
-            loaded.m2, loaded.x_test, data.y_test, data.image_shape, data.class_names, out_dir
-        )
-    if isinstance(loaded, conditional_job.Run):
-        x, c = cvae_parts(loaded)
-        pyro.set_rng_seed(seed)
-        return pv.explain(
-            loaded.cvae,
-            x,
-            data.y_test,
-            data.image_shape,
-            data.class_names,
-            out_dir,
-            num_particles=num_particles,
-            condition=c,
-        )
-    pyro.set_rng_seed(seed)
-    return pv.explain(
-        loaded.vae,
-        loaded.x_test,
-        data.y_test,
-        data.image_shape,
-        data.class_names,
-        out_dir,
-        num_particles=num_particles,
-    )
-
-
-def cvae_parts(cvae_run: conditional_job.Run) -> tuple[Tensor, Tensor]:
-    """(x, c) of the test set as the CVAE run scores them: the missing pixels of its
-    evaluation images, the given pixels of the grayscale images."""
-    cvae = cvae_run.cvae
-    mask = quadrant_mask(cvae_run.data.image_shape, cvae_run.args["given_quadrants"])
-    x, _ = split_by_mask(cvae_run.x_test.to(cvae.dtype), mask)
-    _, c = split_by_mask(cvae_run.data.x_test.to(cvae.dtype), mask)
-    return x, c
-
-
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.set_num_threads(args.num_threads)
@@ -124,7 +76,9 @@ def run(argv: list[str] | None = None) -> int:
     try:
         check_out_dir(out_dir)
         with RunDirectory.claim(args.run_dir, mode="existing"):
-            report = write_report(args.run_dir, out_dir, args.num_particles, args.seed)
+            loaded = load_run(args.run_dir)
+            pyro.set_rng_seed(args.seed)
+            report = JOBS[loaded.kind].explain(loaded, out_dir, args.num_particles)
     except (ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

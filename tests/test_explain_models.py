@@ -10,8 +10,7 @@ from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
-from pyro_vae.jobs import cvae as conditional_job
-from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.jobs import load_run
 from pyro_vae.models.cvae_estimators import sample_spread
 from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset
 from pyro_vae.models.m2 import M2
@@ -162,9 +161,9 @@ def test_explain_py_writes_the_m2_report_of_an_m2_run(tmp_path, capsys, float32)
     assert code == 0, err
     found = sections((run / "explain" / "report.md").read_text())
     assert sorted(found) == ["1", "2", "3", "4"]
-    loaded = pv.load_run(run)
-    assert isinstance(loaded, semisupervised_job.Run)
-    predicted = loaded.m2.classify(loaded.x_test)
+    loaded = load_run(run)
+    assert loaded.kind == "m2"
+    predicted = loaded.model.classify(loaded.x_test)
     rows = table_rows(found["3"], "true ")
     counts = torch.tensor([[int(v) for v in row[:-1]] for row in rows])
     assert counts.sum() == len(loaded.x_test)
@@ -180,12 +179,12 @@ def test_explain_py_writes_the_cvae_report_of_a_cvae_run(tmp_path, capsys, float
     assert code == 0, err
     found = sections((run / "explain" / "report.md").read_text())
     assert sorted(found) == ["1", "2", "3"]
-    loaded = pv.load_run(run)
-    assert isinstance(loaded, conditional_job.Run)
+    loaded = load_run(run)
+    assert loaded.kind == "cvae"
     # The script's default --seed 0, and the given pixels of the grayscale test images as c.
     mask = quadrant_mask(loaded.data.image_shape, loaded.args["given_quadrants"])
     _, c = split_by_mask(loaded.data.x_test, mask)
     pyro.set_rng_seed(0)
-    expected = sample_spread(loaded.cvae, c, 50)
+    expected = sample_spread(loaded.model, c, 50)
     for row, value in zip(table_rows(found["3"], "test #"), expected[:5], strict=True):
         assert float(row[0]) == pytest.approx(float(value), abs=6e-5)

@@ -63,8 +63,9 @@ def crossings(graph: dict[str, set[str]]) -> list[str]:
                 target == "pyro_vae" or in_layer(target, "models") or in_layer(target, "components")
             ):
                 wrong.append(f"{importer} -> {target} (infer/ imports no model or component)")
-            if in_layer(importer, "components") and any(
-                in_layer(target, layer) for layer in ("models", "infer", "jobs")
+            if (
+                in_layer(importer, "components")
+                and any(in_layer(target, layer) for layer in ("models", "infer", "jobs"))
             ) or (in_layer(importer, "components") and target == "pyro_vae"):
                 wrong.append(f"{importer} -> {target} (components/ sit below models/ and infer/)")
     return wrong
@@ -131,5 +132,7 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     would pass every test above)."""
     graph = import_graph()
     assert "pyro_vae.models.vae" in graph["pyro_vae.models.build"]  # from pyro_vae.x import y
-    assert "pyro_vae.infer.distributed" in graph["pyro_vae.jobs.runner"]  # from pyro_vae.x import module
+    assert (
+        "pyro_vae.infer.distributed" in graph["pyro_vae.jobs.runner"]
+    )  # from pyro_vae.x import module
     assert "pyro_vae" in graph["pyro_vae.jobs.vae"]  # import pyro_vae as pv

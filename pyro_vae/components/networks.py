@@ -9,6 +9,10 @@ from itertools import pairwise
 
 from torch import Tensor, nn
 
+# The widths of every MLP here when none are given: one hidden layer of 400 units (the
+# encoders', decoders' and classifiers' default, and scripts/train.py's --hidden-dims).
+DEFAULT_HIDDEN_DIMS = (400,)
+
 
 class MLP(nn.Sequential):
     """A multilayer perceptron: ``Linear -> activation`` for each hidden layer, then a final

@@ -11,6 +11,8 @@ import argparse
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
@@ -173,3 +175,14 @@ def say(text: str) -> None:
             sys.stdout = open(os.devnull, "w")  # lives as long as the process
         finally:
             os.close(devnull)
+
+
+def stage_printer() -> Callable[[str], None]:
+    """A line per stage of a long evaluation, with the seconds since the start: some stages
+    take minutes on big data."""
+    started = time.perf_counter()
+
+    def stage(text: str) -> None:
+        say(f"[{time.perf_counter() - started:6.1f}s] {text}")
+
+    return stage

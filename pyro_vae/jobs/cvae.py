@@ -33,7 +33,7 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import pyro
 import torch
@@ -41,19 +41,15 @@ from torch import Tensor
 
 import pyro_vae as pv
 from pyro_vae.checkpoint import build_model
+from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
-from pyro_vae.jobs.runs import RunDirectory, claim_run_directory
-from pyro_vae.models.cvae import ConditionalBaseline, ConditionalVAE
-from pyro_vae.models.cvae_estimators import (
-    completions,
-    conditional_elbo_terms,
-    conditional_log_likelihood,
-)
-from pyro_vae.models.masks import quadrant_mask, split_by_mask
-from pyro_vae.plots import plot_completions
+from pyro_vae.jobs.run_directory import RunDirectory
+from pyro_vae.jobs.runs import Run, Setup, file_digest, make_loss, provenance, run_arguments
+from pyro_vae.models.cvae_estimators import conditional_elbo_terms
 
-OWN_FLAGS: tuple[str, ...] = ("given_quadrants",)
+KIND = "cvae"
+OWN_FLAGS = ("--given-quadrants",)
 BASELINE = "baseline.pt"
 FIGURE = "completions.png"
 # The VAE's flags that choose its parts: the CVAE's parts are fixed (a conditional Normal
@@ -107,15 +103,17 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             "likelihood)"
         )
     args.num_particles = args.num_particles or (5 if args.elbo == "iwae" else 1)
-    args.hidden_dims = args.hidden_dims or [400]
+    args.hidden_dims = args.hidden_dims or list(DEFAULT_HIDDEN_DIMS)
 
 
-def model_config(args: argparse.Namespace, data_dim: int, condition_dim: int) -> dict[str, Any]:
-    """The checkpoint's config of the CVAE (the keyword arguments of :func:`build_cvae`)."""
+def new_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any]:
+    """The checkpoint's config of a new CVAE (the keyword arguments of ``build_cvae``): the
+    quadrant mask splits each image into the pixels to predict and the given ones."""
+    num_given = int(pv.quadrant_mask(data.image_shape, args.given_quadrants).sum())
     return {
         "model": "cvae",
-        "data_dim": data_dim,
-        "condition_dim": condition_dim,
+        "data_dim": data.data_dim - num_given,
+        "condition_dim": num_given,
         "latent_dim": args.latent_dim,
         "beta": args.beta,
         "hidden_dims": list(args.hidden_dims),
@@ -128,173 +126,107 @@ def baseline_config(config: dict[str, Any]) -> dict[str, Any]:
     return {"model": "cvae-baseline", **{key: config[key] for key in keys}}
 
 
-class Run(NamedTuple):
-    """A CVAE run, new or read back by :func:`load_run` (:class:`pyro_vae.Run` is the VAE's)."""
-
-    cvae: ConditionalVAE
-    config: dict[str, Any]
-    """The keyword arguments of build_cvae, with ``"model": "cvae"``."""
-    args: dict[str, Any]
-    """The arguments of scripts/train.py that made it (empty for a new run)."""
-    checkpoint: dict[str, Any]
-    """The whole checkpoint (empty for a new run)."""
-    data: pv.DataSplits
-    x_test: Tensor
-    """The test images as the run scores them (binarized once from the seed), on the CPU."""
-    x_train_eval: Tensor
-    """The training subset scored each epoch, likewise."""
+def check_run(run: Run) -> None:
+    """A CVAE run needs nothing beyond what every run is checked for."""
 
 
-def evaluation_sets(cvae: ConditionalVAE, data: pv.DataSplits, seed: int) -> tuple[Tensor, Tensor]:
-    """The VAE's evaluation sets (:func:`pyro_vae.jobs.runs.evaluation_sets`): whole images, of
-    which the run scores the missing pixels."""
-    # It reads the model's likelihood only, which the CVAE has as the VAE does.
-    return pv.jobs.runs.evaluation_sets(cast(pv.VAE, cvae), data, seed)
-
-
-def main(args: argparse.Namespace, prog: str) -> int:
-    """Train the CVAE and its baseline, evaluate and write; return the exit code. Bad input
-    (data, mask) fails before the output directory is claimed; a resumed run holds its
-    directory first, as the VAE's does."""
-    if args.resume is not None:
-        with claim_run_directory(args.resume, mode="existing") as run_dir:
-            run = load_run(args.resume)
-            # scripts/train.py's parser has refused every flag a resume may not change.
-            overrides = sorted(args.given - {"--resume"})
-            args = pv.jobs.runs.resumed_args(run.args, args, run.checkpoint["training"], overrides)
-            pyro.set_rng_seed(args.seed)
-            return run_dir.guarded(prog, lambda: train(args, run_dir, run))
-    pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
-    data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
-    mask = quadrant_mask(data.image_shape, args.given_quadrants)
-    num_given = int(mask.sum())
-    config = model_config(args, data.data_dim - num_given, num_given)
-    pv.jobs.runs.check_model_size(config)
-    cvae = cast(ConditionalVAE, build_model(config)).to(args.device)
-    x_test, x_train_eval = evaluation_sets(cvae, data, args.seed)
-    # Data outside the likelihood's support are refused here, before any file is written.
-    _split(cvae, x_test, data.x_test, mask, "test data")
-    _split(cvae, x_train_eval, data.x_train[: len(x_train_eval)], mask, "training data")
-    run = Run(cvae, config, {}, {}, data, x_test, x_train_eval)
-    with claim_run_directory(
-        args.out_dir, mode="overwrite" if args.overwrite else "new"
-    ) as run_dir:
-        return run_dir.guarded(prog, lambda: train(args, run_dir, run))
-
-
-def load_run(directory: Path) -> Run:
-    """The CVAE run in ``directory`` (what :func:`pyro_vae.load_run` returns for it): the
-    model, its arguments and checkpoint, the data, and the very evaluation sets it scored,
-    checked by their digest."""
-    path = pv.jobs.runs.checkpoint_path(directory)
-    cvae, payload = pv.load_checkpoint(path)
-    if not isinstance(cvae, ConditionalVAE):
-        raise ValueError(f"{path}: not a run of --model cvae")
-    for key in ("args", "config", "evaluation_digest", "training"):
-        if key not in payload:
-            raise ValueError(f"{path}: holds no {key!r}; it was not written by scripts/train.py")
-    saved = payload["args"]
-    data = pv.load_dataset(saved["dataset"], saved["data_dir"])
-    x_test, x_train_eval = evaluation_sets(cvae, data, saved["seed"])
-    if pv.jobs.runs.digest(x_test) != payload["evaluation_digest"]:
-        raise ValueError(
-            f"{path}: the test set rebuilt from {saved['dataset']} is not the one this run "
-            "scored (have the data files changed?)"
-        )
-    return Run(cvae, payload["config"], saved, payload, data, x_test, x_train_eval)
-
-
-def _split(
-    cvae: ConditionalVAE, x_scored: Tensor, images: Tensor, mask: Tensor, what: str
+def split_scored(
+    cvae: pv.ConditionalVAE, x_scored: Tensor, images: Tensor, mask: Tensor, what: str
 ) -> tuple[Tensor, Tensor]:
     """(x, c) as the run scores them: the missing pixels of the evaluation images (binarized
     for the Bernoulli likelihood), the given pixels of the grayscale images, both checked."""
-    x, _ = split_by_mask(x_scored.to(cvae.device, cvae.dtype), mask)
-    _, c = split_by_mask(images.to(cvae.device, cvae.dtype), mask)
+    x, _ = pv.split_by_mask(x_scored.to(cvae.device, cvae.dtype), mask)
+    _, c = pv.split_by_mask(images.to(cvae.device, cvae.dtype), mask)
     cvae.validate_data(x, f"{what} (the missing pixels)")
     cvae.validate_condition(c, len(x), f"{what} (the given pixels)")
     return x, c
 
 
-def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
-    started = time.perf_counter()
-    main_rank = distributed.ranks().is_main  # under torchrun, rank 0 alone shows and writes
-    progress = False if args.no_progress or not main_rank else None
-    cvae, config, data = run.cvae.to(args.device), run.config, run.data.to(args.device)
-    mask = quadrant_mask(data.image_shape, args.given_quadrants)
-    x_train, c_train = split_by_mask(data.x_train, mask)
-    x_test, c_test = _split(cvae, run.x_test, data.x_test, mask, "test data")
-    x_train_eval, c_train_eval = _split(
+def prepare(run: Run, args: argparse.Namespace) -> Setup:
+    """The missing and given pixels of the training images and of both evaluation sets, on
+    ``args.device``, checked before anything is written."""
+    cvae = run.model.to(args.device)
+    assert isinstance(cvae, pv.ConditionalVAE)  # the registry sent a "cvae" run here
+    data = run.data.to(args.device)
+    mask = pv.quadrant_mask(data.image_shape, args.given_quadrants)
+    x_train, c_train = pv.split_by_mask(data.x_train, mask)
+    x_test, c_test = split_scored(cvae, run.x_test, data.x_test, mask, "test data")
+    x_train_eval, c_train_eval = split_scored(
         cvae, run.x_train_eval, data.x_train[: len(run.x_train_eval)], mask, "training data"
     )
-    loss = pv.jobs.runs.make_loss(args.elbo, args.num_particles)
-    metrics, state = run_dir.resume_state(run.checkpoint)
-    cli.say(
-        f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images; "
-        f"{args.given_quadrants} quadrant(s) given ({c_train.shape[1]} pixels), "
-        f"{x_train.shape[1]} to predict; CVAE latent {args.latent_dim}, widths "
-        f"{args.hidden_dims}; {type(loss).__name__} with {args.num_particles} particle(s), "
-        f"beta {args.beta}; device {args.device}; writing to {run_dir.path}"
-        + pv.jobs.runs.start_details(args.batch_size, state)
-    )
-
-    def after_epoch(epoch: int, history: pv.History) -> None:
-        row = {"epoch": epoch, "train_loss": history.loss[-1]}
-        for prefix, x, c in (("train", x_train_eval, c_train_eval), ("test", x_test, c_test)):
-            terms = conditional_elbo_terms(cvae, x, c)
-            row[f"{prefix}_elbo"] = terms.elbo.mean().item()
-            row[f"{prefix}_reconstruction"] = terms.reconstruction.mean().item()
-            row[f"{prefix}_kl"] = terms.kl.mean().item()
-        row["seconds"] = history.epoch_seconds[-1]
-        metrics.append(row)
-        cli.say(
-            f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  train ELBO "
-            f"{row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} (reconstruction "
-            f"{row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f})  "
-            f"{row['seconds']:.2f}s"
-        )
-
-    budget = {
-        "num_epochs": args.num_epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "clip_norm": args.clip_norm,
-        "progress": progress,
-    }
-    distributed.seed_noise(args.seed)  # each rank its own z, from the model built alike
-    pv.fit(
-        cvae,
-        (x_train, c_train),
+    loss = make_loss(args.elbo, args.num_particles)
+    return Setup(
+        model=cvae,
+        training_data=(x_train, c_train),
         loss=loss,
-        kl_warmup_epochs=args.kl_warmup_epochs,
-        callback=after_epoch,
-        # The digest lets load_run check that it rebuilds this very test set.
-        checkpoint=run_dir.checkpointer(
-            cvae,
-            config,
-            metrics,
-            args=pv.jobs.runs.run_arguments(args),
-            evaluation_digest=pv.jobs.runs.digest(run.x_test),
+        description=(
+            f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images; "
+            f"{args.given_quadrants} quadrant(s) given ({c_train.shape[1]} pixels), "
+            f"{x_train.shape[1]} to predict; CVAE latent {args.latent_dim}, widths "
+            f"{args.hidden_dims}; {type(loss).__name__} with {args.num_particles} particle(s), "
+            f"beta {args.beta}; device {args.device}; writing to {args.out_dir}"
         ),
-        checkpoint_every=args.checkpoint_every,
-        resume=state,
-        generator=torch.Generator(args.device).manual_seed(args.seed),
-        **budget,
+        scored={
+            "test": x_test,
+            "test_given": c_test,
+            "train": x_train_eval,
+            "train_given": c_train_eval,
+            "mask": mask,
+        },
     )
-    trained = time.perf_counter() - started
 
+
+def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
+    """The one-draw ELBO terms of the missing pixels, on a training subset and the test set."""
+    cvae, scored = setup.model, setup.scored
+    assert isinstance(cvae, pv.ConditionalVAE)
+    row = {}
+    for prefix in ("train", "test"):
+        terms = conditional_elbo_terms(cvae, scored[prefix], scored[f"{prefix}_given"])
+        row[f"{prefix}_elbo"] = terms.elbo.mean().item()
+        row[f"{prefix}_reconstruction"] = terms.reconstruction.mean().item()
+        row[f"{prefix}_kl"] = terms.kl.mean().item()
+    return row
+
+
+def epoch_line(row: dict[str, Any]) -> str:
+    return (
+        f"train ELBO {row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} (reconstruction "
+        f"{row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f})"
+    )
+
+
+def finish(
+    setup: Setup,
+    run: Run,
+    args: argparse.Namespace,
+    run_dir: RunDirectory,
+    metrics: list[dict[str, Any]],
+    progress: bool | None,
+) -> dict[str, Any]:
+    """The baseline, trained after the CVAE with the same budget; both scored on the test
+    set; the completion figure."""
+    started = time.perf_counter()
+    cvae, scored = setup.model, setup.scored
+    assert isinstance(cvae, pv.ConditionalVAE)
+    main_rank = distributed.ranks().is_main
     # The baseline: from the seed, after the CVAE, so that it is the same whether or not the
     # CVAE's training was interrupted and resumed.
     cli.say(f"training the baseline ({args.num_epochs} epochs, the same budget)")
     pyro.set_rng_seed(args.seed)
-    baseline = cast(ConditionalBaseline, build_model(baseline_config(config))).to(args.device)
+    config = baseline_config(run.config)
+    baseline = cast(pv.ConditionalBaseline, build_model(config)).to(args.device)
     distributed.seed_noise(args.seed)
     try:
         baseline_history = pv.fit(
             baseline,
-            (x_train, c_train),
+            setup.training_data,
+            num_epochs=args.num_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            clip_norm=args.clip_norm,
+            progress=progress,
             generator=torch.Generator(args.device).manual_seed(args.seed),
-            **budget,
         )
     except pv.TrainingDivergedError as error:
         # The CVAE is trained and checkpointed; say which model diverged.
@@ -303,49 +235,46 @@ def train(args: argparse.Namespace, run_dir: RunDirectory, run: Run) -> int:
         pv.save_checkpoint(
             run_dir.path / BASELINE,
             baseline,
-            baseline_config(config),
-            args=pv.jobs.runs.run_arguments(args),
+            config,
+            args=run_arguments(args),
             train_loss=baseline_history.loss,
         )
-    baseline_trained = time.perf_counter() - started - trained
-
-    final: dict[str, Any] = dict(metrics[-1])
-    final["baseline_train_loss"] = baseline_history.loss[-1]
-    final.update(score(cvae, baseline, x_test, c_test, args.num_iw_particles, progress))
-    figure = completions(
+    final: dict[str, Any] = {
+        "baseline_train_loss": baseline_history.loss[-1],
+        "baseline_train_seconds": time.perf_counter() - started,
+    }
+    final.update(
+        score(cvae, baseline, scored["test"], scored["test_given"], args.num_iw_particles, progress)
+    )
+    figure = pv.completions(
         cvae,
         baseline,
-        data.x_test[:FIGURE_IMAGES].to(cvae.dtype),
-        mask,
-        data.image_shape,
+        run.data.x_test[:FIGURE_IMAGES].to(args.device, cvae.dtype),
+        scored["mask"],
+        run.data.image_shape,
         num_completions=FIGURE_COMPLETIONS,
     )
     if main_rank:
-        plot_completions(figure, run_dir.path / FIGURE)
-    final["train_seconds"] = trained
-    final["baseline_train_seconds"] = baseline_trained
-    final["total_seconds"] = time.perf_counter() - started
-    run_dir.write_json("final_metrics.json", final)
+        pv.plot_completions(figure, run_dir.path / FIGURE)
+    return final
 
-    summary = f"test ELBO {final['test_elbo']:.2f} nats"
+
+def summary(final: dict[str, Any], args: argparse.Namespace) -> str:
+    text = f"test ELBO {final['test_elbo']:.2f} nats"
     if "test_nll" in final:
-        summary = (
+        text = (
             f"test -log p(missing | given): CVAE {final['test_nll']:.2f} ± "
             f"{final['test_nll_se']:.2f} nats (K={args.num_iw_particles}), baseline "
             f"{final['baseline_test_nll']:.2f} ± {final['baseline_test_nll_se']:.2f}; "
             f"baseline − CVAE {final['test_nll_difference']:.2f} ± "
             f"{final['test_nll_difference_se']:.2f} (paired)"
         )
-    cli.say(
-        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s CVAE, {baseline_trained:.0f}s "
-        f"baseline): {summary}; results in {run_dir.path}"
-    )
-    return 0
+    return f"{text}; the baseline trained in {final['baseline_train_seconds']:.0f}s"
 
 
 def score(
-    cvae: ConditionalVAE,
-    baseline: ConditionalBaseline,
+    cvae: pv.ConditionalVAE,
+    baseline: pv.ConditionalBaseline,
     x: Tensor,
     c: Tensor,
     num_particles: int,
@@ -358,8 +287,8 @@ def score(
     if not num_particles:
         return {}
     cli.say(f"scoring log p(missing | given) with K={num_particles} importance samples")
-    cvae_nll = -conditional_log_likelihood(cvae, x, c, num_particles, progress=progress)
-    baseline_nll = -conditional_log_likelihood(baseline, x, c, 1, progress=progress)
+    cvae_nll = -pv.conditional_log_likelihood(cvae, x, c, num_particles, progress=progress)
+    baseline_nll = -pv.conditional_log_likelihood(baseline, x, c, 1, progress=progress)
     row = {}
     for name, values in (
         ("test_nll", cvae_nll),
@@ -370,3 +299,142 @@ def score(
         row[f"{name}_se"] = (values.std() / math.sqrt(len(values))).item()
     row["num_iw_particles"] = num_particles
     return row
+
+
+# Draws of z per condition for the spread of the completions, and conditions per pass.
+SPREAD_SAMPLES, SPREAD_CHUNK = 100, 100
+
+
+def load_baseline(run: Run) -> pv.ConditionalBaseline:
+    """The run's baseline (``baseline.pt``), or a ValueError saying why there is none."""
+    path = run.directory / BASELINE
+    if not path.is_file():
+        raise ValueError(
+            f"{run.directory}: no {BASELINE} there: the run stopped before its baseline was "
+            "trained (finish it with scripts/train.py --resume)"
+        )
+    baseline, _ = pv.load_checkpoint(path)
+    if not isinstance(baseline, pv.ConditionalBaseline):
+        raise ValueError(f"{path}: not the CVAE's baseline")
+    return baseline
+
+
+def test_parts(run: Run) -> tuple[Tensor, Tensor]:
+    """(x, c) of the test set as the run scores them (:func:`split_scored`), on the CPU."""
+    cvae = run.model
+    assert isinstance(cvae, pv.ConditionalVAE)
+    mask = pv.quadrant_mask(run.data.image_shape, run.args["given_quadrants"])
+    return split_scored(cvae, run.x_test, run.data.x_test, mask, "test data")
+
+
+@torch.no_grad()
+def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """scripts/evaluate.py's numbers: −log p(x | c) of the missing pixels, importance-sampled
+    for the CVAE and exact for its baseline, their standard errors and paired difference, and
+    how much the CVAE's completions vary per condition."""
+    cvae = run.model
+    assert isinstance(cvae, pv.ConditionalVAE)
+    baseline = load_baseline(run)
+    x, c = test_parts(run)
+    labels = run.data.y_test
+    if args.max_examples is not None:
+        x, c, labels = x[: args.max_examples], c[: args.max_examples], labels[: args.max_examples]
+    pyro.set_rng_seed(args.seed)
+    progress = False if args.no_progress else None
+    stage = cli.stage_printer()
+    result = provenance(run, describe(run.config), args.seed)
+    result.update(
+        baseline_sha256=file_digest(run.directory / BASELINE),
+        given_quadrants=run.args["given_quadrants"],
+        num_examples=len(x),
+        num_missing_pixels=x.shape[1],
+        num_iw_particles=args.num_iw_particles,
+    )
+    stage(f"-log p(missing | given) of {len(x)} test images, CVAE with K={args.num_iw_particles}")
+    cvae_nll = -pv.conditional_log_likelihood(
+        cvae, x, c, args.num_iw_particles, chunk_size=args.chunk_size, progress=progress
+    )
+    stage("-log p(missing | given), baseline (exact)")
+    baseline_nll = -pv.conditional_log_likelihood(baseline, x, c, 1, chunk_size=args.chunk_size)
+    for name, values in (
+        ("test_nll", cvae_nll),
+        ("baseline_test_nll", baseline_nll),
+        # Paired: the same images, so the images' own difficulty cancels.
+        ("test_nll_difference", baseline_nll - cvae_nll),
+    ):
+        result[name] = values.mean().item()
+        result[f"{name}_se"] = (values.std() / math.sqrt(len(values))).item()
+    stage(f"spread of CVAE completions, {SPREAD_SAMPLES} draws of z per condition")
+    spread = torch.cat(
+        [pv.sample_spread(cvae, chunk, SPREAD_SAMPLES) for chunk in c.split(SPREAD_CHUNK)]
+    )
+    result["spread_num_samples"] = SPREAD_SAMPLES
+    result["sample_spread"] = quartiles(spread)
+    result["per_class"] = {
+        run.data.class_names[int(label)]: {
+            "count": int(mask.sum()),
+            "nll": cvae_nll[mask].mean().item(),
+            "baseline_nll": baseline_nll[mask].mean().item(),
+            "sample_spread": spread[mask].mean().item(),
+        }
+        for label in labels.unique()
+        for mask in [labels == label]
+    }
+    stage("done")
+    return result
+
+
+def quartiles(values: Tensor) -> dict[str, float]:
+    """The mean, standard deviation and quartiles of per-condition values."""
+    values = values.double()
+    points = torch.quantile(values, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]).double())
+    return {
+        "mean": values.mean().item(),
+        "std": values.std().item() if len(values) > 1 else 0.0,
+        **dict(zip(("min", "q25", "median", "q75", "max"), points.tolist(), strict=True)),
+    }
+
+
+def describe(config: dict[str, Any]) -> str:
+    return f"CVAE, latent {config['latent_dim']}, hidden {config['hidden_dims']}"
+
+
+def table(result: dict[str, Any]) -> str:
+    spread = result["sample_spread"]
+    lines = [
+        f"{result['run']} (epoch {result['epoch']}; {result['model']}; "
+        f"{result['given_quadrants']} quadrant(s) given), {result['num_examples']} test images, "
+        f"-log p(missing | given) in nats per image",
+        f"  CVAE     {result['test_nll']:8.2f} ± {result['test_nll_se']:.2f} "
+        f"(K={result['num_iw_particles']})",
+        f"  baseline {result['baseline_test_nll']:8.2f} ± {result['baseline_test_nll_se']:.2f} "
+        "(exact)",
+        f"  baseline - CVAE {result['test_nll_difference']:.2f} ± "
+        f"{result['test_nll_difference_se']:.2f} (paired)",
+        f"  spread of CVAE completions per condition ({result['spread_num_samples']} draws): "
+        f"mean {spread['mean']:.4f}, median {spread['median']:.4f}, "
+        f"range {spread['min']:.4f}-{spread['max']:.4f}",
+        f"  {'class':<14}{'count':>7}{'CVAE':>10}{'baseline':>10}{'spread':>9}",
+    ]
+    for name, row in result["per_class"].items():
+        lines.append(
+            f"  {name:<14}{row['count']:>7}{row['nll']:>10.2f}{row['baseline_nll']:>10.2f}"
+            f"{row['sample_spread']:>9.4f}"
+        )
+    return "\n".join(lines)
+
+
+def explain(run: Run, out_dir: Path, num_particles: int) -> Path:
+    """The report of the spread of the completions and of μ and σ of q(z|x,c)."""
+    x, c = test_parts(run)
+    data = run.data
+    return pv.explain(
+        run.model,  # type: ignore[arg-type]
+        x,
+        data.y_test,
+        data.image_shape,
+        data.class_names,
+        out_dir,
+        num_particles=num_particles,
+        condition=c,
+    )

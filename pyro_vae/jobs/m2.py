@@ -1,23 +1,20 @@
-"""The main job of scripts/train.py for ``--model m2``: the semi-supervised VAE M2 (Kingma et
-al. 2014, :mod:`pyro_vae.models.m2`) trained on a few labels and the rest of the training
-images unlabelled.
+"""M2's job (``scripts/train.py --model m2``): the semi-supervised VAE M2 (Kingma et al. 2014,
+:class:`pyro_vae.M2`) trained on a few labels and the rest of the training images
+unlabelled.
 
     python scripts/train.py --model m2 --num-labelled 100 --num-epochs 2
 
-The steps are the VAE's (arguments, data, model, fit, evaluate, write) and the run directory
-is pyro_vae.jobs.runs' format. The labelled rows are ``labelled_subset(y_train, n, seed)``: fixed,
-class-balanced and seeded; every other training label is hidden (:data:`UNLABELLED`), and fit
-trains on (x, y) with M2's ``TraceEnum_ELBO``, which sums y out where it is hidden. The run
-directory gets
+The labelled rows are ``labelled_subset(y_train, n, seed)``: fixed, class-balanced and seeded;
+every other training label is hidden (:data:`pyro_vae.UNLABELLED`), and fit trains on (x, y)
+with M2's ``TraceEnum_ELBO``, which sums y out where it is hidden. Beside what every run writes
+(pyro_vae.jobs.run_directory), the run directory gets
 
-- ``checkpoint.pt``: M2 (config ``"model": "m2"``, rebuilt by :func:`build_m2`), written by fit
-  after each epoch and every ``--checkpoint-every`` steps, with the labelled indices
-  (``labelled_indices``, rows of the training set): a resume restores them, after checking
-  that they are the rows the seed gives;
-- ``metrics.json`` / ``metrics.csv``: per epoch, the training objective, the test accuracy of
-  q(y|x) on the binarized test set (what M2 trains on) and on the grayscale one, the mean
+- in ``checkpoint.pt``, the labelled indices (``labelled_indices``, rows of the training set):
+  a resume restores them, after checking that they are the rows the seed gives;
+- in ``metrics.json`` / ``metrics.csv``, per epoch: the training objective, the test accuracy
+  of q(y|x) on the binarized test set (what M2 trains on) and on the grayscale one, the mean
   entropy of q(y|x) on the test set, and the test ELBO of log p(x) with y summed out;
-- ``final_metrics.json``: the last epoch's row, the label counts, α and the timings;
+- in ``final_metrics.json``: the last epoch's row, the label counts, α and the timings;
 - ``accuracy.png`` (test accuracy per epoch), ``samples.png`` (a row per class: y fixed, z
   varied, the same z in every row), ``style_transfer.png`` (z of a few test inputs, at their
   most probable class, decoded under every class).
@@ -26,11 +23,9 @@ directory gets
 from __future__ import annotations
 
 import argparse
-import os
-import time
-from dataclasses import dataclass
+import math
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pyro
 import torch
@@ -38,14 +33,16 @@ from torch import Tensor
 
 import pyro_vae as pv
 from pyro_vae import plots
-from pyro_vae.checkpoint import build_model
+from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
-from pyro_vae.jobs.runs import RunDirectory, claim_run_directory
+from pyro_vae.jobs.run_directory import RunDirectory, checkpoint_path
+from pyro_vae.jobs.runs import Run, Setup, provenance
 from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
 from pyro_vae.models.m2 import M2
 
-OWN_FLAGS: tuple[str, ...] = ("num_labelled", "num_unlabelled", "alpha")
+KIND = "m2"
+OWN_FLAGS = ("--num-labelled", "--num-unlabelled", "--alpha")
 DEFAULT_NUM_LABELLED = 100
 # The VAE's flags M2 has no use for: its parts are fixed (N(0, I) prior, diagonal Normal
 # q(z|x,y), Bernoulli likelihood, no weight prior) and its objective is TraceEnum_ELBO, with no
@@ -110,113 +107,9 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     args.num_particles = args.num_particles or 1
     args.num_labelled = args.num_labelled or DEFAULT_NUM_LABELLED
     if args.network == "mlp":
-        args.hidden_dims = args.hidden_dims or [400]
+        args.hidden_dims = args.hidden_dims or list(DEFAULT_HIDDEN_DIMS)
     else:
         args.hidden_dims = []  # the conv networks' layers are fixed
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What a run trains on and scores, new or resumed."""
-
-    data: pv.DataSplits
-    labelled: Tensor
-    """Rows of the training set whose label M2 sees, sorted (CPU, long)."""
-    x: Tensor
-    """The training rows M2 fits: the labelled ones and the unlabelled ones, in data order."""
-    y: Tensor
-    """Their labels, :data:`UNLABELLED` where hidden."""
-    x_test: Tensor
-    """The test set as the run scores it: binarized once from the seed."""
-    config: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Run:
-    """An M2 run read back by :func:`load_run` (:class:`pyro_vae.Run` is the VAE's)."""
-
-    m2: M2
-    """The model, on the CPU."""
-    config: dict[str, Any]
-    """The keyword arguments of build_m2, with ``"model": "m2"``."""
-    args: dict[str, Any]
-    """The arguments of scripts/train.py that made it."""
-    checkpoint: dict[str, Any]
-    """The whole checkpoint: epoch, step, metrics, training state, labelled indices."""
-    setup: Setup
-    """The rows it trained on and the test set it scored, checked as a resume checks them."""
-
-    @property
-    def data(self) -> pv.DataSplits:
-        return self.setup.data
-
-    @property
-    def x_test(self) -> Tensor:
-        """The test set exactly as the run scored it (binarized once from the seed), on the
-        CPU in the model's dtype."""
-        return self.setup.x_test
-
-
-def load_run(directory: str | os.PathLike) -> Run:
-    """The M2 run in ``directory``, as :func:`pyro_vae.load_run` reads a VAE's: the model, its
-    arguments and checkpoint, the data, the labelled rows and the very test set it scored,
-    checked as a resume checks them (the labelled subset, the test set's digest).
-
-    :raises ValueError: when ``directory`` holds no M2 run, its checkpoint was not written by
-        scripts/train.py, or the labelled rows or test set rebuilt from the data are not the
-        ones the run used.
-    """
-    directory = Path(directory)
-    path = pv.jobs.runs.checkpoint_path(directory)
-    m2, checkpoint = pv.load_checkpoint(path)
-    if not isinstance(m2, M2):
-        raise ValueError(f"{path}: not a run of --model m2")
-    for key in ("args", "config", "training", "labelled_indices", "evaluation_digest"):
-        if key not in checkpoint:
-            raise ValueError(f"{path}: holds no {key!r}; it was not written by scripts/train.py")
-    saved = checkpoint["args"]
-    # prepare reads the run's directory (for its messages) and puts everything on the CPU.
-    args = argparse.Namespace(**{**saved, "out_dir": directory, "device": "cpu"})
-    data = pv.load_dataset(saved["dataset"], saved["data_dir"])
-    setup = prepare(args, data, m2, checkpoint)
-    return Run(m2, checkpoint["config"], saved, checkpoint, setup)
-
-
-def main(args: argparse.Namespace, prog: str) -> int:
-    """Train M2, evaluate and write; return the exit code. Bad input (the label counts, data,
-    labels) fails before the output directory is claimed; a resumed run holds its directory
-    first, as the VAE's does."""
-    if args.resume is not None:
-        with claim_run_directory(args.resume, mode="existing") as run_dir:
-            path = pv.jobs.runs.checkpoint_path(Path(args.resume))
-            m2, checkpoint = pv.load_checkpoint(path)
-            for key in ("args", "training", "labelled_indices", "evaluation_digest"):
-                if key not in checkpoint:
-                    raise ValueError(f"{path}: holds no {key!r}; it was not written by train.py")
-            # scripts/train.py's parser has refused every flag a resume may not change.
-            overrides = sorted(args.given - {"--resume"})
-            args = pv.jobs.runs.resumed_args(
-                checkpoint["args"], args, checkpoint["training"], overrides
-            )
-            pyro.set_rng_seed(args.seed)
-            assert isinstance(m2, M2)  # config["model"] == "m2": train.py dispatched here
-            model: M2 = m2.to(args.device)
-            data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
-            setup = prepare(args, data, model, checkpoint)
-            return run_dir.guarded(prog, lambda: train(args, run_dir, model, setup, checkpoint))
-    pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
-    data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
-    labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
-    if args.alpha is None:
-        args.alpha = paper_alpha(len(rows), len(labelled))
-    config = model_config(args, data)
-    pv.jobs.runs.check_model_size(config)
-    m2 = cast(M2, build_model(config)).to(args.device)
-    setup = prepare(args, data, m2, {})
-    with claim_run_directory(
-        args.out_dir, mode="overwrite" if args.overwrite else "new"
-    ) as run_dir:
-        return run_dir.guarded(prog, lambda: train(args, run_dir, m2, setup, {}))
 
 
 def choose_rows(
@@ -252,8 +145,12 @@ def choose_rows(
     return labelled, torch.cat([labelled, unlabelled]).sort().values
 
 
-def model_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any]:
-    """The checkpoint's config of M2 (the keyword arguments of :func:`build_m2`)."""
+def new_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any]:
+    """The checkpoint's config of a new M2 (the keyword arguments of ``build_m2``), after the
+    label counts are checked against the data; α defaults to the paper's."""
+    labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
+    if args.alpha is None:
+        args.alpha = paper_alpha(len(rows), len(labelled))
     return {
         "model": "m2",
         "data_dim": data.data_dim,
@@ -265,122 +162,118 @@ def model_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any
     }
 
 
-def prepare(
-    args: argparse.Namespace, data: pv.DataSplits, m2: M2, checkpoint: dict[str, Any]
-) -> Setup:
-    """The training rows, labels and test set of a run, checked; for a resumed run
-    (``checkpoint`` given), also that they are the ones it trained on and scored."""
-    labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
-    if checkpoint:
-        path = Path(args.out_dir) / pv.jobs.runs.CHECKPOINT
-        recorded = checkpoint["labelled_indices"]
-        if not isinstance(recorded, Tensor):
-            raise ValueError(f"{path}: its labelled_indices is no tensor")
-        if not torch.equal(recorded.cpu(), labelled):
-            raise ValueError(
-                f"{path}: its labelled subset is not the one labelled_subset draws from "
-                f"{args.dataset} with seed {args.seed} now (have the data or the code changed?)"
-            )
-        labelled = recorded.cpu()
-    x_test, _ = pv.jobs.runs.evaluation_sets(m2, data, args.seed)  # type: ignore[arg-type]
-    if checkpoint and pv.jobs.runs.digest(x_test) != checkpoint.get("evaluation_digest"):
+def labelled_rows(run: Run, args: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The labelled rows and all the rows M2 fits, drawn from the run's ``args``; for a run
+    read back, checked against the labelled rows its checkpoint recorded."""
+    labelled, rows = choose_rows(
+        run.data, args["num_labelled"], args["num_unlabelled"], args["seed"]
+    )
+    if not run.checkpoint:
+        return labelled, rows
+    path = checkpoint_path(run.directory)
+    if "labelled_indices" not in run.checkpoint:
+        raise ValueError(f"{path}: holds no 'labelled_indices'; it was not written by train.py")
+    recorded = run.checkpoint["labelled_indices"]
+    if not isinstance(recorded, Tensor):
+        raise ValueError(f"{path}: its labelled_indices is no tensor")
+    if not torch.equal(recorded.cpu(), labelled):
         raise ValueError(
-            f"{Path(args.out_dir) / pv.jobs.runs.CHECKPOINT}: the test set rebuilt from "
-            f"{args.dataset} is not the one this run scored (have the data files changed?)"
+            f"{path}: its labelled subset is not the one labelled_subset draws from "
+            f"{args['dataset']} with seed {args['seed']} now (have the data or the code changed?)"
         )
+    return recorded.cpu(), rows
+
+
+def check_run(run: Run) -> None:
+    """A run read back: its labelled rows are the ones the seed draws from the data now."""
+    labelled_rows(run, run.args)
+
+
+def prepare(run: Run, args: argparse.Namespace) -> Setup:
+    """The training rows and labels (hidden but for the labelled rows) and the test sets on
+    ``args.device``, checked before anything is written."""
+    m2 = run.model.to(args.device)
+    assert isinstance(m2, M2)  # the registry sent an "m2" run here
+    data = run.data.to(args.device)
+    labelled, rows = labelled_rows(run, vars(args))
     y_all = hide_labels(data.y_train.cpu(), labelled)
     x, y = data.x_train[rows.to(data.x_train.device)], y_all[rows].to(args.device)
-    x_test = x_test.to(args.device, m2.dtype)
+    x_test = run.x_test.to(args.device, m2.dtype)
     # Data outside what M2 trains on, and labels it cannot take, are refused here, before
     # any file is written.
     m2.validate_data(x_test, "test data")
     m2.validate_data(x.to(m2.dtype), "training data", probabilities=True)
     m2.check_labels(data.y_test, len(data.y_test))
     m2.check_labels(y, len(x))
-    # A resumed run goes on saving the config it was loaded from.
-    config = checkpoint["config"] if checkpoint else model_config(args, data)
-    return Setup(data, labelled, x, y, x_test, config)
+    num_labelled = len(labelled)
+    network = "conv" if args.network == "conv" else f"MLP {args.hidden_dims}"
+    return Setup(
+        model=m2,
+        training_data=(x, y),
+        loss=m2.loss(num_particles=args.num_particles),
+        description=(
+            f"{args.dataset}: {num_labelled} labelled + {len(x) - num_labelled} unlabelled "
+            f"train / {len(x_test)} test examples of {data.data_dim} features, "
+            f"{m2.num_labels} classes; M2 ({network}, latent {args.latent_dim}, alpha "
+            f"{m2.alpha:.3g}); TraceEnum_ELBO with {args.num_particles} particle(s); device "
+            f"{args.device}; writing to {args.out_dir}"
+        ),
+        checkpoint_extra={"labelled_indices": labelled},
+        scored={
+            "test": x_test,
+            "grayscale": data.x_test.to(args.device, m2.dtype),
+            "labels": data.y_test.to(args.device),
+        },
+    )
 
 
-def train(
+def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
+    """The test accuracy of q(y|x) (binarized and grayscale), its entropy and the ELBO."""
+    m2, scored = setup.model, setup.scored
+    assert isinstance(m2, M2)
+    return {
+        "test_accuracy": m2.accuracy(scored["test"], scored["labels"], batch_size=CHUNK),
+        "test_accuracy_grayscale": m2.accuracy(
+            scored["grayscale"], scored["labels"], batch_size=CHUNK
+        ),
+        "test_label_entropy": label_entropy(m2, scored["test"]),
+        "test_elbo": unlabelled_elbo(m2, scored["test"], args.seed + epoch),
+    }
+
+
+def epoch_line(row: dict[str, Any]) -> str:
+    return (
+        f"test accuracy {row['test_accuracy']:.4f} (grayscale "
+        f"{row['test_accuracy_grayscale']:.4f})  H(q(y|x)) {row['test_label_entropy']:.3f}  "
+        f"test ELBO {row['test_elbo']:8.2f}"
+    )
+
+
+def finish(
+    setup: Setup,
+    run: Run,
     args: argparse.Namespace,
     run_dir: RunDirectory,
-    m2: M2,
-    setup: Setup,
-    checkpoint: dict[str, Any],
-) -> int:
-    started = time.perf_counter()
-    main_rank = distributed.ranks().is_main  # under torchrun, rank 0 alone shows and writes
-    progress = False if args.no_progress or not main_rank else None
-    data, x_test = setup.data, setup.x_test
-    y_test = data.y_test.to(args.device)
-    x_grey = data.x_test.to(args.device, m2.dtype)
-    metrics, state = run_dir.resume_state(checkpoint)
-    num_labelled = len(setup.labelled)
-    network = "conv" if args.network == "conv" else f"MLP {args.hidden_dims}"
-    cli.say(
-        f"{args.dataset}: {num_labelled} labelled + {len(setup.x) - num_labelled} unlabelled "
-        f"train / {len(x_test)} test examples of {data.data_dim} features, {m2.num_labels} "
-        f"classes; M2 ({network}, latent {args.latent_dim}, alpha {m2.alpha:.3g}); "
-        f"TraceEnum_ELBO with {args.num_particles} particle(s); device {args.device}; "
-        f"writing to {run_dir.path}" + pv.jobs.runs.start_details(args.batch_size, state)
-    )
+    metrics: list[dict[str, Any]],
+    progress: bool | None,
+) -> dict[str, Any]:
+    """The figures, and the label counts and α for the final metrics."""
+    m2 = setup.model
+    assert isinstance(m2, M2)
+    if distributed.ranks().is_main:
+        write_figures(run_dir.path, m2, setup.scored["test"], run.data, metrics, args.seed)
+    num_labelled = len(setup.checkpoint_extra["labelled_indices"])
+    return {
+        "num_labelled": num_labelled,
+        "num_unlabelled": len(setup.training_data[0]) - num_labelled,
+        "alpha": m2.alpha,
+    }
 
-    def after_epoch(epoch: int, history: pv.History) -> None:
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": history.loss[-1]}
-        row["test_accuracy"] = m2.accuracy(x_test, y_test, batch_size=CHUNK)
-        row["test_accuracy_grayscale"] = m2.accuracy(x_grey, y_test, batch_size=CHUNK)
-        row["test_label_entropy"] = label_entropy(m2, x_test)
-        row["test_elbo"] = unlabelled_elbo(m2, x_test, args.seed + epoch)
-        row["seconds"] = history.epoch_seconds[-1]
-        metrics.append(row)
-        cli.say(
-            f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  test accuracy "
-            f"{row['test_accuracy']:.4f} (grayscale {row['test_accuracy_grayscale']:.4f})  "
-            f"H(q(y|x)) {row['test_label_entropy']:.3f}  test ELBO {row['test_elbo']:8.2f}  "
-            f"{row['seconds']:.2f}s"
-        )
 
-    distributed.seed_noise(args.seed)  # each rank its own z, from the model built alike
-    pv.fit(
-        m2,
-        (setup.x, setup.y),
-        num_epochs=args.num_epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        loss=m2.loss(num_particles=args.num_particles),
-        clip_norm=args.clip_norm,
-        callback=after_epoch,
-        checkpoint=run_dir.checkpointer(
-            m2,
-            setup.config,
-            metrics,
-            args=pv.jobs.runs.run_arguments(args),
-            evaluation_digest=pv.jobs.runs.digest(x_test),
-            labelled_indices=setup.labelled,
-        ),
-        checkpoint_every=args.checkpoint_every,
-        resume=state,
-        progress=progress,
-        generator=torch.Generator(args.device).manual_seed(args.seed),
+def summary(final: dict[str, Any], args: argparse.Namespace) -> str:
+    return (
+        f"test accuracy of q(y|x) {final['test_accuracy']:.4f} with {final['num_labelled']} labels"
     )
-    trained = time.perf_counter() - started
-
-    if main_rank:
-        write_figures(run_dir.path, m2, x_test, data, metrics, args.seed)
-    final: dict[str, Any] = dict(metrics[-1])
-    final["num_labelled"] = num_labelled
-    final["num_unlabelled"] = len(setup.x) - num_labelled
-    final["alpha"] = m2.alpha
-    final["train_seconds"] = trained
-    final["total_seconds"] = time.perf_counter() - started
-    run_dir.write_json("final_metrics.json", final)
-    cli.say(
-        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s training): test accuracy of "
-        f"q(y|x) {final['test_accuracy']:.4f} with {num_labelled} labels; results in "
-        f"{run_dir.path}"
-    )
-    return 0
 
 
 @torch.no_grad()
@@ -440,4 +333,95 @@ def write_figures(
         data.image_shape,
         data.class_names,
         directory / "style_transfer.png",
+    )
+
+
+@torch.no_grad()
+def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """scripts/evaluate.py's numbers: the test accuracy of q(y|x) (binarized and grayscale),
+    its confusion matrix and entropy, and the ELBO of log p(x) with y summed out."""
+    m2, data = run.model, run.data
+    assert isinstance(m2, M2)
+    x_test, x_grey, labels = run.x_test, data.x_test.to(m2.dtype), data.y_test
+    if args.max_examples is not None:
+        n = args.max_examples
+        x_test, x_grey, labels = x_test[:n], x_grey[:n], labels[:n]
+    pyro.set_rng_seed(args.seed)
+    stage = cli.stage_printer()
+    num_labels = m2.num_labels
+    result = provenance(run, describe(run.config), args.seed)
+    result.update(
+        num_examples=len(x_test),
+        num_labels=num_labels,
+        class_names=list(data.class_names),
+        num_particles=args.num_particles,
+    )
+    stage(f"accuracy of q(y|x) on {len(x_test)} test examples, binarized and grayscale")
+    result["test_accuracy"] = m2.accuracy(x_test, labels, batch_size=args.chunk_size)
+    result["test_accuracy_grayscale"] = m2.accuracy(x_grey, labels, batch_size=args.chunk_size)
+    stage("confusion matrix and entropy of q(y|x)")
+    guessed = torch.cat([m2.classify(chunk) for chunk in x_test.split(args.chunk_size)])
+    entropy = torch.cat(
+        [m2.label_posterior(chunk).entropy() for chunk in x_test.split(args.chunk_size)]
+    )
+    # Row: the label; column: argmax q(y|x).
+    confusion = torch.bincount(labels * num_labels + guessed, minlength=num_labels**2)
+    result["confusion_matrix"] = confusion.reshape(num_labels, num_labels).tolist()
+    result["test_label_entropy"] = entropy.mean().item()
+    stage(f"ELBO of log p(x) with y summed out, {args.num_particles} particles")
+    result["test_elbo"] = unlabelled_elbo(m2, x_test, args.seed, num_particles=args.num_particles)
+    result["per_class"] = {
+        data.class_names[int(label)]: {
+            "count": int(mask.sum()),
+            "accuracy": (guessed[mask] == label).double().mean().item(),
+            "label_entropy": entropy[mask].mean().item(),
+        }
+        for label in labels.unique()
+        for mask in [labels == label]
+    }
+    stage("done")
+    return result
+
+
+def describe(config: dict[str, Any]) -> str:
+    return (
+        f"M2, latent {config['latent_dim']}, hidden {config['hidden_dims']}, "
+        f"{'conv' if config.get('image_shape') else 'MLP'}, alpha {config['alpha']:.3g}"
+    )
+
+
+def table(result: dict[str, Any]) -> str:
+    names = result["class_names"]
+    lines = [
+        f"{result['run']} (epoch {result['epoch']}; {result['model']}), "
+        f"{result['num_examples']} test examples",
+        f"  accuracy of argmax q(y|x): {result['test_accuracy']:.4f} binarized, "
+        f"{result['test_accuracy_grayscale']:.4f} grayscale (chance {1 / len(names):.3f})",
+        f"  mean entropy of q(y|x) {result['test_label_entropy']:.3f} nats "
+        f"(log {len(names)} = {math.log(len(names)):.3f})",
+        f"  ELBO of log p(x), y summed out: {result['test_elbo']:.2f} nats "
+        f"({result['num_particles']} particles)",
+        "  confusion matrix (rows: label, columns: argmax q(y|x))",
+        "  " + " " * 10 + "".join(f"{name[:6]:>7}" for name in names),
+    ]
+    for name, row in zip(names, result["confusion_matrix"], strict=True):
+        lines.append(f"  {name[:10]:<10}" + "".join(f"{v:>7}" for v in row))
+    lines.append(f"  {'class':<14}{'count':>7}{'accuracy':>10}{'H(q(y|x))':>11}")
+    for name, row in result["per_class"].items():
+        lines.append(
+            f"  {name:<14}{row['count']:>7}{row['accuracy']:>10.4f}{row['label_entropy']:>11.3f}"
+        )
+    return "\n".join(lines)
+
+
+def explain(run: Run, out_dir: Path, num_particles: int) -> Path:
+    """The report of q(y|x) and of μ and σ of q(z|x,y) at the most probable y."""
+    data = run.data
+    return pv.explain(
+        run.model,  # type: ignore[arg-type]
+        run.x_test,
+        data.y_test,
+        data.image_shape,
+        data.class_names,
+        out_dir,
     )

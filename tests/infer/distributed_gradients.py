@@ -25,6 +25,7 @@ from pyro_vae.infer import distributed
 from pyro_vae.infer.compiled import CompiledStep
 from pyro_vae.infer.distributed import DistributedStep, join
 from pyro_vae.infer.objective import Objective
+from pyro_vae.jobs.vae import epoch_metrics
 
 NUM_DATA, DATA_DIM, LATENT, PARTICLES = 12, 6, 2, 3
 GLOBAL_BATCH = [7, 2, 9, 0, 11, 4, 5, 1]  # 8 of the 12 examples, in shuffled order
@@ -89,7 +90,7 @@ def metrics_difference(ranks) -> float:
     pyro.set_rng_seed(0)  # the same model on both ranks
     vae = pv.build_vae(DATA_DIM, LATENT, encoder="delta", hidden_dims=[5])
     x = torch.bernoulli(torch.rand(11, DATA_DIM, generator=torch.Generator().manual_seed(2)))
-    together = pv.jobs.runs.epoch_metrics(vae, x, "test", num_data=NUM_DATA)
+    together = epoch_metrics(vae, x, "test", num_data=NUM_DATA)
     terms = pv.elbo_terms(vae, x, num_data=NUM_DATA)
     alone = [terms.elbo.mean(), terms.reconstruction.mean(), terms.kl.mean()]
     values = torch.arange(11.0) ** 2

@@ -25,6 +25,7 @@ import pyro_vae as pv
 from pyro_vae.infer import distributed
 from pyro_vae.infer.distributed import Ranks
 from pyro_vae.infer.state import TrainingState
+from pyro_vae.jobs import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -336,9 +337,9 @@ def test_torchrun_trains_one_run_within_noise_of_one_process(tmp_path):
     # All-reduced: the test ELBO that rank 0 reports is the whole test set's, not its half's.
     # The run scored one draw of z per example, we average 20: they differ by Monte Carlo
     # noise alone, whose standard error comes from two independent one-draw estimates.
-    run = pv.load_run(two)
-    ours = pv.elbo_terms(run.vae, run.x_test, num_particles=20, num_data=1437).elbo.mean()
-    c, d = (pv.elbo_terms(run.vae, run.x_test, num_data=1437).elbo for _ in range(2))
+    run = load_run(two)
+    ours = pv.elbo_terms(run.model, run.x_test, num_particles=20, num_data=1437).elbo.mean()
+    c, d = (pv.elbo_terms(run.model, run.x_test, num_data=1437).elbo for _ in range(2))
     se = math.sqrt(((c - d) ** 2).mean().item() / 2 / len(c))
     assert abs(a["test_elbo"] - ours.item()) < 4 * se + 1e-4
 

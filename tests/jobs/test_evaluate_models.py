@@ -14,8 +14,7 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
-from pyro_vae.jobs import cvae as conditional_job
-from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.jobs import load_run
 from pyro_vae.models.cvae import ConditionalBaseline
 from pyro_vae.models.cvae_estimators import conditional_log_likelihood, sample_spread
 from pyro_vae.models.masks import quadrant_mask, split_by_mask
@@ -73,13 +72,13 @@ def check_provenance(result: dict, run_dir: Path, seed: int) -> None:
 
 
 def test_load_run_gives_back_the_m2_and_the_test_set_it_scored(m2_run):
-    run = pv.load_run(m2_run)
-    assert isinstance(run, semisupervised_job.Run) and run.config["model"] == "m2"
+    run = load_run(m2_run)
+    assert run.kind == "m2" and run.config["model"] == "m2"
     assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
-    assert len(run.setup.labelled) == 30 and run.x_test.device.type == "cpu"
+    assert len(run.checkpoint["labelled_indices"]) == 30 and run.x_test.device.type == "cpu"
     # The accuracy the run reported after its last epoch is the loaded model's on this set.
     final = json.loads((m2_run / "final_metrics.json").read_text())
-    assert run.m2.accuracy(run.x_test, run.data.y_test) == final["test_accuracy"]
+    assert run.model.accuracy(run.x_test, run.data.y_test) == final["test_accuracy"]
 
 
 def test_load_run_of_m2_refuses_a_test_set_that_is_not_the_one_scored(m2_run, tmp_path):
@@ -89,16 +88,16 @@ def test_load_run_of_m2_refuses_a_test_set_that_is_not_the_one_scored(m2_run, tm
     payload["evaluation_digest"] = "0" * 64  # as if the data files had changed since
     torch.save(payload, copy / "checkpoint.pt")
     with pytest.raises(ValueError, match="is not the one this run scored"):
-        pv.load_run(copy)
+        load_run(copy)
 
 
 def test_evaluate_m2_reports_accuracy_confusion_entropy_and_elbo(m2_run, capsys):
     # The run's last test ELBO was drawn with seed + epoch, one particle: the same draws here.
     result = evaluate(m2_run, "--seed", str(SEED + 2), "--num-particles", "1", capsys=capsys)
     check_provenance(result, m2_run, SEED + 2)
-    run = pv.load_run(m2_run)
-    assert isinstance(run, semisupervised_job.Run)
-    m2, labels = run.m2, run.data.y_test
+    run = load_run(m2_run)
+    assert run.kind == "m2"
+    m2, labels = run.model, run.data.y_test
     assert result["num_examples"] == DIGITS_TEST
     assert result["test_accuracy"] == m2.accuracy(run.x_test, labels)
     assert result["test_accuracy_grayscale"] == m2.accuracy(run.data.x_test, labels)
@@ -128,8 +127,8 @@ def test_evaluate_m2_prints_a_line_per_stage_and_a_table(m2_run, capsys):
 
 
 def test_load_run_gives_back_the_cvae_run(cvae_run):
-    run = pv.load_run(cvae_run)
-    assert isinstance(run, conditional_job.Run) and run.config["model"] == "cvae"
+    run = load_run(cvae_run)
+    assert run.kind == "cvae" and run.config["model"] == "cvae"
     assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
 
 
@@ -140,8 +139,8 @@ def test_evaluate_cvae_reports_both_likelihoods_and_the_spread(cvae_run, capsys)
     assert result["num_iw_particles"] == k and result["given_quadrants"] == 1
     sha = hashlib.sha256((cvae_run / "baseline.pt").read_bytes()).hexdigest()
     assert result["baseline_sha256"] == sha
-    run = pv.load_run(cvae_run)
-    assert isinstance(run, conditional_job.Run)
+    run = load_run(cvae_run)
+    assert run.kind == "cvae"
     baseline, _ = pv.load_checkpoint(cvae_run / "baseline.pt")
     assert isinstance(baseline, ConditionalBaseline)
     mask = quadrant_mask(run.data.image_shape, 1)
@@ -157,8 +156,8 @@ def test_evaluate_cvae_reports_both_likelihoods_and_the_spread(cvae_run, capsys)
     assert result["baseline_test_nll_se"] == pytest.approx(se, rel=1e-4)
     # The CVAE's: the same seeded draws, in the same order, give the same numbers.
     pyro.set_rng_seed(7)
-    cvae_nll = -conditional_log_likelihood(run.cvae, x, c, k)
-    spread = torch.cat([sample_spread(run.cvae, chunk, 100) for chunk in c.split(100)])
+    cvae_nll = -conditional_log_likelihood(run.model, x, c, k)
+    spread = torch.cat([sample_spread(run.model, chunk, 100) for chunk in c.split(100)])
     difference = nll - cvae_nll.double()
     assert result["test_nll"] == pytest.approx(cvae_nll.mean().item(), rel=1e-5)
     assert result["test_nll_se"] == pytest.approx(

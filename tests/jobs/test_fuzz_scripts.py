@@ -56,7 +56,11 @@ FUZZED = sorted(set(ACTIONS) - {"--out-dir", "--help"})
 JOB_FLAGS = {
     action.option_strings[-1]
     for action in ACTIONS.values()
-    if any(action.dest in job.OWN_FLAGS for job in train_script.JOBS.values())
+    if any(
+        action.option_strings[-1] in job.OWN_FLAGS
+        for kind, job in train_script.JOBS.items()
+        if kind != "vae"
+    )
 }
 
 

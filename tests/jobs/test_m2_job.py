@@ -11,6 +11,7 @@ from scripts_in_process import call, load_script
 
 import pyro_vae as pv
 from pyro_vae.jobs import m2 as semisupervised_job
+from pyro_vae.jobs.runs import Run
 from pyro_vae.models.labels import UNLABELLED, labelled_subset
 from pyro_vae.models.m2 import M2, build_m2
 
@@ -213,12 +214,16 @@ def test_the_labels_fit_gets_are_known_on_the_subset_and_hidden_elsewhere(digits
     m2 = build_m2(64, 10, 2, alpha=1.0, hidden_dims=[8])
     args = train_script.parse_args(["--model", "m2", "--num-labelled", "20", "--seed", "1"])
     args.alpha = 1.0
-    setup = semisupervised_job.prepare(args, digits, m2, {})
-    assert torch.equal(setup.x, digits.x_train)
+    x_test, x_train_eval = pv.jobs.runs.evaluation_sets(m2, digits, seed=1)
+    run = Run(Path("unused"), "m2", m2, {}, {}, {}, digits, x_test, x_train_eval)
+    setup = semisupervised_job.prepare(run, args)
+    x, y = setup.training_data
+    assert torch.equal(x, digits.x_train)
     chosen = labelled_subset(digits.y_train, 20, seed=1)
     expected = torch.full_like(digits.y_train, UNLABELLED)
     expected[chosen] = digits.y_train[chosen]
-    assert torch.equal(setup.y, expected)
+    assert torch.equal(y, expected)
+    assert torch.equal(setup.checkpoint_extra["labelled_indices"], chosen.sort().values)
 
 
 def test_conv_networks_train_on_images_and_the_checkpoint_rebuilds_them(tmp_path, capsys):

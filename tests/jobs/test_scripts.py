@@ -18,7 +18,9 @@ from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
-from pyro_vae.jobs.runs import RunDirectory
+from pyro_vae.jobs import load_run
+from pyro_vae.jobs.run_directory import RunDirectory
+from pyro_vae.jobs.runs import RESUME_OVERRIDES, resumed_args
 
 train_script, evaluate_script, explain_script = map(load_script, ("train", "evaluate", "explain"))
 # A small digits run: a few seconds.
@@ -62,14 +64,14 @@ def test_train_writes_checkpoint_metrics_and_figures(tiny_run):
 
 
 def test_load_run_rebuilds_the_test_set_the_run_scored_and_its_elbo(tiny_run):
-    run = pv.load_run(tiny_run)
+    run = load_run(tiny_run)
     final = json.loads((tiny_run / "final_metrics.json").read_text())
     assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
     assert torch.equal(run.x_test, run.x_test.round())  # binarized, as the likelihood needs
     # The run scored one draw of z per example; ours averages 20. Their difference is Monte
     # Carlo noise only: its standard error comes from two independent one-draw estimates.
-    ours = pv.elbo_terms(run.vae, run.x_test, num_particles=20, num_data=1437).elbo.mean()
-    a, b = (pv.elbo_terms(run.vae, run.x_test, num_data=1437).elbo for _ in range(2))
+    ours = pv.elbo_terms(run.model, run.x_test, num_particles=20, num_data=1437).elbo.mean()
+    a, b = (pv.elbo_terms(run.model, run.x_test, num_data=1437).elbo for _ in range(2))
     se = math.sqrt(((a - b) ** 2).mean().item() / 2 / len(a))
     assert abs(final["test_elbo"] - ours.item()) < 4 * se + 1e-4
 
@@ -81,22 +83,22 @@ def test_load_run_refuses_a_test_set_that_is_not_the_one_scored(tiny_run, tmp_pa
     payload["evaluation_digest"] = "0" * 64  # as if the data files had changed since
     torch.save(payload, copy / "checkpoint.pt")
     with pytest.raises(ValueError, match="is not the one this run scored"):
-        pv.load_run(copy)
+        load_run(copy)
     del payload["evaluation_digest"]  # a run from before the digest was recorded
     torch.save(payload, copy / "checkpoint.pt")
     with pytest.raises(ValueError, match="train them again"):
-        pv.load_run(copy)
+        load_run(copy)
 
 
 def test_the_evaluation_binarization_is_a_stream_of_its_own(tiny_run):
     """Drawn on the CPU from the seed through a stream of its own: not the training
     generator's first draws, and the same for the same seed."""
-    run = pv.load_run(tiny_run)
-    again, _ = pv.jobs.runs.evaluation_sets(run.vae, run.data, seed=0)
+    run = load_run(tiny_run)
+    again, _ = pv.jobs.runs.evaluation_sets(run.model, run.data, seed=0)
     assert torch.equal(again, run.x_test)
     training_stream = pv.binarize(run.data.x_test, torch.Generator().manual_seed(0))
     assert not torch.equal(training_stream, run.x_test)
-    other, _ = pv.jobs.runs.evaluation_sets(run.vae, run.data, seed=1)
+    other, _ = pv.jobs.runs.evaluation_sets(run.model, run.data, seed=1)
     assert not torch.equal(other, run.x_test)
 
 
@@ -234,7 +236,7 @@ def test_evaluate_reports_every_metric_per_class_and_where_it_came_from(tiny_run
     assert report["num_iw_particles"] == 20 and report["dataset"] == "digits"
     checkpoint = (tiny_run / "checkpoint.pt").read_bytes()
     assert report["checkpoint_sha256"] == hashlib.sha256(checkpoint).hexdigest()
-    assert report["test_set_sha256"] == pv.jobs.runs.digest(pv.load_run(tiny_run).x_test)
+    assert report["test_set_sha256"] == pv.jobs.runs.digest(load_run(tiny_run).x_test)
     assert len(report["kl_per_dimension"]) == 3 and 0 <= report["active_units"] <= 3
     # The identity average KL = I + marginal KL holds for the estimates, and the closed-form
     # KL per dimension sums to the Monte-Carlo average KL within its standard errors.
@@ -388,7 +390,7 @@ def test_resumed_arguments_come_from_the_run_except_the_overrides():
     given = argparse.Namespace(resume=Path("r"), num_epochs=9, no_progress=True,
                                checkpoint_every=None, num_threads=2,
                                given={"--resume", "--num-epochs"})  # fmt: skip
-    args = train_script._resumed_args(saved, given, {"epoch": 3, "step": 0})
+    args = resumed_args(saved, given, {"epoch": 3, "step": 0}, RESUME_OVERRIDES)
     assert (args.num_epochs, args.no_progress, args.seed, args.latent_dim) == (9, False, 3, 4)
     assert args.out_dir == Path("r")
 
