@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from pyro_vae.infer import distributed
-from pyro_vae.jobs import JOBS, cli, load_run
+from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
 from pyro_vae.jobs.run_directory import RunDirectory
 
 PROG = "evaluate.py"
@@ -69,7 +69,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: it runs on one process; start it without torchrun", file=sys.stderr)
         return 2
     try:
-        with RunDirectory.claim(args.run_dir, mode="existing") as run_dir:
+        with RunDirectory.claim(args.run_dir, mode="existing", files=RUN_FILES) as run_dir:
             loaded = load_run(args.run_dir)
             job = JOBS[loaded.kind]
             result = job.evaluate(loaded, args)

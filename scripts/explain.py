@@ -22,7 +22,7 @@ import pyro
 
 from pyro_vae.explain import OUTPUT_FILES
 from pyro_vae.infer import distributed
-from pyro_vae.jobs import JOBS, cli, load_run
+from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
 from pyro_vae.jobs.run_directory import EXPLAIN_DIR, RunDirectory
 
 PROG = "explain.py"
@@ -75,7 +75,7 @@ def run(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir or args.run_dir / EXPLAIN_DIR
     try:
         check_out_dir(out_dir)
-        with RunDirectory.claim(args.run_dir, mode="existing"):
+        with RunDirectory.claim(args.run_dir, mode="existing", files=RUN_FILES):
             loaded = load_run(args.run_dir)
             pyro.set_rng_seed(args.seed)
             report = JOBS[loaded.kind].explain(loaded, out_dir, args.num_particles)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_vae._checks import check_positive_int
-from pyro_vae.components.networks import feature_network, output_layer
+from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS, feature_network, output_layer
 
 
 def _positive_scale(raw: Tensor, min_scale: float) -> Tensor:
@@ -65,7 +65,7 @@ class DiagonalNormalEncoder(_NetworkEncoder):
         self,
         data_dim: int,
         latent_dim: int,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         *,
         image_shape: Sequence[int] | None = None,
         min_scale: float = 1e-4,
@@ -93,7 +93,7 @@ class FullCovarianceNormalEncoder(_NetworkEncoder):
         self,
         data_dim: int,
         latent_dim: int,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         *,
         image_shape: Sequence[int] | None = None,
         min_scale: float = 1e-4,
@@ -155,7 +155,7 @@ class IAFEncoder(_NetworkEncoder):
         self,
         data_dim: int,
         latent_dim: int,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         *,
         flow_depth: int = 2,
         context_dim: int = 32,
@@ -211,7 +211,7 @@ class DeltaEncoder(_NetworkEncoder):
         self,
         data_dim: int,
         latent_dim: int,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         *,
         image_shape: Sequence[int] | None = None,
     ) -> None:

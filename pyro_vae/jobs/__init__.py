@@ -15,10 +15,15 @@ import os
 from types import ModuleType
 
 from pyro_vae.jobs import cvae, m2, vae
+from pyro_vae.jobs.run_directory import COMMON_FILES
 from pyro_vae.jobs.runs import Run, read_run
 
 # One line per model kind: the config's "model" to the job that trains, scores and shows it.
 JOBS: dict[str, ModuleType] = {"vae": vae, "m2": m2, "cvae": cvae}
+# Every file a run of any kind, its evaluation and its report write into the run directory.
+RUN_FILES = tuple(
+    dict.fromkeys([*COMMON_FILES, *(name for job in JOBS.values() for name in job.FILES)])
+)
 
 
 def load_run(directory: str | os.PathLike) -> Run:
@@ -36,4 +41,4 @@ def load_run(directory: str | os.PathLike) -> Run:
     return run
 
 
-__all__ = ["JOBS", "Run", "load_run"]
+__all__ = ["JOBS", "RUN_FILES", "Run", "load_run"]

@@ -45,13 +45,20 @@ from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
-from pyro_vae.jobs.runs import Run, Setup, file_digest, make_loss, provenance, run_arguments
+from pyro_vae.jobs.runs import (
+    Run,
+    Setup,
+    default_num_particles,
+    file_digest,
+    make_loss,
+    provenance,
+    run_arguments,
+)
 from pyro_vae.models.cvae_estimators import conditional_elbo_terms
 
 KIND = "cvae"
 OWN_FLAGS = ("--given-quadrants",)
-BASELINE = "baseline.pt"
-FIGURE = "completions.png"
+BASELINE, FIGURE = FILES = ("baseline.pt", "completions.png")
 # The VAE's flags that choose its parts: the CVAE's parts are fixed (a conditional Normal
 # prior, a diagonal Normal encoder, MLPs, a Bernoulli likelihood: build_cvae). The VAE's other
 # flags (--beta, --kl-warmup-epochs, --elbo, --num-particles, --num-iw-particles, the sizes and
@@ -102,7 +109,7 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             "(a conditional Normal prior, a diagonal Normal encoder, MLPs, a Bernoulli "
             "likelihood)"
         )
-    args.num_particles = args.num_particles or (5 if args.elbo == "iwae" else 1)
+    args.num_particles = args.num_particles or default_num_particles(args.elbo)
     args.hidden_dims = args.hidden_dims or list(DEFAULT_HIDDEN_DIMS)
 
 

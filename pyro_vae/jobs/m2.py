@@ -37,7 +37,7 @@ from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory, checkpoint_path
-from pyro_vae.jobs.runs import Run, Setup, provenance
+from pyro_vae.jobs.runs import Run, Setup, default_num_particles, provenance
 from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
 from pyro_vae.models.m2 import M2
 
@@ -63,7 +63,11 @@ VAE_ONLY = (
     "--kl-warmup-epochs",
     "--num-iw-particles",
 )
-FIGURES = ("accuracy.png", "samples.png", "style_transfer.png")
+ACCURACY, SAMPLES, STYLE_TRANSFER = FILES = FIGURES = (
+    "accuracy.png",
+    "samples.png",
+    "style_transfer.png",
+)
 # Columns of samples.png (draws of z) and rows of style_transfer.png (test inputs).
 SAMPLE_COLUMNS, STYLE_ROWS = 8, 8
 # Test rows per chunk of the per-epoch evaluation: bounds its memory on any dataset.
@@ -104,7 +108,7 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )
     if args.network == "conv" and args.hidden_dims is not None:
         parser.error("--hidden-dims sets MLP widths; --network conv has fixed layers")
-    args.num_particles = args.num_particles or 1
+    args.num_particles = args.num_particles or default_num_particles("trace")  # TraceEnum_ELBO
     args.num_labelled = args.num_labelled or DEFAULT_NUM_LABELLED
     if args.network == "mlp":
         args.hidden_dims = args.hidden_dims or list(DEFAULT_HIDDEN_DIMS)
@@ -311,14 +315,14 @@ def write_figures(
 ) -> None:
     """accuracy.png, samples.png and style_transfer.png (see the module's docstring); the
     draws of z come from ``seed``, so that the figures of a run are always the same."""
-    plots.plot_accuracy(metrics, m2.num_labels, directory / "accuracy.png")
+    plots.plot_accuracy(metrics, m2.num_labels, directory / ACCURACY)
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(SAMPLE_COLUMNS, m2.latent_dim, generator=generator).to(m2.device, m2.dtype)
     classes = torch.arange(m2.num_labels, device=m2.device)
     # Row k: class k under each column's z.
     y = classes.repeat_interleave(SAMPLE_COLUMNS)
     samples = m2.decode(z.repeat(m2.num_labels, 1), y)
-    plots.plot_class_samples(samples, data.image_shape, data.class_names, directory / "samples.png")
+    plots.plot_class_samples(samples, data.image_shape, data.class_names, directory / SAMPLES)
     inputs = x_test[:STYLE_ROWS]
     guessed = m2.classify(inputs)
     z_inputs, _ = m2.encode(inputs, guessed)
@@ -332,7 +336,7 @@ def write_figures(
         len(inputs),
         data.image_shape,
         data.class_names,
-        directory / "style_transfer.png",
+        directory / STYLE_TRANSFER,
     )
 
 

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +37,9 @@ CHECKPOINT = "checkpoint.pt"
 LOCK = ".pyro_vae.lock"
 EXPLAIN_DIR = "explain"
 # Every file a run, its evaluation and its report write into the run directory.
-RUN_FILES = (
-    CHECKPOINT,
-    "metrics.json",
-    "metrics.csv",
-    "final_metrics.json",
-    "reconstructions.png",
-    "samples.png",
-    "latent_space.png",
-    "loss_curves.png",
-    "weight_uncertainty.png",
-    "evaluation.json",
-    # --model m2
-    "accuracy.png",
-    "style_transfer.png",
-    # --model cvae
-    "baseline.pt",
-    "completions.png",
-)
+# The files every run writes (and evaluate.py's); each job module names its own (FILES), and
+# pyro_vae.jobs.RUN_FILES is the whole list a directory is claimed with.
+COMMON_FILES = (CHECKPOINT, "metrics.json", "metrics.csv", "final_metrics.json", "evaluation.json")
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 
 
@@ -86,8 +71,12 @@ class RunDirectory:
     place), so a kill at any instant leaves each file whole: the old one or the new one.
     """
 
-    def __init__(self, path: Path, lock_fd: int | None) -> None:
+    def __init__(
+        self, path: Path, lock_fd: int | None, files: Sequence[str] = COMMON_FILES
+    ) -> None:
         self.path = path
+        self.files = tuple(files)
+        """The names of the run's files: what --overwrite removes and links are refused for."""
         self._lock_fd = lock_fd
         self.writes = lock_fd is not None
         """False for :meth:`follow`'s directory: the other ranks of a run write nothing."""
@@ -98,12 +87,15 @@ class RunDirectory:
 
     @classmethod
     @contextlib.contextmanager
-    def claim(cls, path: str | os.PathLike, *, mode: str) -> Iterator[RunDirectory]:
+    def claim(
+        cls, path: str | os.PathLike, *, mode: str, files: Sequence[str] = COMMON_FILES
+    ) -> Iterator[RunDirectory]:
         """Hold ``path`` for the duration of the ``with`` block.
 
         :param mode: ``"new"``: a fresh run; the directory must be empty or absent.
             ``"overwrite"``: a fresh run that first removes every file of the run there.
             ``"existing"``: the run there, to resume, evaluate or explain it.
+        :param files: the names of the run's files (``pyro_vae.jobs.RUN_FILES``).
         :raises ValueError: before anything is written or removed, when the directory holds
             files that are no run's, holds a run and ``mode`` is ``"new"``, holds no run and
             ``mode`` is ``"existing"``, or cannot be created or written;
@@ -124,7 +116,7 @@ class RunDirectory:
                 f"output directory {path} holds files that are not a pyro_vae run ({shown}); "
                 "choose another --out-dir"
             )
-        _refuse_links(path)
+        _refuse_links(path, files)
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -135,7 +127,7 @@ class RunDirectory:
         held_before = _holds_a_run(path)  # before our lock file makes it look like a run
         lock_fd = _lock(path)
         try:
-            directory = cls(path, lock_fd)
+            directory = cls(path, lock_fd, files)
             if mode == "new" and held_before:
                 raise ValueError(directory._occupied_message())
             directory.leftovers = directory._remove_temporary_files()
@@ -152,11 +144,13 @@ class RunDirectory:
 
     @classmethod
     @contextlib.contextmanager
-    def follow(cls, path: str | os.PathLike, *, mode: str) -> Iterator[RunDirectory]:
+    def follow(
+        cls, path: str | os.PathLike, *, mode: str, files: Sequence[str] = COMMON_FILES
+    ) -> Iterator[RunDirectory]:
         """The run directory as a rank other than 0 of a run on many processes sees it: rank 0
         holds it (:meth:`claim`, with ``mode``), and every write here does nothing."""
         del mode  # rank 0's business
-        yield cls(Path(path), None)
+        yield cls(Path(path), None, files)
 
     def _occupied_message(self) -> str:
         if (self.path / CHECKPOINT).is_file():
@@ -170,14 +164,14 @@ class RunDirectory:
     def _remove_temporary_files(self) -> list[str]:
         # Left by a kill in the middle of a write; no one else writes here while we hold it.
         removed = []
-        for name in RUN_FILES:
+        for name in self.files:
             for leftover in self.path.glob(f".{name}.*"):
                 leftover.unlink(missing_ok=True)
                 removed.append(leftover.name)
         return removed
 
     def _remove_run_files(self) -> None:
-        for name in RUN_FILES:
+        for name in self.files:
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / EXPLAIN_DIR, ignore_errors=True)
 
@@ -322,14 +316,14 @@ def _first_line(error: BaseException) -> str:
 
 
 def claim_run_directory(
-    path: str | os.PathLike, *, mode: str
+    path: str | os.PathLike, *, mode: str, files: Sequence[str] = COMMON_FILES
 ) -> contextlib.AbstractContextManager[RunDirectory]:
     """The run directory as this process holds it: :meth:`RunDirectory.claim` (``mode``) on
     one process and on rank 0 of many; :meth:`RunDirectory.follow` (no lock, no writes) on the
     other ranks of a torchrun run."""
     if _is_main_process():
-        return RunDirectory.claim(path, mode=mode)
-    return RunDirectory.follow(path, mode=mode)
+        return RunDirectory.claim(path, mode=mode, files=files)
+    return RunDirectory.follow(path, mode=mode, files=files)
 
 
 def _is_main_process() -> bool:
@@ -341,10 +335,10 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _refuse_links(path: Path) -> None:
+def _refuse_links(path: Path, files: Sequence[str]) -> None:
     """A symbolic link in place of a run's file or of the report's directory would make the
     run read or write outside its directory (and --overwrite delete there): refuse it."""
-    for name in (LOCK, *RUN_FILES, EXPLAIN_DIR):
+    for name in (LOCK, *files, EXPLAIN_DIR):
         if (path / name).is_symlink():
             raise ValueError(
                 f"{path / name} is a symbolic link; a run directory holds its own files and "

@@ -23,7 +23,7 @@ import pyro_vae as pv
 from pyro_vae.checkpoint import build_model
 from pyro_vae.infer import distributed
 from pyro_vae.infer.state import TrainingState
-from pyro_vae.jobs import JOBS, cli, load_run
+from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
 from pyro_vae.jobs.run_directory import RunDirectory, claim_run_directory
 from pyro_vae.jobs.runs import (
     RESUME_OVERRIDES,
@@ -57,14 +57,14 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
     # Data outside what the model takes are refused here, before any file is written.
     setup = job.prepare(run, args)
     mode = "overwrite" if args.overwrite else "new"
-    with claim_run_directory(args.out_dir, mode=mode) as run_dir:
+    with claim_run_directory(args.out_dir, mode=mode, files=RUN_FILES) as run_dir:
         return run_dir.guarded(prog, lambda: train(job, args, run_dir, run, setup))
 
 
 def _resume(given: argparse.Namespace, prog: str) -> int:
     # Rank 0 holds the run directory before it reads the checkpoint; the other ranks write
     # nothing.
-    with claim_run_directory(given.resume, mode="existing") as run_dir:
+    with claim_run_directory(given.resume, mode="existing", files=RUN_FILES) as run_dir:
         run = load_run(given.resume)
         # A resumed run on the kind of device it was trained on; under torchrun each rank its
         # own device of that kind, not the one rank 0 saved.

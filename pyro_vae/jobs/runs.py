@@ -42,6 +42,12 @@ ELBOS = {
 }
 
 
+def default_num_particles(name: str) -> int:
+    """Draws of z per example and step when ``--num-particles`` is not given: 5 for the
+    importance-weighted bound (one draw would make it the plain ELBO), else 1."""
+    return 5 if name == "iwae" else 1
+
+
 def make_loss(name: str, num_particles: int) -> ELBO:
     """Pyro's estimator called ``name`` (trace, meanfield or iwae) with ``num_particles``."""
     if name not in ELBOS:

@@ -27,10 +27,19 @@ from pyro_vae.data import DataSplits
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
-from pyro_vae.jobs.runs import Run, Setup, make_loss, provenance
+from pyro_vae.jobs.runs import Run, Setup, default_num_particles, make_loss, provenance
 from pyro_vae.models.build import describe
 
 KIND = "vae"
+# The files this job adds to a run (write_figures); the weight figure only for a Bayesian
+# decoder.
+RECONSTRUCTIONS, SAMPLES, LATENT_SPACE, LOSS_CURVES, WEIGHT_UNCERTAINTY = FILES = (
+    "reconstructions.png",
+    "samples.png",
+    "latent_space.png",
+    "loss_curves.png",
+    "weight_uncertainty.png",
+)
 # The flags of this model's own group: the parts, one keyword each (pv.build_vae). --network
 # is in the group but not its own: M2 takes it too.
 OWN_FLAGS = (
@@ -84,7 +93,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The defaults that depend on other arguments, and the combinations that make no sense
     refused (one line)."""
-    args.num_particles = args.num_particles or (5 if args.elbo == "iwae" else 1)
+    args.num_particles = args.num_particles or default_num_particles(args.elbo)
     if args.hidden_dims is None and args.network == "mlp":
         args.hidden_dims = list(DEFAULT_HIDDEN_DIMS)
     elif args.hidden_dims is not None and args.network == "conv":
@@ -248,18 +257,18 @@ def write_figures(
             shown,
             vae.reconstruct(shown),
             data.image_shape,
-            directory / "reconstructions.png",
+            directory / RECONSTRUCTIONS,
             input_label=f"{binarized}test inputs",
         )
-        plots.plot_samples(vae.sample(64), data.image_shape, directory / "samples.png")
+        plots.plot_samples(vae.sample(64), data.image_shape, directory / SAMPLES)
         loc, _ = vae.encode(x_test)
-        plots.plot_latent_space(loc, data.y_test, data.class_names, directory / "latent_space.png")
+        plots.plot_latent_space(loc, data.y_test, data.class_names, directory / LATENT_SPACE)
         if vae.weight_guide is not None:
             mean, std = pv.weight_spread(vae, shown)
             plots.plot_weight_spread(
-                shown, mean, std, data.image_shape, directory / "weight_uncertainty.png"
+                shown, mean, std, data.image_shape, directory / WEIGHT_UNCERTAINTY
             )
-    plots.plot_loss_curves(metrics, directory / "loss_curves.png")
+    plots.plot_loss_curves(metrics, directory / LOSS_CURVES)
 
 
 def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from pyro_vae.components import encoders, likelihoods, priors
 from pyro_vae.components.bayesian import BayesianMLP
-from pyro_vae.components.networks import MLP, DeconvNet
+from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS, MLP, DeconvNet
 from pyro_vae.models.vae import VAE
 
 # The names build_vae takes for each part (tuples of strings, for argparse's choices).
@@ -86,7 +86,7 @@ def build_vae(
         a mean-field Normal posterior (:class:`~pyro_vae.components.bayesian.BayesianMLP`; needs
         ``network="mlp"``).
     :param hidden_dims: MLP widths of the encoder; the MLP decoder mirrors them. ``None``:
-        ``(400,)`` for ``network="mlp"``.
+        ``DEFAULT_HIDDEN_DIMS`` (one layer of 400) for ``network="mlp"``.
     :param image_shape: ``(height, width)`` or ``(channels, height, width)`` of the data, for
         ``network="conv"``.
     :param num_components: mixture components (default 10) or VampPrior pseudo-inputs
@@ -132,7 +132,7 @@ def build_vae(
         if decoder == "bayesian":
             raise ValueError("decoder 'bayesian' is an MLP: it needs network 'mlp', not 'conv'")
         conv_shape = tuple(image_shape)
-    hidden_dims = (400,) if hidden_dims is None else tuple(hidden_dims)
+    hidden_dims = DEFAULT_HIDDEN_DIMS if hidden_dims is None else tuple(hidden_dims)
     if prior_scale != 1.0 and decoder != "bayesian":
         raise ValueError(f"prior_scale is the weight prior of decoder 'bayesian', not {decoder!r}")
 
@@ -238,7 +238,9 @@ def least_weights(config: dict[str, Any]) -> int:
     VampPrior's pseudo-inputs; a learned scale per feature.
     """
     data_dim, latent_dim = config["data_dim"], config["latent_dim"]
-    hidden = list((400,) if config.get("hidden_dims") is None else config["hidden_dims"])
+    hidden = list(
+        DEFAULT_HIDDEN_DIMS if config.get("hidden_dims") is None else config["hidden_dims"]
+    )
     flow_depth = config.get("flow_depth", 2)
     encoder = config.get("encoder", "diagonal")
     outputs = {

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from pyro_vae._checks import check_positive_int
 from pyro_vae.components.encoders import DiagonalNormalEncoder
 from pyro_vae.components.likelihoods import BernoulliLikelihood
-from pyro_vae.components.networks import MLP
+from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS, MLP
 from pyro_vae.models import contract
 from pyro_vae.models.base import BetaScaled, NamedPyroModule, PyroProgram, data_plate
 
@@ -115,7 +115,7 @@ class ConditionalNormalPrior(NamedPyroModule):
         self,
         condition_dim: int,
         latent_dim: int,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         *,
         min_scale: float = 1e-4,
     ) -> None:
@@ -209,7 +209,7 @@ class ConditionalVAE(BetaScaled, _Conditioned):
         decoder: nn.Module | None = None,
         likelihood: nn.Module | None = None,
         beta: float = 1.0,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
     ) -> None:
         super().__init__()
         self.data_dim = check_positive_int("data_dim", data_dim)
@@ -329,7 +329,7 @@ class ConditionalBaseline(_Conditioned):
         self,
         data_dim: int,
         condition_dim: int,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         *,
         likelihood: nn.Module | None = None,
         net: nn.Module | None = None,
@@ -382,7 +382,7 @@ def build_cvae(
     latent_dim: int,
     *,
     beta: float = 1.0,
-    hidden_dims: Sequence[int] = (400,),
+    hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
 ) -> ConditionalVAE:
     """A :class:`ConditionalVAE` with its default parts, from plain values only: what a
     checkpoint's config (``"model": "cvae"``) holds and
@@ -391,7 +391,7 @@ def build_cvae(
 
 
 def build_cvae_baseline(
-    data_dim: int, condition_dim: int, *, hidden_dims: Sequence[int] = (400,)
+    data_dim: int, condition_dim: int, *, hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS
 ) -> ConditionalBaseline:
     """A :class:`ConditionalBaseline` with its default MLP and likelihood, from plain values
     only (a checkpoint's ``"model": "cvae-baseline"``). Arguments as the class's."""

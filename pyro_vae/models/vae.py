@@ -24,7 +24,7 @@ from pyro_vae._checks import check_positive_int
 from pyro_vae._sites import site_distribution
 from pyro_vae.components.encoders import DiagonalNormalEncoder
 from pyro_vae.components.likelihoods import BernoulliLikelihood
-from pyro_vae.components.networks import MLP
+from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS, MLP
 from pyro_vae.components.priors import StandardNormalPrior
 from pyro_vae.models import contract
 from pyro_vae.models.base import BetaScaled, PyroProgram, data_plate
@@ -78,7 +78,7 @@ class VAE(BetaScaled, PyroProgram):
         decoder: nn.Module | None = None,
         likelihood: nn.Module | None = None,
         beta: float = 1.0,
-        hidden_dims: Sequence[int] = (400,),
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
     ) -> None:
         """Assemble the VAE from its parts (``None``: the default part) and check each one
         against the component contract, raising a ``ValueError`` that names a part that

@@ -70,7 +70,7 @@ def test_every_kind_has_a_job_with_the_same_functions():
     for kind, job in JOBS.items():
         assert job.KIND == kind
         assert all(callable(getattr(job, name, None)) for name in functions), kind
-        assert isinstance(job.OWN_FLAGS, tuple)
+        assert isinstance(job.OWN_FLAGS, tuple) and isinstance(job.FILES, tuple)
 
 
 @pytest.mark.parametrize("kind", sorted(KIND_FLAGS))
@@ -86,3 +86,17 @@ def test_a_resume_opens_the_checkpoint_once(kind, tmp_path, capsys, monkeypatch)
     assert code == 0, err
     assert "resuming from the end of epoch 1" in stdout
     assert len(opened) == 1, opened
+
+
+def test_overwrite_removes_the_files_of_a_run_of_another_kind(tmp_path, capsys):
+    """--overwrite removes every file of the run there, whichever kind wrote it: the names
+    come from every job (RUN_FILES), not from the kind that overwrites."""
+    out = tmp_path / "run"
+    common = ("--no-progress", "--num-threads", "1", "--num-epochs", "1", "--out-dir", str(out))
+    code, _, err = call(train_script, *KIND_FLAGS["m2"], *common, capsys=capsys)
+    assert code == 0, err
+    assert (out / "accuracy.png").is_file() and (out / "style_transfer.png").is_file()
+    code, _, err = call(train_script, *KIND_FLAGS["vae"], *common, "--overwrite", capsys=capsys)
+    assert code == 0, err
+    assert not (out / "accuracy.png").exists() and not (out / "style_transfer.png").exists()
+    assert (out / "reconstructions.png").is_file()
