@@ -149,7 +149,7 @@ def run(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         # On many processes each rank that fails says so (the error may be its own), and says
         # which it is.
-        rank = distributed.ranks().rank
+        rank = distributed.process_rank()
         print(f"{PROG}: {f'rank {rank}: ' if rank else ''}error: {error}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:  # before training started: train() handles it after

@@ -86,6 +86,14 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def process_rank() -> int:
+    """This process's rank: the process group's, or, before the group is joined, the one
+    torchrun gave it (``RANK``); 0 for a process on its own."""
+    if ranks().distributed or not launched_by_torchrun():
+        return ranks().rank
+    return int(os.environ["RANK"])
+
+
 def join(device: str) -> tuple[Ranks, str]:
     """Join the process group that ``torchrun`` describes in the environment: gloo on the CPU,
     NCCL on CUDA with this rank's GPU (``LOCAL_RANK``). Returns the ranks and the device this

@@ -4,11 +4,11 @@ baseline.
 
     python scripts/train.py --model cvae --given-quadrants 2 --num-epochs 2
 
-The steps are the VAE's (arguments, data, model, fit, evaluate, write) and the run directory
-is pyro_vae.jobs.runs' format. The images are split by the quadrant mask into the missing pixels x
-(the only observed site, dynamically binarized in training and binarized once, on the CPU from
-the seed, for evaluation: :func:`pyro_vae.jobs.runs.evaluation_sets`) and the given pixels c (the
-grayscale condition). The run directory gets
+The runner (pyro_vae.jobs.runner) trains it through the steps of every model kind, into a
+run directory (pyro_vae.jobs.run_directory). The images are split by the quadrant mask into
+the missing pixels x (the only observed site, dynamically binarized in training and binarized
+once, on the CPU from the seed, for evaluation: :func:`pyro_vae.jobs.runs.evaluation_sets`)
+and the given pixels c (the grayscale condition). The run directory gets
 
 - ``checkpoint.pt``: the CVAE (config ``"model": "cvae"``), written by fit after each epoch
   and every ``--checkpoint-every`` steps, so that a run resumes exactly;
@@ -180,6 +180,7 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
             "train_given": c_train_eval,
             "mask": mask,
         },
+        trained="CVAE",
     )
 
 
@@ -296,6 +297,13 @@ def score(
     cli.say(f"scoring log p(missing | given) with K={num_particles} importance samples")
     cvae_nll = -pv.conditional_log_likelihood(cvae, x, c, num_particles, progress=progress)
     baseline_nll = -pv.conditional_log_likelihood(baseline, x, c, 1, progress=progress)
+    return {**paired_scores(cvae_nll, baseline_nll), "num_iw_particles": num_particles}
+
+
+def paired_scores(cvae_nll: Tensor, baseline_nll: Tensor) -> dict[str, float]:
+    """The mean −log p(x | c) of the CVAE and of the baseline, and of their difference, each
+    with its standard error over the images. The difference is paired (the same images), so
+    the images' own difficulty cancels and its error is far smaller."""
     row = {}
     for name, values in (
         ("test_nll", cvae_nll),
@@ -304,7 +312,6 @@ def score(
     ):
         row[name] = values.mean().item()
         row[f"{name}_se"] = (values.std() / math.sqrt(len(values))).item()
-    row["num_iw_particles"] = num_particles
     return row
 
 
@@ -363,14 +370,7 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     )
     stage("-log p(missing | given), baseline (exact)")
     baseline_nll = -pv.conditional_log_likelihood(baseline, x, c, 1, chunk_size=args.chunk_size)
-    for name, values in (
-        ("test_nll", cvae_nll),
-        ("baseline_test_nll", baseline_nll),
-        # Paired: the same images, so the images' own difficulty cancels.
-        ("test_nll_difference", baseline_nll - cvae_nll),
-    ):
-        result[name] = values.mean().item()
-        result[f"{name}_se"] = (values.std() / math.sqrt(len(values))).item()
+    result.update(paired_scores(cvae_nll, baseline_nll))
     stage(f"spread of CVAE completions, {SPREAD_SAMPLES} draws of z per condition")
     spread = torch.cat(
         [pv.sample_spread(cvae, chunk, SPREAD_SAMPLES) for chunk in c.split(SPREAD_CHUNK)]

@@ -36,11 +36,9 @@ from pyro_vae.jobs.cli import say
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".pyro_vae.lock"
 EXPLAIN_DIR = "explain"
-# Every file a run, its evaluation and its report write into the run directory.
 # The files every run writes (and evaluate.py's); each job module names its own (FILES), and
 # pyro_vae.jobs.RUN_FILES is the whole list a directory is claimed with.
 COMMON_FILES = (CHECKPOINT, "metrics.json", "metrics.csv", "final_metrics.json", "evaluation.json")
-# Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 
 
 def checkpoint_path(directory: Path) -> Path:
@@ -71,9 +69,7 @@ class RunDirectory:
     place), so a kill at any instant leaves each file whole: the old one or the new one.
     """
 
-    def __init__(
-        self, path: Path, lock_fd: int | None, files: Sequence[str] = COMMON_FILES
-    ) -> None:
+    def __init__(self, path: Path, lock_fd: int | None, files: Sequence[str]) -> None:
         self.path = path
         self.files = tuple(files)
         """The names of the run's files: what --overwrite removes and links are refused for."""
@@ -88,7 +84,7 @@ class RunDirectory:
     @classmethod
     @contextlib.contextmanager
     def claim(
-        cls, path: str | os.PathLike, *, mode: str, files: Sequence[str] = COMMON_FILES
+        cls, path: str | os.PathLike, *, mode: str, files: Sequence[str]
     ) -> Iterator[RunDirectory]:
         """Hold ``path`` for the duration of the ``with`` block.
 
@@ -145,7 +141,7 @@ class RunDirectory:
     @classmethod
     @contextlib.contextmanager
     def follow(
-        cls, path: str | os.PathLike, *, mode: str, files: Sequence[str] = COMMON_FILES
+        cls, path: str | os.PathLike, *, mode: str, files: Sequence[str]
     ) -> Iterator[RunDirectory]:
         """The run directory as a rank other than 0 of a run on many processes sees it: rank 0
         holds it (:meth:`claim`, with ``mode``), and every write here does nothing."""
@@ -316,23 +312,16 @@ def _first_line(error: BaseException) -> str:
 
 
 def claim_run_directory(
-    path: str | os.PathLike, *, mode: str, files: Sequence[str] = COMMON_FILES
+    path: str | os.PathLike, *, mode: str, files: Sequence[str]
 ) -> contextlib.AbstractContextManager[RunDirectory]:
     """The run directory as this process holds it: :meth:`RunDirectory.claim` (``mode``) on
     one process and on rank 0 of many; :meth:`RunDirectory.follow` (no lock, no writes) on the
     other ranks of a torchrun run."""
-    if _is_main_process():
+    # Before the group is joined (a resume claims its directory before it reads the checkpoint
+    # that says which device to join on), torchrun's RANK says which process this is.
+    if distributed.process_rank() == 0:
         return RunDirectory.claim(path, mode=mode, files=files)
     return RunDirectory.follow(path, mode=mode, files=files)
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of the process group, or the one process; before the group is joined (a resume
-    claims its directory before it reads the checkpoint that says which device to join on),
-    torchrun's RANK says which process this is."""
-    if distributed.ranks().distributed or not distributed.launched_by_torchrun():
-        return distributed.ranks().is_main
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _refuse_links(path: Path, files: Sequence[str]) -> None:

@@ -52,8 +52,8 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
     check_model_size(config)
     model = build_model(config).to(args.device)
     dtype = next(model.parameters()).dtype
-    x_test, x_train_eval = evaluation_sets(model, data, args.seed)
-    run = Run(args.out_dir, args.model, model, config, {}, {}, data, x_test.to(dtype), x_train_eval)
+    x_test, x_train_eval = (x.to(dtype) for x in evaluation_sets(model, data, args.seed))
+    run = Run(args.out_dir, args.model, model, config, {}, {}, data, x_test, x_train_eval)
     # Data outside what the model takes are refused here, before any file is written.
     setup = job.prepare(run, args)
     mode = "overwrite" if args.overwrite else "new"
@@ -149,7 +149,7 @@ def train(
     final["total_seconds"] = time.perf_counter() - started
     run_dir.write_json("final_metrics.json", final)
     cli.say(
-        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s training): "
+        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s {setup.trained}): "
         f"{job.summary(final, args)}; results in {run_dir.path}"
     )
     return 0

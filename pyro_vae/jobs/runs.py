@@ -31,6 +31,8 @@ from pyro_vae.models.build import least_weights
 MAX_TRAIN_EVAL = 10000
 # What a resumed run may change: nothing that alters the model or the maths.
 RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every", "--num-threads")
+# Flags that came after runs were first written, with the value an older run trained with.
+FLAGS_ADDED_SINCE = {"compile": False}  # runs saved before --compile trained eager
 # What every checkpoint of scripts/train.py holds beside the weights and config.
 RUN_KEYS = ("args", "config", "evaluation_digest", "training")
 
@@ -199,7 +201,7 @@ def resumed_args(
     :raises ValueError: when ``--num-epochs`` is fewer than the epochs already begun
         (``training``, the checkpoint's training state).
     """
-    args = argparse.Namespace(**saved)
+    args = argparse.Namespace(**{**FLAGS_ADDED_SINCE, **saved})
     args.out_dir = given.resume  # the run's directory, wherever it is now
     for flag in overrides:
         name = flag.removeprefix("--").replace("-", "_")
@@ -233,6 +235,9 @@ class Setup:
     """The job's evaluation tensors, on the device (its epoch row and final score read them)."""
     notes: tuple[str, ...] = ()
     """Lines said after the first one."""
+    trained: str = "training"
+    """What the training time in the last line is of (the CVAE's job trains a baseline too,
+    and times it apart)."""
 
 
 def provenance(run: Run, model: str, seed: int) -> dict[str, Any]:

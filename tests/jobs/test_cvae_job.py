@@ -1,4 +1,4 @@
-"""scripts/train.py --model cvae (pyro_vae/conditional_job.py), run in this process: what a run
+"""scripts/train.py --model cvae (pyro_vae/jobs/cvae.py), run in this process: what a run
 writes, that the test scores are those of the run's own pixels, that a resumed run ends
 bit-identically, and what is refused before anything is written."""
 

@@ -1,6 +1,6 @@
-"""scripts/evaluate.py on M2 and CVAE runs, in this process: pv.load_run hands back each job's
-run, and evaluation.json holds numbers recomputed here independently, exactly where the maths
-is exact (counts, accuracies, the baseline's likelihood, the same seeded draws)."""
+"""scripts/evaluate.py on M2 and CVAE runs, in this process: pyro_vae.jobs.load_run hands back
+each job's run, and evaluation.json holds numbers recomputed here independently, exactly where
+the maths is exact (counts, accuracies, the baseline's likelihood, the same seeded draws)."""
 
 import hashlib
 import json

@@ -95,7 +95,7 @@ def test_same_seed_same_arguments_give_identical_metrics(tmp_path):
 def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, variant):
     """Also compiled (--compile): the resumed run compiles its step afresh, with the same
     arithmetic, and draws the same noise, so it ends bit for bit where the uninterrupted one
-    does (pyro_vae/compiled.py, "exact" under compilation)."""
+    does (pyro_vae/infer/compiled.py, "exact" under compilation)."""
     args = ("--checkpoint-every", "1", *variant, *RUN)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert train(*args, "--out-dir", str(reference)).returncode == 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from scripts_in_process import call, load_script
 
+import pyro_vae as pv
 from pyro_vae.jobs import JOBS
 
 pytestmark = pytest.mark.usefixtures("float32")
@@ -100,3 +101,22 @@ def test_overwrite_removes_the_files_of_a_run_of_another_kind(tmp_path, capsys):
     assert code == 0, err
     assert not (out / "accuracy.png").exists() and not (out / "style_transfer.png").exists()
     assert (out / "reconstructions.png").is_file()
+
+
+def test_a_run_saved_before_a_flag_existed_resumes_with_the_value_it_trained_with(tmp_path, capsys):
+    """A run whose saved arguments lack --compile (written before it existed) trained eager:
+    a resume goes on eager instead of failing on the missing argument."""
+    out = tmp_path / "old"
+    flags = (*KIND_FLAGS["vae"], "--no-progress", "--num-threads", "1")
+    code, _, err = call(
+        train_script, *flags, "--num-epochs", "1", "--out-dir", str(out), capsys=capsys
+    )
+    assert code == 0, err
+    model, payload = pv.load_checkpoint(out / "checkpoint.pt")
+    del payload["args"]["compile"]
+    extra = {k: v for k, v in payload.items() if k not in ("config", "state_dict", "format")}
+    pv.save_checkpoint(out / "checkpoint.pt", model, payload["config"], **extra)
+    assert "compile" not in pv.load_checkpoint(out / "checkpoint.pt")[1]["args"]
+    code, stdout, err = call(train_script, "--resume", str(out), "--num-epochs", "2", capsys=capsys)
+    assert code == 0, err
+    assert "epoch   2/2" in stdout

@@ -18,7 +18,7 @@ from scripts_in_process import call, load_script
 from test_explain import sections
 
 import pyro_vae as pv
-from pyro_vae.jobs import load_run
+from pyro_vae.jobs import RUN_FILES, load_run
 from pyro_vae.jobs.run_directory import RunDirectory
 from pyro_vae.jobs.runs import RESUME_OVERRIDES, resumed_args
 
@@ -281,7 +281,7 @@ def test_explain_writes_its_report_and_refuses_a_directory_of_other_files(
 
 def test_a_run_directory_in_use_is_refused_naming_the_process(tmp_path, capsys):
     out = tmp_path / "run"
-    with RunDirectory.claim(out, mode="new"):
+    with RunDirectory.claim(out, mode="new", files=RUN_FILES):
         for extra in ([], ["--overwrite"]):
             code, _, err = train(*TINY, "--out-dir", str(out), *extra, capsys=capsys)
             assert code == 2 and f"in use by process {os.getpid()}" in err, err
@@ -463,7 +463,7 @@ def test_an_interrupted_report_is_replaced_and_every_file_it_writes_is_named(tin
 
 @pytest.mark.slow
 def test_compile_trains_the_same_run_within_float_rounding(tmp_path, capsys, monkeypatch):
-    """--compile traces and compiles the step (pyro_vae/compiled.py); the epoch losses equal
+    """--compile traces and compiles the step (pyro_vae/infer/compiled.py); the epoch losses equal
     the eager run's up to float rounding, with the same noise."""
     real_fit, asked = pv.fit, []
 

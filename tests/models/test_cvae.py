@@ -1,4 +1,4 @@
-"""The conditional VAE (pyro_vae/conditional.py): its log p(x | c) against a linear-Gaussian
+"""The conditional VAE (pyro_vae/models/cvae.py): its log p(x | c) against a linear-Gaussian
 model whose conditional is known in closed form, the refusal of bad masks and conditions before
 training, a learning test, and the quadrant task's masks and figure."""
 
