@@ -174,3 +174,21 @@ def test_explain_report_shows_the_weight_uncertainty_with_its_measured_spread(tm
     # difference is within 4·sqrt(2) of that.
     relative_se = 1 / (2 * 99) ** 0.5
     assert abs(reported - float(std.mean())) < 4 * 2**0.5 * relative_se * float(std.mean())
+
+
+@pytest.mark.parametrize("init_scale", [0.01, 0.5])
+def test_the_weight_guide_starts_at_sigma_init_scale(init_scale):
+    """q(w)'s standard deviation starts at init_scale itself for every weight and bias (not a
+    transform of it, such as log(1 + init_scale): 0.00995 for 0.01, 0.405 for 0.5)."""
+    decoder = pv.BayesianMLP(3, (5,), 4, init_scale=init_scale)
+    trace = poutine.trace(decoder.guide).get_trace()
+    for name in decoder.site_names():
+        scale = trace.nodes[name]["fn"].base_dist.scale
+        torch.testing.assert_close(scale, torch.full_like(scale, init_scale), rtol=1e-12, atol=0)
+
+
+def test_the_bayesian_vae_s_weight_guide_starts_at_sigma_0_01():
+    vae = bayesian_vae()
+    for key in vae.decoder.locs:
+        scale = vae.decoder.posterior(key).scale
+        torch.testing.assert_close(scale, torch.full_like(scale, 0.01), rtol=1e-12, atol=0)

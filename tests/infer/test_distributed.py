@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_fit
 import pyro
 import pytest
 import torch
@@ -191,6 +192,30 @@ def test_a_bad_step_read_late_is_still_named_and_never_applied(log_every):
         assert torch.equal(value, vae.before[name]), name
 
 
+class _PoisonedOnce(_PoisonedAt):
+    """A VAE whose loss is NaN at its ``bad``-th guide call only: the steps after it are
+    finite again."""
+
+    def model(self, x, num_data=None):
+        pv.VAE.model(self, x, num_data=num_data)
+        if self.calls == self.bad:
+            pyro.factor("poison", torch.tensor(float("nan")))
+
+
+def test_good_steps_after_a_bad_one_are_not_applied_before_the_read():
+    """Reads every 5 steps, NaN at step 3 only: steps 4 and 5 are finite, yet they come after
+    the bad one, and training stops there at the read of step 5. The skip must hold from the
+    bad step on, so that the parameters are those before step 3, not those after 4 and 5."""
+    pyro.set_rng_seed(0)
+    vae = _PoisonedOnce(8, 2, hidden_dims=(6,), bad=3)
+    x = torch.rand(96, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(pv.TrainingDivergedError, match="loss is nan at epoch 1, step 3 of 6"):
+        pv.fit(vae, x, num_epochs=1, batch_size=16, progress=False, log_every=5)
+    assert vae.calls == 5  # steps 4 and 5 were computed
+    for name, value in vae.state_dict().items():
+        assert torch.equal(value, vae.before[name]), name
+
+
 class _CtrlCAt(pv.VAE):
     """A VAE that sends itself SIGINT (a Ctrl-C) during its ``at``-th step's guide call."""
 
@@ -280,6 +305,38 @@ def test_ddp_gradient_equals_the_gradient_of_the_global_batch(tmp_path):
     }
     for name, difference in largest.items():
         assert difference < 1e-10, (name, difference)
+
+
+@pytest.mark.slow
+def test_fit_on_two_ranks_records_what_one_process_with_the_global_batch_records(tmp_path):
+    """A deterministic model on two ranks of batch 3 and on one process of batch 6 takes the
+    same steps (tests/infer/distributed_fit.py): the same step losses (the all-reduced loss
+    divided by the number of ranks), epoch losses, steps per epoch (the ranks' own, over
+    their shards) and β at every step of a KL warm-up. And each rank binarizes from a
+    generator of its own, seeded from the shared seed and its rank."""
+    out = tmp_path / "two.json"
+    done = torchrun(str(ROOT / "tests" / "infer" / "distributed_fit.py"), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(out.read_text())
+    fitted, one = two["fit"], distributed_fit.train(2 * distributed_fit.BATCH)
+    steps = distributed_fit.EPOCHS * 3  # 7 examples per rank, batches of 3: 3 steps an epoch
+    warmup = distributed_fit.WARMUP_EPOCHS * 3
+    assert fitted["betas"] == one["betas"] == [min(1.0, s / warmup) for s in range(1, steps + 1)]
+    assert len(fitted["step_loss"]) == len(one["step_loss"]) == steps
+    assert fitted["step_loss"] == pytest.approx(one["step_loss"], rel=1e-12)
+    assert fitted["loss"] == pytest.approx(one["loss"], rel=1e-12)
+    full = torch.full((distributed_fit.BATCH, distributed_fit.DATA_DIM), 0.5)
+    expected = [
+        torch.bernoulli(
+            full,
+            generator=torch.Generator().manual_seed(
+                distributed.noise_seed(distributed_fit.SEED, rank, "binarization")
+            ),
+        ).tolist()
+        for rank in (0, 1)
+    ]
+    assert two["binarized"] == expected
+    assert two["binarized"][0] != two["binarized"][1]
 
 
 def _ranks_of(torchrun_process: subprocess.Popen) -> list[int]:

@@ -295,3 +295,17 @@ def test_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_each_epoch_loss_is_the_mean_of_that_epochs_step_losses():
+    """history.loss[e] is epoch e's own mean, not a running mean since the start: the loss
+    falls while training, so the two differ from the second epoch on."""
+    x = binary_data(40, 12)
+    vae = pv.VAE(12, 2, hidden_dims=(8,))
+    history = pv.fit(vae, x, num_epochs=3, batch_size=10, learning_rate=1e-2, progress=False)
+    steps = history.step_loss
+    assert len(steps) == 12 and len(history.loss) == 3
+    for epoch, loss in enumerate(history.loss):
+        own = steps[4 * epoch : 4 * epoch + 4]
+        assert loss == pytest.approx(sum(own) / 4, rel=1e-12)
+    assert history.loss[2] != pytest.approx(sum(steps) / len(steps), rel=1e-3)

@@ -10,6 +10,7 @@ from conftest import binary_data
 from pyro.infer import RenyiELBO
 
 import pyro_vae as pv
+from pyro_vae.infer.objective import Objective
 
 
 def untrained_vae() -> pv.VAE:
@@ -132,3 +133,29 @@ def test_warmup_beta_reaches_the_loss():
     pyro.set_rng_seed(3)
     expected = pyro.infer.Trace_ELBO().loss(vae.model, vae.guide, batch, 16) / 16
     assert abs(history_steps[0] - expected) < 1e-9 * abs(expected)
+
+
+def test_iwae_loss_handed_to_ddp_has_the_value_of_pyros_loss():
+    """Under DDP the loss comes out of Objective.differentiable_loss, and the loss fit records
+    is that tensor's value. For RenyiELBO it is built from the surrogate Pyro back-propagates,
+    whose value is not the loss (each particle is weighted by its detached normalized weight):
+    its value must be Pyro's loss, scaled by N/B, for the same draws; its gradient the
+    surrogate's, which is that of loss_and_grads."""
+    x, num_data = binary_data(6, 10), 60
+    vae = untrained_vae()
+    objective = Objective(vae, RenyiELBO(alpha=0, num_particles=4))
+    parameters = objective.parameters(x, num_data=num_data)
+    pyro.set_rng_seed(5)
+    differentiable = objective.differentiable_loss(x, num_data=num_data)
+    differentiable.backward()
+    gradients = [p.grad.clone() for p in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    pyro.set_rng_seed(5)
+    value = objective.loss_and_grads(x, num_data=num_data)
+    pyro.set_rng_seed(5)
+    pyros = RenyiELBO(alpha=0, num_particles=4).loss(vae.model, vae.guide, x) * num_data / len(x)
+    assert float(differentiable.detach()) == pytest.approx(pyros, rel=1e-12)
+    assert value == pytest.approx(pyros, rel=1e-12)
+    for gradient, parameter in zip(gradients, parameters, strict=True):
+        torch.testing.assert_close(gradient, parameter.grad, rtol=1e-10, atol=1e-12)

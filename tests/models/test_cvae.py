@@ -416,3 +416,44 @@ def test_importing_the_module_does_not_load_pyplot():
     code = "import pyro_vae.models.cvae, sys; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_cvae_loss_is_the_beta_elbo_with_beta_on_the_guide_s_z_too():
+    """With β ≠ 1 the loss is −Σ [log p(x | z, c) + β (log p(z | c) − log q(z | x, c))]: β
+    scales z in the guide as in the model (docs/design.md, "β"), so that training, and every
+    step of a KL warm-up, optimizes the β-ELBO."""
+    _, x, c = small_quadrant_data(5)
+    x = torch.bernoulli(x)
+    beta = 0.25
+    cvae = ConditionalVAE(12, 4, 2, hidden_dims=(8,), beta=beta)
+    guide = pyro.poutine.trace(cvae.guide).get_trace(x, c)
+    z = guide.nodes["z"]["value"]
+    log_q = cvae.encoder(torch.cat([x, c], -1)).log_prob(z)
+    log_prior = cvae.prior(c).log_prob(z)
+    log_lik = cvae.likelihood(cvae.decoder(torch.cat([z, c], -1))).log_prob(x)
+    expected = -(log_lik + beta * (log_prior - log_q)).sum().detach()
+    loss = Trace_ELBO().loss(
+        pyro.poutine.replay(cvae.model, trace=guide),
+        pyro.poutine.replay(cvae.guide, trace=guide),
+        x,
+        c,
+    )
+    assert loss == pytest.approx(float(expected), rel=1e-12)
+    model = pyro.poutine.trace(pyro.poutine.replay(cvae.model, trace=guide)).get_trace(x, c)
+    assert guide.nodes["z"]["scale"] == model.nodes["z"]["scale"] == beta
+
+
+def test_sample_draws_z_from_the_conditional_prior():
+    """A prior network whose p(z | c) is (3, −2) with σ ≈ 1e-4 for every c: every completion
+    is the decoder's at z = (3, −2), which a draw from N(0, I) would not give."""
+    _, _, c = small_quadrant_data(5)
+    cvae = ConditionalVAE(12, 4, 2, hidden_dims=(8,))
+    last = [m for m in cvae.prior.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([3.0, -2.0, -30.0, -30.0]))  # μ, then σ's raw values
+    completions = cvae.sample(c, num_samples=50)
+    z = torch.tensor([3.0, -2.0]).expand(5, 2)
+    expected = cvae.likelihood(cvae.decoder(torch.cat([z, c], -1))).mean.detach()
+    assert completions.shape == (50, 5, 12)
+    torch.testing.assert_close(completions, expected.expand(50, 5, 12), rtol=0, atol=1e-3)
