@@ -13,12 +13,14 @@ from typing import IO
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Yield a temporary file beside ``path``; on success flush it to disk, rename it to
-    ``path`` (atomic on POSIX) and sync the directory; on error remove it. Readers see the
-    old file or the new one."""
+    ``path`` (atomic on POSIX) and sync the directory. Readers see the old file or the new one.
+
+    On every failure (in the caller's writes, the flush, the sync, the close, which a full
+    disk can make fail too, or the rename) the temporary file is removed and the error raised;
+    an error of the file's own that names no file names ``path``."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile(
-        mode, dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as tmp:
+    tmp = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
         try:
             yield tmp
             tmp.flush()
@@ -26,14 +28,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             # as open() would have given it.
             os.fchmod(tmp.fileno(), 0o666 & ~_umask())
             os.fsync(tmp.fileno())
-        except BaseException as error:
-            tmp.close()
-            os.unlink(tmp.name)
-            if isinstance(error, OSError) and error.errno and error.filename is None:
-                # write() and fsync() name no file: say which one could not be written.
-                raise OSError(error.errno, error.strerror, str(path)) from error
+        except BaseException:
+            # The first error is the one to report: a close that fails as well (the same full
+            # disk, flushing what is buffered) must neither replace it nor keep the file.
+            with contextlib.suppress(OSError):
+                tmp.close()
             raise
-    os.replace(tmp.name, path)
+        tmp.close()
+        os.replace(tmp.name, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
+        if isinstance(error, OSError) and error.errno and error.filename is None:
+            # write(), fsync() and close() name no file: say which one could not be written.
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     # The rename lives in the directory: sync it too, so that after a power loss the new
     # name is there (not only the data behind it).
     directory = os.open(path.parent, os.O_RDONLY)

@@ -1,6 +1,8 @@
 """atomic_write: a failed write leaves the previous file intact and no temporary file behind."""
 
+import errno
 import os
+import tempfile
 
 import pytest
 
@@ -99,3 +101,51 @@ def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
             file.write("new")
     assert raised.value.filename == str(path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def _close_fails_once(monkeypatch, error: OSError) -> None:
+    """The temporary file's close() closes it and then raises ``error``, as a close whose
+    flush of buffered data meets a full disk (or NFS reporting a failed write) does."""
+    real = tempfile.NamedTemporaryFile
+
+    def failing(*args, **kwargs):
+        tmp = real(*args, **kwargs)
+        close = tmp.close
+
+        def close_then_fail():
+            close()
+            raise error
+
+        tmp.close = close_then_fail
+        return tmp
+
+    monkeypatch.setattr(_files.tempfile, "NamedTemporaryFile", failing)
+
+
+def test_a_close_that_fails_leaves_no_temporary_file_and_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "point_cloud.png"
+    path.write_text("old")
+    _close_fails_once(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        with atomic_write(path, "w") as file:
+            file.write("new")
+    assert raised.value.filename == str(path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_close_that_fails_after_the_caller_failed_keeps_the_caller_s_error(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    _close_fails_once(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(RuntimeError, match="the caller's"), atomic_write(path, "w") as file:
+        file.write("half")
+        raise RuntimeError("the caller's")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rename_that_fails_leaves_no_temporary_file(tmp_path):
+    """The name is taken by a directory: os.replace fails, and the written file goes too."""
+    path = tmp_path / "checkpoint.pt"
+    path.mkdir()
+    with pytest.raises(OSError), atomic_write(path) as file:
+        file.write(b"weights")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.is_dir()
