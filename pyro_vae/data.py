@@ -269,6 +269,11 @@ def _read_split(files: dict[str, Path], split: str, num_classes: int) -> tuple[T
     return images, labels
 
 
+# Deflate, the compression of gzip, inflates at most 1032-fold (258 bytes for 2 bits): a gzip
+# file cannot hold more than this many times its own size, whatever its header says.
+_MAX_INFLATION = 1032
+
+
 def _read_idx(path: Path, what: str, ndim: int) -> Tensor:
     """An IDX file of unsigned bytes, gzipped or not, as a uint8 tensor; a ValueError naming
     the file when it cannot be read or is not what its header says.
@@ -276,35 +281,69 @@ def _read_idx(path: Path, what: str, ndim: int) -> Tensor:
     The format (yann.lecun.com/exdb/mnist): a big-endian magic number 0x0800 + the number of
     dimensions, one 32-bit size per dimension, then the bytes in C order. torchvision's reader
     is not used: it reads no gzip and fails with bare asserts.
+
+    The header is read first, and no more than it promises is ever read (or inflated), into a
+    buffer of that size: a promise the file cannot keep (more bytes than a plain file holds,
+    than a gzip file of its size can inflate to, or than this machine's memory) is refused
+    before anything else is read, and a file that goes on past it is refused at its first
+    extra byte (a gzip bomb is never inflated).
     """
-    opener = gzip.open if path.suffix == ".gz" else open
+    gzipped = path.suffix == ".gz"
+    header_size = 4 + 4 * ndim
     try:
-        with opener(path, "rb") as file:
-            # The whole file: gzip checks its CRC and length only when it reaches the end.
-            content = file.read()
+        on_disk = path.stat().st_size
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as file:
+            header = file.read(header_size)
+            magic = struct.unpack(">I", header[:4])[0] if len(header) >= 4 else None
+            if magic != 0x0800 + ndim or len(header) < header_size:
+                raise ValueError(
+                    f"{path}: not an IDX file of {what} (a {ndim}-dimensional array of bytes, "
+                    f"magic number {0x0800 + ndim}); its magic number is {magic}"
+                )
+            shape = struct.unpack(f">{ndim}I", header[4:])
+            size = math.prod(shape)
+            promised = f"its header promises {what} of shape {shape} ({header_size + size} bytes)"
+            if not gzipped and on_disk != header_size + size:
+                state = (
+                    "truncated" if on_disk < header_size + size else "longer than its header says"
+                )
+                raise ValueError(f"{path}: {state}: {promised}, the file holds {on_disk} bytes")
+            if gzipped and size > _MAX_INFLATION * on_disk:
+                raise ValueError(
+                    f"{path}: truncated: {promised}, more than a gzip file of {on_disk} bytes "
+                    f"can hold ({_MAX_INFLATION} times its size at most)"
+                )
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if size > memory:
+                raise ValueError(
+                    f"{path}: {promised}, more than this machine's {memory / 2**30:.3g} GiB of "
+                    "memory"
+                )
+            content = bytearray(size)
+            view, got = memoryview(content), 0
+            while got < size:
+                count = file.readinto(view[got:])
+                if not count:
+                    break
+                got += count
+            if got < size:
+                raise ValueError(
+                    f"{path}: truncated: {promised}, the "
+                    f"{'inflated stream' if gzipped else 'file'} holds {header_size + got} bytes"
+                )
+            # One byte more, at most: gzip checks its CRC and length when it reaches the end.
+            if file.read(1):
+                raise ValueError(
+                    f"{path}: longer than its header says: {promised}, and more bytes follow"
+                )
     except gzip.BadGzipFile as error:
         raise ValueError(f"{path}: not a valid gzip file ({error})") from error
     except (EOFError, zlib.error) as error:
         raise ValueError(f"{path}: the gzip stream is truncated or corrupt ({error})") from error
     except OSError as error:
         raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from error
-    header_size = 4 + 4 * ndim
-    magic = struct.unpack(">I", content[:4])[0] if len(content) >= 4 else None
-    if magic != 0x0800 + ndim or len(content) < header_size:
-        raise ValueError(
-            f"{path}: not an IDX file of {what} (a {ndim}-dimensional array of bytes, "
-            f"magic number {0x0800 + ndim}); its magic number is {magic}"
-        )
-    shape = struct.unpack(f">{ndim}I", content[4:header_size])
-    expected = header_size + math.prod(shape)
-    if len(content) != expected:
-        state = "truncated" if len(content) < expected else "longer than its header says"
-        raise ValueError(
-            f"{path}: {state}: its header promises {what} of shape {shape} "
-            f"({expected} bytes), the file holds {len(content)} bytes"
-        )
-    array = np.frombuffer(content, dtype=np.uint8, offset=header_size)
-    return torch.from_numpy(array.reshape(shape).copy())
+    # A view of the buffer (writable, unlike bytes): no second copy of the images.
+    return torch.from_numpy(np.frombuffer(content, dtype=np.uint8).reshape(shape))
 
 
 def to_tensor(data: Tensor | Dataset, data_dim: int) -> Tensor:

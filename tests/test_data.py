@@ -275,3 +275,97 @@ def test_to_tensor_refuses_a_dataset_whose_len_lies_or_is_huge():
     # 10^12 examples: refused up front, without reading an item (which would take days).
     with pytest.raises(ValueError, match=r"len\(\) is 1000000000000: .* this machine's"):
         data_module.to_tensor(LyingDataset(10**12, 3), 4)
+
+
+# ---------------------------------------------------------------- promises a file cannot keep
+
+
+class _CountingReads:
+    """A file opened by gzip.open, counting the inflated bytes handed out."""
+
+    def __init__(self, file) -> None:
+        self.file, self.inflated = file, 0
+
+    def __enter__(self):
+        self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def read(self, size=-1):
+        data = self.file.read(size)
+        self.inflated += len(data)
+        return data
+
+    def readinto(self, buffer):
+        count = self.file.readinto(buffer)
+        self.inflated += count
+        return count
+
+
+def _images_gz(path: Path, count: int, body: bytes) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, count, 28, 28) + body)
+
+
+def test_a_gzip_bomb_is_refused_at_its_first_byte_past_the_header_s_promise(tmp_path):
+    """6 images promised (4704 bytes), 64 MiB of zeros behind them in a 64 KiB file: refused
+    after 4704 + 1 bytes of the body, without inflating the rest."""
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=True)
+    path = files / "train-images-idx3-ubyte.gz"
+    _images_gz(path, 6, bytes(64 * 2**20))
+    assert path.stat().st_size < 2**17
+    real = gzip.open
+    seen = []
+
+    def counting(name, *args, **kwargs):
+        seen.append(_CountingReads(real(name, *args, **kwargs)))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_module.gzip, "open", counting)
+        with pytest.raises(ValueError, match="longer than its header says") as error:
+            load_fashion(files)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert seen[-1].inflated == 16 + 6 * 784 + 1
+
+
+def test_a_gzip_header_promising_more_than_the_file_can_inflate_to_is_refused_unread(tmp_path):
+    """A header of 60000 images (47 MB) in a file of a few hundred bytes: deflate inflates
+    1032-fold at most, so it is refused after the header, before any buffer is made."""
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=True)
+    path = files / "train-images-idx3-ubyte.gz"
+    _images_gz(path, 60000, bytes(1000))
+    real = gzip.open
+    seen = []
+
+    def counting(name, *args, **kwargs):
+        seen.append(_CountingReads(real(name, *args, **kwargs)))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_module.gzip, "open", counting)
+        with pytest.raises(ValueError, match=r"truncated: .*\(60000, 28, 28\).*can hold"):
+            load_fashion(files)
+    assert seen[-1].inflated == 16
+
+
+def test_a_plain_idx_header_promising_more_than_the_file_holds_is_refused_unread(tmp_path):
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=False)
+    path = files / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">IIII", 2051, 2**32 - 1, 2**16, 2**16) + bytes(100))
+    with pytest.raises(ValueError, match=r"truncated: .*the file holds 116 bytes"):
+        load_fashion(files)
+
+
+def test_an_idx_file_larger_than_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    files = tmp_path / "files"
+    write_idx(files, 6, 2, gzipped=True)
+    # A machine of 4 KiB: the 4704 bytes of 6 images do not fit.
+    monkeypatch.setattr(data_module.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1)
+    with pytest.raises(ValueError, match=r"\(4720 bytes\), more than this machine's"):
+        load_fashion(files)
