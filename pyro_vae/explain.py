@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -476,8 +476,11 @@ def _point_cloud(vae: VAE, x0: Tensor, num_draws: int, out: Path) -> str:
     )
 
 
-def _chunk_sizes(num_draws: int) -> list[int]:
-    return [min(DRAW_CHUNK, num_draws - start) for start in range(0, num_draws, DRAW_CHUNK)]
+def _chunk_sizes(num_draws: int) -> Iterator[int]:
+    """The sizes of the passes over ``num_draws`` draws, one at a time: never a list of them
+    (``--num-particles 1e20`` would make one of 2.4e16)."""
+    for start in range(0, num_draws, DRAW_CHUNK):
+        yield min(DRAW_CHUNK, num_draws - start)
 
 
 class _Moments:

@@ -220,9 +220,12 @@ def test_weight_spread_moments_equal_those_of_the_draws(monkeypatch):
     torch.testing.assert_close(std, draws.std(0), rtol=0, atol=1e-12)
 
 
-def test_explain_draws_in_passes_of_bounded_size(monkeypatch, tmp_path):
-    """num_particles = 10^9: the point cloud and the KL section each run the guide (and the
-    model) on at most DRAW_CHUNK copies of an input per pass; stopped after its first passes."""
+@pytest.mark.parametrize("num_particles", [10**9, 10**20])
+def test_explain_draws_in_passes_of_bounded_size(monkeypatch, tmp_path, num_particles):
+    """num_particles = 10^9 or 10^20 (``--num-particles 1e20``): the point cloud and the KL
+    section each run the guide (and the model) on at most DRAW_CHUNK copies of an input per
+    pass, the passes' sizes made one at a time (a list of them all would not fit in memory);
+    stopped after its first passes."""
     vae = pv.VAE(6, 2, hidden_dims=(8,))
     x = binary_data(8, 6)
     sizes = []
@@ -242,7 +245,7 @@ def test_explain_draws_in_passes_of_bounded_size(monkeypatch, tmp_path):
     monkeypatch.setattr(vae, "guide", watched(guide))
     monkeypatch.setattr(vae, "model", watched(model_))
     with pytest.raises(_Enough):
-        pv.explain(vae, x, torch.zeros(8), (2, 3), ["a"], tmp_path, num_particles=10**9)
+        pv.explain(vae, x, torch.zeros(8), (2, 3), ["a"], tmp_path, num_particles=num_particles)
     assert sizes == [explain.DRAW_CHUNK] * 6
 
 
