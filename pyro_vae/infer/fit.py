@@ -341,6 +341,12 @@ def _check_arguments(
     check_positive_int("num_epochs", num_epochs)
     check_positive_int("batch_size", batch_size)
     device, dtype = device_and_dtype(module)
+    if device.type == "meta":
+        raise ValueError(
+            "the model is on the meta device, which holds shapes only and no values: build it "
+            "on the CPU or a GPU (or give its meta tensors values, e.g. with to_empty() and "
+            "load_state_dict)"
+        )
     if dtype == torch.float16:
         # Not a matter of the learning rate: in float16 a dataset's ELBO (N examples times
         # their log-densities) overflows at 65504, and Adam's eps (1e-8) rounds to 0.
@@ -428,6 +434,7 @@ def _prepare_data(
             raise ValueError("pass data as a tensor or a tuple of tensors for this model")
         else:
             tensors = (to_tensor(data, data_dim),)
+    _check_dense(tensors)
     x = tensors[0]
     if not x.is_floating_point():  # checked before the cast below would hide it
         raise ValueError(f"training data must have a floating dtype, got {x.dtype}")
@@ -447,6 +454,26 @@ def _prepare_data(
     if callable(validate_inputs):
         validate_inputs(*tensors)
     return tensors, binarize
+
+
+def _check_dense(tensors: tuple[Tensor, ...]) -> None:
+    """Every data tensor holds its values as an ordinary (dense, strided) tensor: sparse,
+    nested or meta tensors (the last hold no values at all) are refused here, naming the
+    tensor, rather than by an operator deep in the model that has no kernel for them."""
+    for i, t in enumerate(tensors):
+        what = "data" if len(tensors) == 1 else f"data[{i}]"
+        if t.is_meta:
+            raise ValueError(
+                f"{what} is on the meta device, which holds shapes only and no values: there "
+                "is nothing to train on"
+            )
+        if t.is_nested:
+            raise ValueError(f"{what} is a nested tensor; fit trains on dense (N, ...) tensors")
+        if t.layout != torch.strided:
+            raise ValueError(
+                f"{what} is a {str(t.layout).removeprefix('torch.')} tensor; fit trains on "
+                f"dense tensors: pass {what}.to_dense()"
+            )
 
 
 @contextlib.contextmanager

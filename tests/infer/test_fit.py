@@ -132,6 +132,9 @@ def _sgd(parameters, lr=0.1, **options):
         (binary_data(8, 12), {"optimizer": lambda ps: _sgd(ps[:1])}, "lacks 7 of the 8"),
         # A late read needs an optimizer that skips a non-finite step on the device.
         (binary_data(8, 12), {"optimizer": _sgd, "log_every": 2}, "need a fused optimizer"),
+        # Layouts and devices no operator of the model has kernels for, named up front.
+        (binary_data(8, 12).to_sparse(), {}, r"data is a sparse_coo tensor.*to_dense\(\)"),
+        (torch.zeros(8, 12, device="meta"), {}, "data is on the meta device.*no values"),
     ],
 )
 def test_bad_input_is_rejected_before_any_parameter_changes(data, kwargs, message):
@@ -309,3 +312,13 @@ def test_each_epoch_loss_is_the_mean_of_that_epochs_step_losses():
         own = steps[4 * epoch : 4 * epoch + 4]
         assert loss == pytest.approx(sum(own) / 4, rel=1e-12)
     assert history.loss[2] != pytest.approx(sum(steps) / len(steps), rel=1e-3)
+
+
+def test_sparse_data_in_a_tuple_and_a_model_on_the_meta_device_are_refused_naming_them():
+    x = binary_data(8, 12)
+    cvae = pv.ConditionalVAE(12, 4, 2, hidden_dims=(8,))
+    with pytest.raises(ValueError, match=r"data\[1\] is a sparse_coo tensor.*data\[1\]\.to_dense"):
+        pv.fit(cvae, (x, torch.rand(8, 4).to_sparse()), num_epochs=1, batch_size=4)
+    meta = pv.VAE(12, 2, hidden_dims=(8,)).to("meta")
+    with pytest.raises(ValueError, match="the model is on the meta device"):
+        pv.fit(meta, x, num_epochs=1, batch_size=4, progress=False)
