@@ -70,10 +70,18 @@ class DataSplits:
     class_names: tuple[str, ...]
     num_levels: int = 256
     """Distinct pixel values k / (num_levels - 1): 17 for digits (0..16), 256 for 8-bit images."""
+    x_val: Tensor | None = None
+    """The validation rows held out of the training data (:meth:`hold_out`), or ``None``."""
+    y_val: Tensor | None = None
 
     @property
     def data_dim(self) -> int:
         return self.x_train.shape[1]
+
+    @property
+    def num_val(self) -> int:
+        """How many rows are held out for validation (0 without a validation set)."""
+        return 0 if self.x_val is None else len(self.x_val)
 
     def to(self, device: torch.device | str) -> DataSplits:
         """The same splits on another device."""
@@ -83,7 +91,45 @@ class DataSplits:
             y_train=self.y_train.to(device),
             x_test=self.x_test.to(device),
             y_test=self.y_test.to(device),
+            x_val=None if self.x_val is None else self.x_val.to(device),
+            y_val=None if self.y_val is None else self.y_val.to(device),
         )
+
+    def hold_out(self, indices: Tensor) -> DataSplits:
+        """The splits with the training rows ``indices`` held out as the validation set (and
+        left out of training); ``indices`` empty: no validation set. Model choices (the epoch,
+        settings) are made on the validation set, so that the test set is scored once."""
+        if self.x_val is not None:
+            raise ValueError("these splits already hold a validation set")
+        if len(indices) == 0:
+            return self
+        keep = torch.ones(len(self.x_train), dtype=torch.bool)
+        keep[indices.cpu()] = False
+        keep = keep.to(self.x_train.device)
+        held = indices.to(self.x_train.device)
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train[keep],
+            y_train=self.y_train[keep],
+            x_val=self.x_train[held],
+            y_val=self.y_train[held],
+        )
+
+
+def validation_indices(num_train: int, val_size: int, seed: int) -> Tensor:
+    """The training rows held out for validation: ``val_size`` of them, drawn from a stream
+    of their own derived from ``seed`` (so that the training noise drawn from ``seed`` stays
+    as it was), sorted.
+
+    :raises ValueError: when ``val_size`` would leave no training rows.
+    """
+    if val_size >= num_train:
+        raise ValueError(
+            f"--val-size {val_size} leaves no training rows: the training set has {num_train}"
+        )
+    (state,) = np.random.SeedSequence(seed, spawn_key=(2,)).generate_state(1, np.uint64)
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(int(state)))
+    return order[:val_size].sort().values
 
 
 def load_dataset(

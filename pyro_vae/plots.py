@@ -165,20 +165,30 @@ def plot_latent_space(
     return fig
 
 
-def plot_loss_curves(metrics: list[dict], path: str | os.PathLike) -> Figure:
-    """Per-example −ELBO (train and test) and the KL term, per epoch; return the figure."""
+def plot_loss_curves(
+    metrics: list[dict], path: str | os.PathLike, best_epoch: int | None = None
+) -> Figure:
+    """Per-example −ELBO (training subset and validation set) and the two terms of the
+    validation ELBO (the training subset's without a validation set), per epoch, with the
+    epoch kept marked; return the figure."""
     epochs = [m["epoch"] for m in metrics]
+    shown = "val" if "val_elbo" in metrics[0] else "train"
+    name = {"val": "validation", "train": "training subset"}[shown]
     fig = new_figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
     left.plot(epochs, [m["train_loss"] for m in metrics], label="training objective (running)")
     left.plot(epochs, [-m["train_elbo"] for m in metrics], label="train −ELBO")
-    left.plot(epochs, [-m["test_elbo"] for m in metrics], label="test −ELBO")
+    if shown == "val":
+        left.plot(epochs, [-m["val_elbo"] for m in metrics], label="validation −ELBO")
     left.set_ylabel("nats per example")
     left.set_title("Loss")
-    right.plot(epochs, [-m["test_reconstruction"] for m in metrics], label="test −E_q[log p(x|z)]")
-    right.plot(epochs, [m["test_kl"] for m in metrics], label="test KL(q(z|x) ‖ p(z))")
+    right.plot(epochs, [-m[f"{shown}_reconstruction"] for m in metrics], label="−E_q[log p(x|z)]")
+    right.plot(epochs, [m[f"{shown}_kl"] for m in metrics], label="KL(q(z|x) ‖ p(z))")
     right.set_ylabel("nats per example")
-    right.set_title("The two terms of the test ELBO")
+    right.set_title(f"The two terms of the ELBO ({name})")
+    if best_epoch is not None:
+        for ax in (left, right):
+            ax.axvline(best_epoch, color="k", lw=0.8, ls=":", label=f"epoch kept ({best_epoch})")
     for ax in (left, right):
         ax.set_xlabel("epoch")
         integer_ticks(ax)  # epochs are whole: a tick at 1.5 names no epoch
@@ -381,24 +391,25 @@ def plot_kl_per_dimension(
 def plot_accuracy(
     metrics: list[dict[str, Any]], num_labels: int, path: str | os.PathLike
 ) -> Figure:
-    """M2's test accuracy of q(y|x) per epoch, binarized and grayscale, over chance; return the
-    figure."""
-    epochs = [row["epoch"] for row in metrics]
+    """M2's validation accuracy of q(y|x) per epoch, binarized and grayscale, over chance;
+    return the figure (with no curve without a validation set: the test set is scored once)."""
+    epochs = [row["epoch"] for row in metrics if "val_accuracy" in row]
     fig = new_figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.plot(epochs, [row["test_accuracy"] for row in metrics], "o-", label="binarized test set")
+    shown = [row for row in metrics if "val_accuracy" in row]
+    ax.plot(epochs, [row["val_accuracy"] for row in shown], "o-", label="binarized validation set")
     ax.plot(
         epochs,
-        [row["test_accuracy_grayscale"] for row in metrics],
+        [row["val_accuracy_grayscale"] for row in shown],
         "s--",
-        label="grayscale test set",
+        label="grayscale validation set",
     )
     ax.axhline(1 / num_labels, color="k", lw=0.8, ls=":", label=f"chance (1/{num_labels})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy of argmax q(y|x)")
     ax.set_ylim(0, 1)
     integer_ticks(ax)
-    ax.set_title("M2: test accuracy of the classifier q(y|x)")
+    ax.set_title("M2: validation accuracy of the classifier q(y|x)")
     ax.legend()
     save_figure(fig, path)
     return fig

@@ -85,7 +85,13 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    cli.say(f"report written to {report}")
+    chosen = loaded.selection
+    epoch = (
+        f"epoch {chosen['epoch']}, {chosen['how']}"
+        if chosen is not None
+        else f"epoch {loaded.checkpoint['epoch']}, the newest checkpoint"
+    )
+    cli.say(f"report of {epoch}, written to {report}")
     return 0
 
 

@@ -55,6 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "~/.cache/pyro_vae)",
     )
     add("--num-epochs", type=cli.positive_int, help="default: 200 for digits, 20 for the others")
+    add(
+        "--val-size",
+        type=cli.non_negative_int,
+        help="training rows held out, with --seed, to choose the epoch kept; the test set is "
+        "scored once, at the end (default: 10000 for mnist and fashion-mnist, a tenth of the "
+        "training rows otherwise; 0: no validation set, the last epoch is kept)",
+    )
+    add(
+        "--patience",
+        type=cli.positive_int,
+        help="stop after this many epochs without a better validation score (default: train "
+        "every epoch)",
+    )
     add("--batch-size", type=cli.positive_int, default=128, help="examples per step")
     add("--learning-rate", type=cli.positive_float, default=1e-3, help="Adam's step size")
     add("--latent-dim", type=cli.positive_int, default=10, help="dimensions of z")

@@ -15,8 +15,8 @@ HEAVY = ("matplotlib", "sklearn", "torchvision")
 # Draws a figure the way explain and the scripts do; prints what matplotlib then says, as JSON.
 DRAW = """
 pv.plots.plot_loss_curves(
-    [dict(epoch=e, train_loss=1.0, train_elbo=-1.0, test_elbo=-1.0, test_reconstruction=-1.0,
-          test_kl=0.1) for e in (1, 2)],
+    [dict(epoch=e, train_loss=1.0, train_elbo=-1.0, val_elbo=-1.0, val_reconstruction=-1.0,
+          val_kl=0.1) for e in (1, 2)],
     PATH,
 )
 print(json.dumps({

@@ -9,7 +9,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from pyro_vae import plots
+from pyro_vae import explain_plots, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -20,9 +20,9 @@ def metrics(num_epochs: int) -> list[dict]:
             "epoch": epoch,
             "train_loss": 100.0 / epoch,
             "train_elbo": -90.0 / epoch,
-            "test_elbo": -95.0 / epoch,
-            "test_reconstruction": -80.0 / epoch,
-            "test_kl": 5.0 + epoch,
+            "val_elbo": -95.0 / epoch,
+            "val_reconstruction": -80.0 / epoch,
+            "val_kl": 5.0 + epoch,
         }
         for epoch in range(1, num_epochs + 1)
     ]
@@ -84,7 +84,7 @@ def test_weight_spread_labels_binary_inputs(tmp_path):
 def test_prior_contours_are_circles_labelled_with_the_mass_they_hold(tmp_path):
     z = torch.randn(50, 3)
     labels = torch.arange(50) % 2
-    fig = plots.plot_aggregate_posterior(z, labels, ["a", "b"], (0, 2), tmp_path / "a.png")
+    fig = explain_plots.plot_aggregate_posterior(z, labels, ["a", "b"], (0, 2), tmp_path / "a.png")
     ax = fig.axes[0]
     (contours,) = [c for c in ax.collections if hasattr(c, "levels")]
     assert list(contours.levels) == [1.0, 2.0, 3.0]
@@ -109,7 +109,7 @@ def test_prior_contours_are_circles_labelled_with_the_mass_they_hold(tmp_path):
 
 
 def test_prior_contours_do_not_claim_to_be_another_models_prior(tmp_path):
-    fig = plots.plot_aggregate_posterior(
+    fig = explain_plots.plot_aggregate_posterior(
         torch.randn(20, 2), torch.zeros(20), ["a"], (0, 1), tmp_path / "a.png", standard_prior=False
     )
     ax = fig.axes[0]
@@ -123,17 +123,17 @@ def test_prior_contours_do_not_claim_to_be_another_models_prior(tmp_path):
 
 
 def test_latent_dimensions_are_numbered_from_one_as_in_the_report(tmp_path):
-    cloud = plots.plot_point_cloud(
+    cloud = explain_plots.plot_point_cloud(
         torch.randn(100, 4), torch.zeros(4), torch.ones(4), (0, 3), tmp_path / "c.png"
     )
     assert [cloud.axes[0].get_xlabel(), cloud.axes[0].get_ylabel()] == ["z_1", "z_4"]
 
-    traversal = plots.plot_traversal(
+    traversal = explain_plots.plot_traversal(
         torch.rand(6, 12), [2, 0], torch.linspace(-1, 1, 3), (3, 4), tmp_path / "t.png"
     )
     assert list(row_labels(traversal.axes[0])) == ["z_3", "z_1"]
 
-    kl = plots.plot_kl_per_dimension(
+    kl = explain_plots.plot_kl_per_dimension(
         torch.tensor([0.5, 0.0, 2.0]), torch.tensor([0.1, 1e-4, 0.3]), 0.01, tmp_path / "k.png"
     )
     for ax in kl.axes:
@@ -155,10 +155,12 @@ def test_every_figure_is_a_whole_png_and_leaves_nothing_else(tmp_path):
         "latent_space": lambda p: plots.plot_latent_space(torch.randn(30, 3), labels, "abc", p),
         "loss_curves": lambda p: plots.plot_loss_curves(metrics(3), p),
         "weights": lambda p: plots.plot_weight_spread(x, x, x / 3, (3, 4), p),
-        "cloud": lambda p: plots.plot_point_cloud(z, z[0], z[1].abs(), (0, 1), p),
-        "aggregate": lambda p: plots.plot_aggregate_posterior(z, labels, "abc", (0, 1), p),
-        "traversal": lambda p: plots.plot_traversal(x[:6], [0, 1], torch.ones(3), (3, 4), p),
-        "kl": lambda p: plots.plot_kl_per_dimension(torch.ones(2), torch.ones(2), 0.01, p),
+        "cloud": lambda p: explain_plots.plot_point_cloud(z, z[0], z[1].abs(), (0, 1), p),
+        "aggregate": lambda p: explain_plots.plot_aggregate_posterior(z, labels, "abc", (0, 1), p),
+        "traversal": lambda p: explain_plots.plot_traversal(
+            x[:6], [0, 1], torch.ones(3), (3, 4), p
+        ),
+        "kl": lambda p: explain_plots.plot_kl_per_dimension(torch.ones(2), torch.ones(2), 0.01, p),
     }
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)

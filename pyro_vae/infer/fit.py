@@ -73,7 +73,7 @@ def fit(
     binarize: bool | None = None,
     kl_warmup_epochs: int = 0,
     clip_norm: float | None = None,
-    callback: Callable[[int, History], None] | None = None,
+    callback: Callable[[int, History], bool | None] | None = None,
     checkpoint: Callable[[TrainingState], None] | None = None,
     checkpoint_every: int | None = None,
     resume: TrainingState | None = None,
@@ -97,7 +97,8 @@ def fit(
     :param binarize: x ~ Bernoulli(data) afresh per batch; ``None``: for binary-data likelihoods.
     :param kl_warmup_epochs: epochs over which β climbs, step by step, to ``module.beta``.
     :param clip_norm: clip the gradients' total norm to this value before each step.
-    :param callback: called as ``callback(epoch, history)`` after each epoch (1-based).
+    :param callback: called as ``callback(epoch, history)`` after each epoch (1-based); a
+        return of ``True`` ends training after that epoch (early stopping), checkpoint written.
     :param checkpoint: called with a :class:`TrainingState` after each epoch and at Ctrl-C.
     :param checkpoint_every: steps between checkpoints within an epoch; ``None``: epochs only.
     :param resume: a :class:`TrainingState` to continue exactly from, weights already loaded.
@@ -198,14 +199,17 @@ def fit(
             history.loss.append(sum(history.step_loss[-num_steps:]) / num_steps)
             history.epoch_seconds.append(time.perf_counter() - started)
             first_step, order = 0, None
-            if callback is not None:
-                callback(epoch, history)
+            # On many processes the callback must decide alike on every rank (from all-reduced
+            # numbers), or the ranks would part ways.
+            enough = callback(epoch, history) is True if callback is not None else False
             if checkpoint is not None:
                 run.save(epoch, 0, None)
                 # A Ctrl-C during the callback counts too (on many processes, the next step's
                 # all-reduce brings it to every rank).
                 if stop or (not group.distributed and interrupted.is_set()):
                     raise KeyboardInterrupt
+            if enough:
+                break
     return history
 
 

@@ -26,17 +26,22 @@ RUN_FILES = tuple(
 )
 
 
-def load_run(directory: str | os.PathLike) -> Run:
+def load_run(directory: str | os.PathLike, *, best: bool = True) -> Run:
     """Read back a run of scripts/train.py, of any model kind: its model, arguments, data and
-    the very test set it scored, from one read of its ``checkpoint.pt``, checked as a resume
-    checks it (the test set's digest; M2's labelled rows).
+    the very test set it scored, from its ``checkpoint.pt``, checked as a resume checks it
+    (the test set's digest, the validation rows, M2's labelled rows).
+
+    :param best: the weights of the epoch the run kept and scored on the test set (``best.pt``:
+        the best by validation, ``run.selection`` says which), where the run kept them; else
+        (and for runs from before there was a validation set) the newest, ``checkpoint.pt``'s
+        alone (one read, as a resume needs).
 
     :raises ValueError: when ``directory`` holds no run, its checkpoint is damaged or was not
         written by scripts/train.py, or what the run trained on or scored cannot be rebuilt
         from the data as it was (the data files changed since).
     :raises FileNotFoundError: when the run's dataset cannot be found any more.
     """
-    run = read_run(directory, kinds=tuple(JOBS))
+    run = read_run(directory, kinds=tuple(JOBS), best=best)
     JOBS[run.kind].check_run(run)
     return run
 

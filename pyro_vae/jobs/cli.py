@@ -160,9 +160,14 @@ def say(text: str) -> None:
 
     A closed stdout (``train.py | head``) must never stop training before its checkpoint:
     the first failed write sends the rest of the output to os.devnull and training goes on.
-    On many processes (torchrun) only rank 0 speaks.
+    A stdout closed from the start (``train.py >&-``: Python then has no ``sys.stdout``) is
+    no stdout at all: the output goes nowhere. (File descriptor 1 is left alone then: a file
+    the run opened since, its lock say, may have been given that number.) On many processes
+    (torchrun) only rank 0 speaks.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if sys.stdout is None:
         return
     try:
         tqdm.write(text, file=sys.stdout)

@@ -46,9 +46,11 @@ from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
 from pyro_vae.jobs.runs import (
+    SPLIT_NAMES,
     Run,
     Setup,
     default_num_particles,
+    elbo_line,
     file_digest,
     make_loss,
     provenance,
@@ -57,6 +59,8 @@ from pyro_vae.jobs.runs import (
 from pyro_vae.models.cvae_estimators import conditional_elbo_terms
 
 KIND = "cvae"
+# The epoch kept, and scored on the test set: the best by this validation metric.
+SELECTED_BY = "val_elbo"
 OWN_FLAGS = ("--given-quadrants",)
 BASELINE, FIGURE = FILES = ("baseline.pt", "completions.png")
 # The VAE's flags that choose its parts: the CVAE's parts are fixed (a conditional Normal
@@ -157,51 +161,60 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     data = run.data.to(args.device)
     mask = pv.quadrant_mask(data.image_shape, args.given_quadrants)
     x_train, c_train = pv.split_by_mask(data.x_train, mask)
-    x_test, c_test = split_scored(cvae, run.x_test, data.x_test, mask, "test data")
-    x_train_eval, c_train_eval = split_scored(
-        cvae, run.x_train_eval, data.x_train[: len(run.x_train_eval)], mask, "training data"
-    )
+    # Each evaluation set as (missing pixels as scored, given pixels of the grayscale images).
+    images = {
+        "train": data.x_train[: len(run.x_train_eval)],
+        "val": data.x_val,
+        "test": data.x_test,
+    }
+    scored: dict[str, Tensor] = {"mask": mask}
+    for split, x in run.scored_sets(args.device, cvae.dtype).items():
+        given = images[split]
+        assert given is not None  # a scored set has its images
+        scored[split], scored[f"{split}_given"] = split_scored(
+            cvae, x, given, mask, f"{SPLIT_NAMES[split]} data"
+        )
     loss = make_loss(args.elbo, args.num_particles)
     return Setup(
         model=cvae,
         training_data=(x_train, c_train),
         loss=loss,
         description=(
-            f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images; "
+            f"{args.dataset}: {len(x_train)} train / {data.num_val} validation / "
+            f"{len(data.x_test)} test images; "
             f"{args.given_quadrants} quadrant(s) given ({c_train.shape[1]} pixels), "
             f"{x_train.shape[1]} to predict; CVAE latent {args.latent_dim}, widths "
             f"{args.hidden_dims}; {type(loss).__name__} with {args.num_particles} particle(s), "
             f"beta {args.beta}; device {args.device}; writing to {args.out_dir}"
         ),
-        scored={
-            "test": x_test,
-            "test_given": c_test,
-            "train": x_train_eval,
-            "train_given": c_train_eval,
-            "mask": mask,
-        },
+        scored=scored,
         trained="CVAE",
     )
 
 
-def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
-    """The one-draw ELBO terms of the missing pixels, on a training subset and the test set."""
+def split_metrics(setup: Setup, split: str) -> dict[str, float]:
+    """The one-draw ELBO terms of the missing pixels of one evaluation set."""
     cvae, scored = setup.model, setup.scored
     assert isinstance(cvae, pv.ConditionalVAE)
-    row = {}
-    for prefix in ("train", "test"):
-        terms = conditional_elbo_terms(cvae, scored[prefix], scored[f"{prefix}_given"])
-        row[f"{prefix}_elbo"] = terms.elbo.mean().item()
-        row[f"{prefix}_reconstruction"] = terms.reconstruction.mean().item()
-        row[f"{prefix}_kl"] = terms.kl.mean().item()
+    terms = conditional_elbo_terms(cvae, scored[split], scored[f"{split}_given"])
+    return {
+        f"{split}_elbo": terms.elbo.mean().item(),
+        f"{split}_reconstruction": terms.reconstruction.mean().item(),
+        f"{split}_kl": terms.kl.mean().item(),
+    }
+
+
+def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
+    """The ELBO terms on a training subset and the validation set (never the test set)."""
+    row: dict[str, Any] = {}
+    for split in ("train", "val"):
+        if split in setup.scored:
+            row.update(split_metrics(setup, split))
     return row
 
 
 def epoch_line(row: dict[str, Any]) -> str:
-    return (
-        f"train ELBO {row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} (reconstruction "
-        f"{row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f})"
-    )
+    return elbo_line(row)
 
 
 def finish(
@@ -212,8 +225,9 @@ def finish(
     metrics: list[dict[str, Any]],
     progress: bool | None,
 ) -> dict[str, Any]:
-    """The baseline, trained after the CVAE with the same budget; both scored on the test
-    set; the completion figure."""
+    """The test set's ELBO terms, once, of the weights the runner kept; the baseline, trained
+    after the CVAE with the same budget; both scored on the test set; the completion figure."""
+    test_terms = split_metrics(setup, "test")
     started = time.perf_counter()
     cvae, scored = setup.model, setup.scored
     assert isinstance(cvae, pv.ConditionalVAE)
@@ -248,6 +262,7 @@ def finish(
             train_loss=baseline_history.loss,
         )
     final: dict[str, Any] = {
+        **test_terms,
         "baseline_train_loss": baseline_history.loss[-1],
         "baseline_train_seconds": time.perf_counter() - started,
     }
@@ -409,7 +424,7 @@ def describe(config: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     spread = result["sample_spread"]
     lines = [
-        f"{result['run']} (epoch {result['epoch']}; {result['model']}; "
+        f"{result['run']} (epoch {result['epoch']}, {result['selected_by']}; {result['model']}; "
         f"{result['given_quadrants']} quadrant(s) given), {result['num_examples']} test images, "
         f"-log p(missing | given) in nats per image",
         f"  CVAE     {result['test_nll']:8.2f} ± {result['test_nll_se']:.2f} "

@@ -37,11 +37,13 @@ from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory, checkpoint_path
-from pyro_vae.jobs.runs import Run, Setup, default_num_particles, provenance
+from pyro_vae.jobs.runs import SPLIT_NAMES, Run, Setup, default_num_particles, provenance
 from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
 from pyro_vae.models.m2 import M2
 
 KIND = "m2"
+# The epoch kept, and scored on the test set: the best by this validation metric.
+SELECTED_BY = "val_accuracy"
 OWN_FLAGS = ("--num-labelled", "--num-unlabelled", "--alpha")
 DEFAULT_NUM_LABELLED = 100
 # The VAE's flags M2 has no use for: its parts are fixed (N(0, I) prior, diagonal Normal
@@ -202,12 +204,22 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     labelled, rows = labelled_rows(run, vars(args))
     y_all = hide_labels(data.y_train.cpu(), labelled)
     x, y = data.x_train[rows.to(data.x_train.device)], y_all[rows].to(args.device)
-    x_test = run.x_test.to(args.device, m2.dtype)
+    binarized = run.scored_sets(args.device, m2.dtype)
     # Data outside what M2 trains on, and labels it cannot take, are refused here, before
     # any file is written.
-    m2.validate_data(x_test, "test data")
+    scored: dict[str, Tensor] = {}
+    for split, images, labels in (
+        ("val", data.x_val, data.y_val),
+        ("test", data.x_test, data.y_test),
+    ):
+        if split not in binarized or images is None or labels is None:
+            continue
+        m2.validate_data(binarized[split], f"{SPLIT_NAMES[split]} data")
+        m2.check_labels(labels, len(labels))
+        scored[split] = binarized[split]
+        scored[f"{split}_grayscale"] = images.to(args.device, m2.dtype)
+        scored[f"{split}_labels"] = labels.to(args.device)
     m2.validate_data(x.to(m2.dtype), "training data", probabilities=True)
-    m2.check_labels(data.y_test, len(data.y_test))
     m2.check_labels(y, len(x))
     num_labelled = len(labelled)
     network = "conv" if args.network == "conv" else f"MLP {args.hidden_dims}"
@@ -217,39 +229,46 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
         loss=m2.loss(num_particles=args.num_particles),
         description=(
             f"{args.dataset}: {num_labelled} labelled + {len(x) - num_labelled} unlabelled "
-            f"train / {len(x_test)} test examples of {data.data_dim} features, "
+            f"train / {data.num_val} validation / {len(data.x_test)} test examples of "
+            f"{data.data_dim} features, "
             f"{m2.num_labels} classes; M2 ({network}, latent {args.latent_dim}, alpha "
             f"{m2.alpha:.3g}); TraceEnum_ELBO with {args.num_particles} particle(s); device "
             f"{args.device}; writing to {args.out_dir}"
         ),
         checkpoint_extra={"labelled_indices": labelled},
-        scored={
-            "test": x_test,
-            "grayscale": data.x_test.to(args.device, m2.dtype),
-            "labels": data.y_test.to(args.device),
-        },
+        scored=scored,
     )
 
 
-def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
-    """The test accuracy of q(y|x) (binarized and grayscale), its entropy and the ELBO."""
+def split_metrics(setup: Setup, split: str, seed: int) -> dict[str, float]:
+    """On one evaluation set (``"val"``, ``"test"``): the accuracy of q(y|x) on the binarized
+    images (what M2 trains on) and the grayscale ones, its mean entropy, and the ELBO of
+    log p(x) with y summed out (z drawn from ``seed``'s stream)."""
     m2, scored = setup.model, setup.scored
     assert isinstance(m2, M2)
+    x, labels = scored[split], scored[f"{split}_labels"]
     return {
-        "test_accuracy": m2.accuracy(scored["test"], scored["labels"], batch_size=CHUNK),
-        "test_accuracy_grayscale": m2.accuracy(
-            scored["grayscale"], scored["labels"], batch_size=CHUNK
+        f"{split}_accuracy": m2.accuracy(x, labels, batch_size=CHUNK),
+        f"{split}_accuracy_grayscale": m2.accuracy(
+            scored[f"{split}_grayscale"], labels, batch_size=CHUNK
         ),
-        "test_label_entropy": label_entropy(m2, scored["test"]),
-        "test_elbo": unlabelled_elbo(m2, scored["test"], args.seed + epoch),
+        f"{split}_label_entropy": label_entropy(m2, x),
+        f"{split}_elbo": unlabelled_elbo(m2, x, seed),
     }
 
 
+def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
+    """The validation set's accuracy, entropy and ELBO (nothing without a validation set)."""
+    return split_metrics(setup, "val", args.seed + epoch) if "val" in setup.scored else {}
+
+
 def epoch_line(row: dict[str, Any]) -> str:
+    if "val_accuracy" not in row:
+        return "(no validation set)"
     return (
-        f"test accuracy {row['test_accuracy']:.4f} (grayscale "
-        f"{row['test_accuracy_grayscale']:.4f})  H(q(y|x)) {row['test_label_entropy']:.3f}  "
-        f"test ELBO {row['test_elbo']:8.2f}"
+        f"val accuracy {row['val_accuracy']:.4f} (grayscale "
+        f"{row['val_accuracy_grayscale']:.4f})  H(q(y|x)) {row['val_label_entropy']:.3f}  "
+        f"val ELBO {row['val_elbo']:8.2f}"
     )
 
 
@@ -261,13 +280,16 @@ def finish(
     metrics: list[dict[str, Any]],
     progress: bool | None,
 ) -> dict[str, Any]:
-    """The figures, and the label counts and α for the final metrics."""
+    """The test set's scores, once, of the weights the runner kept; the figures; the label
+    counts and α."""
     m2 = setup.model
     assert isinstance(m2, M2)
+    final: dict[str, Any] = split_metrics(setup, "test", args.seed)
     if distributed.ranks().is_main:
         write_figures(run_dir.path, m2, setup.scored["test"], run.data, metrics, args.seed)
     num_labelled = len(setup.checkpoint_extra["labelled_indices"])
     return {
+        **final,
         "num_labelled": num_labelled,
         "num_unlabelled": len(setup.training_data[0]) - num_labelled,
         "alpha": m2.alpha,
@@ -397,7 +419,7 @@ def describe(config: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     names = result["class_names"]
     lines = [
-        f"{result['run']} (epoch {result['epoch']}; {result['model']}), "
+        f"{result['run']} (epoch {result['epoch']}, {result['selected_by']}; {result['model']}), "
         f"{result['num_examples']} test examples",
         f"  accuracy of argmax q(y|x): {result['test_accuracy']:.4f} binarized, "
         f"{result['test_accuracy_grayscale']:.4f} grayscale (chance {1 / len(names):.3f})",

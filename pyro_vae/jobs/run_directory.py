@@ -34,11 +34,21 @@ from pyro_vae.infer.state import TrainingDivergedError, TrainingState, describe_
 from pyro_vae.jobs.cli import say
 
 CHECKPOINT = "checkpoint.pt"
+# The weights of the best epoch by validation (the last epoch's without a validation set):
+# what evaluate.py and explain.py read.
+BEST = "best.pt"
 LOCK = ".pyro_vae.lock"
 EXPLAIN_DIR = "explain"
 # The files every run writes (and evaluate.py's); each job module names its own (FILES), and
 # pyro_vae.jobs.RUN_FILES is the whole list a directory is claimed with.
-COMMON_FILES = (CHECKPOINT, "metrics.json", "metrics.csv", "final_metrics.json", "evaluation.json")
+COMMON_FILES = (
+    CHECKPOINT,
+    BEST,
+    "metrics.json",
+    "metrics.csv",
+    "final_metrics.json",
+    "evaluation.json",
+)
 
 
 def checkpoint_path(directory: Path) -> Path:
@@ -305,6 +315,13 @@ class RunDirectory:
         if self.writes:
             save_checkpoint(self.path / CHECKPOINT, module, config, **extra)
         self.last_checkpoint = (extra["epoch"], extra["step"])
+
+    def save_best(self, module: Any, config: dict[str, Any], selection: dict[str, Any]) -> None:
+        """Write ``best.pt``: the weights of the epoch ``selection`` names (its ``"epoch"``,
+        the validation ``"metric"`` and its ``"value"``), which evaluate.py and explain.py
+        read."""
+        if self.writes:
+            save_checkpoint(self.path / BEST, module, config, selection=selection)
 
 
 def _first_line(error: BaseException) -> str:

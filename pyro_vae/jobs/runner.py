@@ -12,28 +12,32 @@ once.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from types import ModuleType
 from typing import Any
 
 import pyro
 import torch
+from torch import Tensor
 
 import pyro_vae as pv
-from pyro_vae.checkpoint import build_model
+from pyro_vae.checkpoint import build_model, load_checkpoint
 from pyro_vae.infer import distributed
 from pyro_vae.infer.state import TrainingState
 from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
-from pyro_vae.jobs.run_directory import RunDirectory, claim_run_directory
+from pyro_vae.jobs.run_directory import BEST, RunDirectory, claim_run_directory
 from pyro_vae.jobs.runs import (
     RESUME_OVERRIDES,
     Run,
     Setup,
     check_model_size,
+    default_val_size,
     digest,
     evaluation_sets,
     resumed_args,
     run_arguments,
+    validation_indices,
 )
 
 
@@ -48,12 +52,30 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
     job = JOBS[args.model]
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
     data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
+    # The validation rows go before anything else is drawn from the training set (M2's
+    # labelled rows come from what is left).
+    if args.val_size is None:
+        args.val_size = default_val_size(args.dataset, len(data.x_train))
+    held_out = validation_indices(len(data.x_train), args.val_size, args.seed)
+    data = data.hold_out(held_out)
     config = job.new_config(args, data)
     check_model_size(config)
     model = build_model(config).to(args.device)
     dtype = next(model.parameters()).dtype
-    x_test, x_train_eval = (x.to(dtype) for x in evaluation_sets(model, data, args.seed))
-    run = Run(args.out_dir, args.model, model, config, {}, {}, data, x_test, x_train_eval)
+    x_test, x_train_eval, x_val = evaluation_sets(model, data, args.seed)
+    run = Run(
+        args.out_dir,
+        args.model,
+        model,
+        config,
+        {},
+        {},
+        data,
+        x_test.to(dtype),
+        x_train_eval.to(dtype),
+        x_val=None if x_val is None else x_val.to(dtype),
+        validation_indices=held_out,
+    )
     # Data outside what the model takes are refused here, before any file is written.
     setup = job.prepare(run, args)
     mode = "overwrite" if args.overwrite else "new"
@@ -65,7 +87,7 @@ def _resume(given: argparse.Namespace, prog: str) -> int:
     # Rank 0 holds the run directory before it reads the checkpoint; the other ranks write
     # nothing.
     with claim_run_directory(given.resume, mode="existing", files=RUN_FILES) as run_dir:
-        run = load_run(given.resume)
+        run = load_run(given.resume, best=False)
         # A resumed run on the kind of device it was trained on; under torchrun each rank its
         # own device of that kind, not the one rank 0 saved.
         wanted = given.device
@@ -88,11 +110,53 @@ def start_details(batch_size: int, state: TrainingState | None) -> str:
     return distributed.describe(batch_size) + resuming
 
 
+class Selection:
+    """The best epoch by the job's validation metric (``job.SELECTED_BY``: its name in the
+    epoch rows, higher is better), its weights kept in ``best.pt`` and in memory, and early
+    stopping after ``patience`` epochs without a better one. Without a validation set the
+    last epoch is the one kept, and nothing stops early."""
+
+    def __init__(self, job: ModuleType, run: Run, metrics: list[dict[str, Any]]) -> None:
+        self.metric: str | None = job.SELECTED_BY if run.x_val is not None else None
+        self.epoch, self.value = 0, -math.inf
+        self.weights: dict[str, Tensor] | None = None
+        # A resumed run: the best epoch so far, from the rows it kept; its weights are in
+        # best.pt.
+        for row in metrics:
+            self.consider(row)
+
+    def consider(self, row: dict[str, Any]) -> bool:
+        """Whether ``row``'s epoch is the best so far."""
+        value = row[self.metric] if self.metric is not None else math.inf
+        if self.metric is not None and not value > self.value:
+            return False
+        self.epoch, self.value = row["epoch"], value
+        return True
+
+    @property
+    def words(self) -> str:
+        """The metric as a message names it: ``val_elbo`` is the validation ELBO."""
+        return str(self.metric).replace("val_", "validation ").replace("elbo", "ELBO")
+
+    def describe(self) -> dict[str, Any]:
+        """``best.pt``'s ``"selection"`` and the final metrics' account of the choice."""
+        if self.metric is None:
+            return {"epoch": self.epoch, "metric": None, "how": "the last epoch (no validation)"}
+        return {
+            "epoch": self.epoch,
+            "metric": self.metric,
+            "value": self.value,
+            "how": f"the best {self.words}",
+        }
+
+
 def train(
     job: ModuleType, args: argparse.Namespace, run_dir: RunDirectory, run: Run, setup: Setup
 ) -> int:
-    """Fit the prepared model with checkpoints and a row of metrics per epoch, then the job's
-    final score and figures, and ``final_metrics.json``."""
+    """Fit the prepared model with checkpoints and a row of validation metrics per epoch,
+    keep the best epoch's weights (and stop early after ``--patience`` epochs without a better
+    one), then score the best epoch on the test set once: the job's final score and figures,
+    and ``final_metrics.json``."""
     started = time.perf_counter()
     group = distributed.ranks()
     progress = False if args.no_progress or not group.is_main else None
@@ -101,16 +165,36 @@ def train(
     cli.say(setup.description + start_details(args.batch_size, state))
     for note in setup.notes:
         cli.say(note)
+    if run.x_val is None:
+        cli.say(
+            "note: no validation set (--val-size 0): the last epoch is kept, and the test set "
+            "scores it without having chosen anything"
+        )
+    selection = Selection(job, run, metrics)
 
-    def after_epoch(epoch: int, history: pv.History) -> None:
+    def after_epoch(epoch: int, history: pv.History) -> bool:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": history.loss[-1]}
         row.update(job.epoch_row(setup, args, epoch))
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
+        best = selection.consider(row)
+        if best:
+            selection.weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+            run_dir.save_best(setup.model, run.config, selection.describe())
+        marked = "  *" if best and selection.metric else ""  # a new best epoch
         cli.say(
             f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  "
-            f"{job.epoch_line(row)}  {row['seconds']:.2f}s"
+            f"{job.epoch_line(row)}  {row['seconds']:.2f}s{marked}"
         )
+        waited = epoch - selection.epoch
+        patient = args.patience is None or selection.metric is None or waited < args.patience
+        if patient or epoch == args.num_epochs:
+            return False
+        cli.say(
+            f"stopping early: {waited} epoch(s) without a better {selection.words} than epoch "
+            f"{selection.epoch}'s (--patience {args.patience})"
+        )
+        return True
 
     # The model was built alike on every rank (and DDP hands rank 0's weights to all); from
     # here each rank draws its own z.
@@ -132,6 +216,7 @@ def train(
             metrics,
             args=run_arguments(args),
             evaluation_digest=digest(run.x_test),
+            validation_indices=run.validation_indices,
             **setup.checkpoint_extra,
         ),
         checkpoint_every=args.checkpoint_every,
@@ -142,14 +227,29 @@ def train(
     )
     trained = time.perf_counter() - started
 
-    final = dict(metrics[-1])
+    # The test set is scored once, here, on the best epoch's weights.
+    if metrics and selection.epoch != metrics[-1]["epoch"]:
+        weights = selection.weights
+        if weights is None:  # chosen before this process resumed the run: its best.pt
+            weights = load_checkpoint(run_dir.path / BEST)[0].state_dict()
+        setup.model.load_state_dict(weights)
+    chosen = selection.describe()
+    setup.kept_epoch = chosen["epoch"]
+    cli.say(f"scoring epoch {chosen['epoch']}, {chosen['how']}, on the test set")
+    final: dict[str, Any] = {
+        "epochs_trained": metrics[-1]["epoch"] if metrics else 0,
+        "best_epoch": chosen["epoch"],
+        "selected_by": chosen["how"],
+    }
+    if selection.metric is not None:
+        final[f"best_{selection.metric}"] = selection.value
     final.update(job.finish(setup, run, args, run_dir, metrics, progress))
     final["num_processes"] = group.world_size
     final["train_seconds"] = trained
     final["total_seconds"] = time.perf_counter() - started
     run_dir.write_json("final_metrics.json", final)
     cli.say(
-        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s {setup.trained}): "
-        f"{job.summary(final, args)}; results in {run_dir.path}"
+        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s {setup.trained}): epoch "
+        f"{chosen['epoch']} kept; {job.summary(final, args)}; results in {run_dir.path}"
     )
     return 0

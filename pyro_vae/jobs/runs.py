@@ -23,16 +23,23 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor, nn
 
 from pyro_vae.checkpoint import built_on_meta, load_checkpoint
-from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset
-from pyro_vae.jobs.run_directory import checkpoint_path
+from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset, validation_indices
+from pyro_vae.jobs.run_directory import BEST, checkpoint_path
 from pyro_vae.models.build import least_weights
 
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 MAX_TRAIN_EVAL = 10000
 # What a resumed run may change: nothing that alters the model or the maths.
 RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every", "--num-threads")
-# Flags that came after runs were first written, with the value an older run trained with.
-FLAGS_ADDED_SINCE = {"compile": False}  # runs saved before --compile trained eager
+# Flags that came after runs were first written, with the value an older run trained with:
+# runs saved before --compile trained eager, before --val-size held out no validation set.
+FLAGS_ADDED_SINCE: dict[str, Any] = {"compile": False, "val_size": 0, "patience": None}
+# Validation rows when --val-size is not given: Pyro's ss_vae_M2 example holds out 10,000 of
+# MNIST's training images; a smaller dataset gives a tenth of its training rows.
+VAL_SIZES = {"mnist": 10000, "fashion-mnist": 10000}
+VAL_FRACTION = 0.1
+# The evaluation sets a run scores, as its messages name them.
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 # What every checkpoint of scripts/train.py holds beside the weights and config.
 RUN_KEYS = ("args", "config", "evaluation_digest", "training")
 
@@ -84,9 +91,18 @@ def check_model_size(config: dict[str, Any]) -> None:
         )
 
 
-def evaluation_sets(model: nn.Module, data: DataSplits, seed: int) -> tuple[Tensor, Tensor]:
-    """The test set and a training subset (the first :data:`MAX_TRAIN_EVAL` examples) as a
-    run scores them, on the CPU in the data's dtype.
+def default_val_size(dataset: str, num_train: int) -> int:
+    """The validation rows held out of ``num_train`` training rows when ``--val-size`` is not
+    given (:data:`VAL_SIZES`, else :data:`VAL_FRACTION` of them)."""
+    return VAL_SIZES.get(dataset, round(VAL_FRACTION * num_train))
+
+
+def evaluation_sets(
+    model: nn.Module, data: DataSplits, seed: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The test set, a training subset (the first :data:`MAX_TRAIN_EVAL` examples) and the
+    validation set (``None`` without one) as a run scores them, on the CPU in the data's
+    dtype.
 
     A likelihood that declares ``binary_data`` (Bernoulli) needs binary data: training
     binarizes afresh every step, and evaluation uses one fixed binarization. It is drawn on
@@ -96,12 +112,15 @@ def evaluation_sets(model: nn.Module, data: DataSplits, seed: int) -> tuple[Tens
     drawn from ``seed``.
     """
     x_test, x_train = data.x_test.cpu(), data.x_train[:MAX_TRAIN_EVAL].cpu()
+    x_val = None if data.x_val is None else data.x_val.cpu()
     binary_data = getattr(getattr(model, "likelihood", None), "binary_data", False)
     if not binary_data or is_binary(data.x_train):
-        return x_test, x_train
+        return x_test, x_train, x_val
     (state,) = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)
     generator = torch.Generator().manual_seed(int(state))
-    return binarize(x_test, generator), binarize(x_train, generator)
+    # In this order: the test set's draw does not depend on the other two.
+    x_test, x_train = binarize(x_test, generator), binarize(x_train, generator)
+    return x_test, x_train, None if x_val is None else binarize(x_val, generator)
 
 
 def digest(x: Tensor) -> str:
@@ -132,13 +151,31 @@ class Run:
     """The test set exactly as the run scores it, on the CPU in the model's dtype."""
     x_train_eval: Tensor
     """The training subset the run scores each epoch, likewise."""
+    x_val: Tensor | None = None
+    """The validation set as the run scores it each epoch (``None`` without one), likewise;
+    ``data.x_val`` holds its rows as loaded."""
+    validation_indices: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """The rows of the loaded training set held out for validation (empty without any)."""
+    selection: dict[str, Any] | None = None
+    """For a run read back with its best weights: which epoch they are of, and the validation
+    metric that chose it (``best.pt``'s ``"selection"``); ``None`` for the last weights."""
+
+    def scored_sets(self, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The evaluation sets as the run scores them, by split (``"train"`` (the subset),
+        ``"val"`` where there is one, ``"test"``), on ``device`` in ``dtype``."""
+        sets = {"train": self.x_train_eval, "val": self.x_val, "test": self.x_test}
+        return {name: x.to(device, dtype) for name, x in sets.items() if x is not None}
 
 
-def read_run(directory: str | os.PathLike, kinds: tuple[str, ...]) -> Run:
+def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool = False) -> Run:
     """The run in ``directory``, from one read of its ``checkpoint.pt``: the model, its
-    arguments, the data, and the test set rebuilt and checked against the digest the run
-    stored. What a model kind checks beyond this (M2's labelled rows) is its job's
-    ``check_run``; :func:`pyro_vae.jobs.load_run` calls both.
+    arguments, the data with the validation rows held out as the run held them, and the test
+    set rebuilt and checked against the digest the run stored. What a model kind checks
+    beyond this (M2's labelled rows) is its job's ``check_run``;
+    :func:`pyro_vae.jobs.load_run` calls both.
+
+    :param best: the weights of the best epoch by validation (``best.pt``) instead of the
+        newest ones, where the run kept them.
 
     :raises ValueError: when ``directory`` holds no run, its checkpoint is damaged or was not
         written by scripts/train.py, or the test set rebuilt from the data is not the one the
@@ -157,14 +194,26 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...]) -> Run:
                 f"{path}: holds no {key!r}; it was not written by scripts/train.py of this "
                 "version (runs from before 0.2 recorded no test set: train them again)"
             )
-    args = payload["args"]
+    args = {**FLAGS_ADDED_SINCE, **payload["args"]}
     data = load_dataset(args["dataset"], args["data_dir"])
-    x_test, x_train_eval = evaluation_sets(model, data, args["seed"])
+    held_out = validation_indices(len(data.x_train), args["val_size"], args["seed"])
+    recorded = payload.get("validation_indices", held_out[:0])
+    if not isinstance(recorded, Tensor) or not torch.equal(recorded.cpu(), held_out):
+        raise ValueError(
+            f"{path}: its validation rows are not the ones --val-size {args['val_size']} and "
+            f"--seed {args['seed']} hold out of {args['dataset']} now (have the data changed?)"
+        )
+    data = data.hold_out(held_out)
+    x_test, x_train_eval, x_val = evaluation_sets(model, data, args["seed"])
     if digest(x_test) != payload["evaluation_digest"]:
         raise ValueError(
             f"{path}: the test set rebuilt from {args['dataset']} is not the one this run "
             "scored (have the data files changed?)"
         )
+    selection = None
+    if best and (directory / BEST).is_file():
+        model, kept = load_checkpoint(directory / BEST)
+        selection = kept.get("selection")
     dtype = next(model.parameters()).dtype
     return Run(
         directory=directory,
@@ -176,6 +225,9 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...]) -> Run:
         data=data,
         x_test=x_test.to(dtype),
         x_train_eval=x_train_eval.to(dtype),
+        x_val=None if x_val is None else x_val.to(dtype),
+        validation_indices=held_out,
+        selection=selection,
     )
 
 
@@ -235,22 +287,51 @@ class Setup:
     """The job's evaluation tensors, on the device (its epoch row and final score read them)."""
     notes: tuple[str, ...] = ()
     """Lines said after the first one."""
+    kept_epoch: int | None = None
+    """The epoch whose weights the runner kept and the test set scores (set after training)."""
     trained: str = "training"
     """What the training time in the last line is of (the CVAE's job trains a baseline too,
     and times it apart)."""
 
 
+def elbo_line(row: dict[str, Any]) -> str:
+    """An epoch row's ELBO terms as an epoch line shows them: the training subset's ELBO and
+    the validation set's, with its two terms (and a Bayesian decoder's weight KL); the
+    training subset's terms without a validation set."""
+    shown = "val" if "val_elbo" in row else "train"
+    weight_kl = row.get(f"{shown}_weight_kl")
+    return (
+        f"train ELBO {row['train_elbo']:8.2f}"
+        + (f"  val ELBO {row['val_elbo']:8.2f}" if shown == "val" else "")
+        + f" (reconstruction {row[f'{shown}_reconstruction']:8.2f}, KL {row[f'{shown}_kl']:6.2f}"
+        + ("" if weight_kl is None else f", weight KL {weight_kl:.0f}")
+        + ")"
+    )
+
+
 def provenance(run: Run, model: str, seed: int) -> dict[str, Any]:
-    """Where an evaluation's numbers came from: the run, its dataset, the checkpoint's bytes
-    and the test set's digest (the numbers belong to these exactly), the epoch and step, the
-    model's description and the seed."""
+    """Where an evaluation's numbers came from: the run, its dataset, the weights file's bytes
+    and the test set's digest (the numbers belong to these exactly), the epoch of the weights
+    and how it was chosen, the model's description and the seed."""
+    if run.selection is not None:
+        weights, epoch, step = run.directory / BEST, run.selection["epoch"], 0
+        chosen = run.selection["how"]
+    else:
+        weights, epoch, step = (
+            checkpoint_path(run.directory),
+            run.checkpoint["epoch"],
+            run.checkpoint["step"],
+        )
+        chosen = "the newest checkpoint"
     return {
         "run": str(run.directory),
         "dataset": run.args["dataset"],
-        "checkpoint_sha256": file_digest(checkpoint_path(run.directory)),
+        "weights": weights.name,
+        "checkpoint_sha256": file_digest(weights),
         "test_set_sha256": run.checkpoint["evaluation_digest"],
-        "epoch": run.checkpoint["epoch"],
-        "step": run.checkpoint["step"],
+        "epoch": epoch,
+        "step": step,
+        "selected_by": chosen,
         "model": model,
         "seed": seed,
     }

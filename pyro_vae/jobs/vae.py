@@ -27,10 +27,20 @@ from pyro_vae.data import DataSplits
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
-from pyro_vae.jobs.runs import Run, Setup, default_num_particles, make_loss, provenance
+from pyro_vae.jobs.runs import (
+    SPLIT_NAMES,
+    Run,
+    Setup,
+    default_num_particles,
+    elbo_line,
+    make_loss,
+    provenance,
+)
 from pyro_vae.models.build import describe
 
 KIND = "vae"
+# The epoch kept, and scored on the test set: the best by this validation metric.
+SELECTED_BY = "val_elbo"
 # The files this job adds to a run (write_figures); the weight figure only for a Bayesian
 # decoder.
 RECONSTRUCTIONS, SAMPLES, LATENT_SPACE, LOSS_CURVES, WEIGHT_UNCERTAINTY = FILES = (
@@ -139,14 +149,14 @@ def check_run(run: Run) -> None:
 
 
 def prepare(run: Run, args: argparse.Namespace) -> Setup:
-    """The run on ``args.device``: the training rows and the two evaluation sets, checked
+    """The run on ``args.device``: the training rows and the evaluation sets, checked
     against the likelihood's support before anything is written."""
     vae = run.model.to(args.device)
     assert isinstance(vae, pv.VAE)  # the registry sent a "vae" run here
     data = run.data.to(args.device)
-    x_test, x_train_eval = (x.to(args.device, vae.dtype) for x in (run.x_test, run.x_train_eval))
-    vae.validate_data(x_test, "test data")
-    vae.validate_data(x_train_eval, "training data")
+    scored = run.scored_sets(args.device, vae.dtype)
+    for split, x in scored.items():
+        vae.validate_data(x, f"{SPLIT_NAMES[split]} data")
     loss = make_loss(args.elbo, args.num_particles)
     kl_kind = "closed form" if args.elbo == "meanfield" and pv.has_closed_form_kl(vae) else "MC"
     notes: tuple[str, ...] = ()
@@ -158,12 +168,13 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
         training_data=(data.x_train,),
         loss=loss,
         description=(
-            f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test examples of "
+            f"{args.dataset}: {len(data.x_train)} train / {data.num_val} validation / "
+            f"{len(data.x_test)} test examples of "
             f"{data.data_dim} features; {describe(run.config)}; latent {args.latent_dim}; "
             f"{type(loss).__name__} with {args.num_particles} particle(s), KL by {kl_kind}, "
             f"beta {args.beta}; device {args.device}; writing to {args.out_dir}"
         ),
-        scored={"test": x_test, "train": x_train_eval, "num_data": torch.tensor(len(data.x_train))},
+        scored=scored,
         notes=notes,
     )
 
@@ -183,22 +194,22 @@ def epoch_metrics(vae: pv.VAE, x: Tensor, prefix: str, num_data: int) -> dict[st
     return row
 
 
-def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
-    """The ELBO terms on the training subset and the test set."""
-    vae, num_data = setup.model, int(setup.scored["num_data"])
+def split_metrics(setup: Setup, split: str) -> dict[str, float]:
+    """The ELBO terms of one evaluation set (``"train"``, ``"val"``, ``"test"``)."""
+    vae = setup.model
     assert isinstance(vae, pv.VAE)
-    return {
-        **epoch_metrics(vae, setup.scored["train"], "train", num_data),
-        **epoch_metrics(vae, setup.scored["test"], "test", num_data),
-    }
+    # A Bayesian decoder's weight KL is charged to each of the training rows.
+    return epoch_metrics(vae, setup.scored[split], split, len(setup.training_data[0]))
+
+
+def epoch_row(setup: Setup, args: argparse.Namespace, epoch: int) -> dict[str, Any]:
+    """The ELBO terms on the training subset and the validation set (never the test set)."""
+    return {split: value for name in ("train", "val") if name in setup.scored
+            for split, value in split_metrics(setup, name).items()}  # fmt: skip
 
 
 def epoch_line(row: dict[str, Any]) -> str:
-    weight_kl = f", weight KL {row['test_weight_kl']:.0f}" if "test_weight_kl" in row else ""
-    return (
-        f"train ELBO {row['train_elbo']:8.2f}  test ELBO {row['test_elbo']:8.2f} (reconstruction "
-        f"{row['test_reconstruction']:8.2f}, KL {row['test_kl']:6.2f}{weight_kl})"
-    )
+    return elbo_line(row)
 
 
 def test_log_likelihood(vae: pv.VAE, x: Tensor, num_particles: int, progress: bool | None) -> float:
@@ -217,10 +228,11 @@ def finish(
     metrics: list[dict[str, Any]],
     progress: bool | None,
 ) -> dict[str, Any]:
-    """The final score (log p(x) with K importance samples) and the figures."""
+    """The test set's score, once, of the weights the runner kept (the ELBO terms and
+    log p(x) with K importance samples), and the figures."""
     vae, x_test = setup.model, setup.scored["test"]
     assert isinstance(vae, pv.VAE)
-    final: dict[str, Any] = {}
+    final: dict[str, Any] = split_metrics(setup, "test")
     if args.num_iw_particles and args.encoder == "delta":
         cli.say("no importance-weighted log p(x) for the delta encoder: q(z|x) has no density")
     elif args.num_iw_particles:
@@ -232,7 +244,7 @@ def finish(
         if vae.weight_guide is not None:
             final["test_log_likelihood_given"] = "posterior-mean decoder weights"
     if distributed.ranks().is_main:
-        write_figures(run_dir.path, vae, x_test, run.data, metrics)
+        write_figures(run_dir.path, vae, x_test, run.data, metrics, setup.kept_epoch)
     return final
 
 
@@ -248,7 +260,12 @@ def summary(final: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def write_figures(
-    directory: Path, vae: pv.VAE, x_test: Tensor, data: DataSplits, metrics: list
+    directory: Path,
+    vae: pv.VAE,
+    x_test: Tensor,
+    data: DataSplits,
+    metrics: list,
+    best_epoch: int | None = None,
 ) -> None:
     shown = x_test[:10]
     binarized = "" if torch.equal(x_test, data.x_test.to(x_test)) else "binarized "
@@ -268,7 +285,7 @@ def write_figures(
             plots.plot_weight_spread(
                 shown, mean, std, data.image_shape, directory / WEIGHT_UNCERTAINTY
             )
-    plots.plot_loss_curves(metrics, directory / LOSS_CURVES)
+    plots.plot_loss_curves(metrics, directory / LOSS_CURVES, best_epoch)
 
 
 def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
@@ -332,7 +349,7 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['run']} (epoch {result['epoch']}; {result['model']}), "
+        f"{result['run']} (epoch {result['epoch']}, {result['selected_by']}; {result['model']}), "
         f"{result['num_examples']} test examples, nats per example",
         f"  ELBO {result['test_elbo']:.2f} = reconstruction {result['test_reconstruction']:.2f}"
         f" - KL {result['test_kl']:.2f}",

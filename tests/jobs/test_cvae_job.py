@@ -64,7 +64,7 @@ def test_a_run_leaves_checkpoints_metrics_and_a_figure(cvae_run):
     metrics = json.loads((cvae_run / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == [1, 2]
     for row in metrics:
-        for prefix in ("train", "test"):
+        for prefix in ("train", "val"):
             # The ELBO is its two terms' difference, and the KL estimate of each image is
             # an average of log-ratios: finite, and so is the mean.
             elbo = row[f"{prefix}_reconstruction"] - row[f"{prefix}_kl"]
@@ -82,7 +82,7 @@ def test_the_test_scores_are_those_of_the_runs_own_missing_pixels(cvae_run):
     data = pv.load_dataset("digits")
     mask = quadrant_mask(data.image_shape, 1)
     cvae, _ = pv.load_checkpoint(cvae_run / "checkpoint.pt")
-    x_binary, _ = pv.jobs.runs.evaluation_sets(cvae, data, seed=0)
+    x_binary, _, _ = pv.jobs.runs.evaluation_sets(cvae, data, seed=0)
     x, _ = split_by_mask(x_binary, mask)
     _, c = split_by_mask(data.x_test, mask)
     with torch.no_grad():

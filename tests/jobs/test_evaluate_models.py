@@ -62,12 +62,15 @@ def evaluate(run_dir: Path, *argv: str, capsys) -> dict:
 
 
 def check_provenance(result: dict, run_dir: Path, seed: int) -> None:
+    """The weights evaluated are the epoch the run kept (best.pt), named with their bytes."""
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
     assert result["dataset"] == "digits" and result["run"] == str(run_dir)
-    sha = hashlib.sha256((run_dir / "checkpoint.pt").read_bytes()).hexdigest()
-    assert result["checkpoint_sha256"] == sha
+    sha = hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+    assert result["checkpoint_sha256"] == sha and result["weights"] == "best.pt"
     assert result["test_set_sha256"] == checkpoint["evaluation_digest"]
-    assert (result["epoch"], result["step"]) == (checkpoint["epoch"], checkpoint["step"]) == (2, 0)
+    assert (result["epoch"], result["step"]) == (final["best_epoch"], 0)
+    assert result["selected_by"] == final["selected_by"]
     assert result["seed"] == seed
 
 
@@ -76,7 +79,7 @@ def test_load_run_gives_back_the_m2_and_the_test_set_it_scored(m2_run):
     assert run.kind == "m2" and run.config["model"] == "m2"
     assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
     assert len(run.checkpoint["labelled_indices"]) == 30 and run.x_test.device.type == "cpu"
-    # The accuracy the run reported after its last epoch is the loaded model's on this set.
+    # The test accuracy the run reported (of the epoch it kept) is the loaded model's.
     final = json.loads((m2_run / "final_metrics.json").read_text())
     assert run.model.accuracy(run.x_test, run.data.y_test) == final["test_accuracy"]
 
@@ -92,9 +95,9 @@ def test_load_run_of_m2_refuses_a_test_set_that_is_not_the_one_scored(m2_run, tm
 
 
 def test_evaluate_m2_reports_accuracy_confusion_entropy_and_elbo(m2_run, capsys):
-    # The run's last test ELBO was drawn with seed + epoch, one particle: the same draws here.
-    result = evaluate(m2_run, "--seed", str(SEED + 2), "--num-particles", "1", capsys=capsys)
-    check_provenance(result, m2_run, SEED + 2)
+    # The run's test ELBO was drawn with its seed, one particle: the same draws here.
+    result = evaluate(m2_run, "--seed", str(SEED), "--num-particles", "1", capsys=capsys)
+    check_provenance(result, m2_run, SEED)
     run = load_run(m2_run)
     assert run.kind == "m2"
     m2, labels = run.model, run.data.y_test

@@ -64,6 +64,10 @@ JOB_FLAGS = {
 }
 
 
+# Training rows of digits, the dataset fuzzed.
+DIGITS_TRAIN = 1437
+
+
 class ReachedFit(Exception):
     """Raised by the stand-in for pv.fit: the arguments got through to training."""
 
@@ -117,6 +121,8 @@ def _valid_value(action: argparse.Action, text: str) -> bool:
     (written out here, not read off cli.py, so that a broken type is caught)."""
     if action.option_strings[-1] in JOB_FLAGS:
         return True  # a value of its own may be fine; the flag is refused by the combination
+    if action.option_strings[-1] == "--val-size":
+        return _is_int(text, 0, DIGITS_TRAIN - 1)  # some rows must be left to train on
     if action.choices is not None:
         return text in action.choices
     kind = action.type

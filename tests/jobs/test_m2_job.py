@@ -10,6 +10,7 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
+from pyro_vae.data import validation_indices
 from pyro_vae.jobs import m2 as semisupervised_job
 from pyro_vae.jobs.runs import Run
 from pyro_vae.models.labels import UNLABELLED, labelled_subset
@@ -49,44 +50,61 @@ def digits() -> pv.DataSplits:
     return pv.load_dataset("digits")
 
 
+@pytest.fixture(scope="module")
+def held_out(digits) -> pv.DataSplits:
+    """digits as the tiny run trains on it: a tenth (144) of the training rows held out for
+    validation with its seed, 3."""
+    return digits.hold_out(validation_indices(1437, 144, seed=3))
+
+
 def test_a_run_writes_checkpoint_metrics_and_figures(m2_run):
     metrics = json.loads((m2_run / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == [1, 2]
-    for key in ("train_loss", "test_accuracy", "test_accuracy_grayscale", "test_elbo"):
+    for key in ("train_loss", "val_accuracy", "val_accuracy_grayscale", "val_elbo"):
         assert all(isinstance(row[key], float) for row in metrics), key
     for row in metrics:
-        assert 0 <= row["test_accuracy"] <= 1
+        assert 0 <= row["val_accuracy"] <= 1
         # The entropy of q(y|x) over 10 classes lies between 0 and log 10.
-        assert 0 <= row["test_label_entropy"] <= torch.tensor(10.0).log().item() + 1e-6
-    assert (m2_run / "metrics.csv").read_text().startswith("epoch,train_loss,test_accuracy,")
+        assert 0 <= row["val_label_entropy"] <= torch.tensor(10.0).log().item() + 1e-6
+    # No test metric before the end: the epochs are scored on the validation set.
+    assert not [key for row in metrics for key in row if key.startswith("test_")]
+    assert (m2_run / "metrics.csv").read_text().startswith("epoch,train_loss,val_accuracy,")
     for name in semisupervised_job.FIGURES:
         assert (m2_run / name).read_bytes()[:8] == PNG, name
     final = json.loads((m2_run / "final_metrics.json").read_text())
-    assert final["num_labelled"] == NUM_LABELLED and final["num_unlabelled"] == 1437 - 30
-    # The paper's α, 0.1 N / N_l, over the 1437 training rows.
-    assert final["alpha"] == pytest.approx(0.1 * 1437 / NUM_LABELLED)
+    # The training rows: 1437 less the 144 held out for validation.
+    assert final["num_labelled"] == NUM_LABELLED and final["num_unlabelled"] == 1293 - 30
+    # The paper's α, 0.1 N / N_l, over the 1293 training rows.
+    assert final["alpha"] == pytest.approx(0.1 * 1293 / NUM_LABELLED)
     assert final["total_seconds"] > final["train_seconds"] > 0
 
 
-def test_the_checkpoint_rebuilds_the_m2_whose_accuracy_was_reported(m2_run, digits):
+def test_the_checkpoint_rebuilds_the_m2_whose_accuracy_was_reported(m2_run, held_out):
     m2, payload = pv.load_checkpoint(m2_run / "checkpoint.pt")
     assert isinstance(m2, M2) and payload["config"]["model"] == "m2"
     assert (m2.num_labels, m2.latent_dim, m2.data_dim) == (10, 3, 64)
     assert payload["args"]["model"] == "m2" and payload["args"]["num_labelled"] == NUM_LABELLED
     assert payload["epoch"] == 2
-    # The accuracy recorded is the saved classifier's on the test set the run scored.
-    x_test, _ = pv.jobs.runs.evaluation_sets(m2, digits, seed=3)
-    assert pv.jobs.runs.digest(x_test) == payload["evaluation_digest"]
+    # The accuracy recorded is the kept classifier's (best.pt, the best epoch by validation
+    # accuracy) on the test set the run scored.
+    best, kept = pv.load_checkpoint(m2_run / "best.pt")
     final = json.loads((m2_run / "final_metrics.json").read_text())
-    assert m2.accuracy(x_test, digits.y_test) == final["test_accuracy"]
+    assert kept["selection"]["epoch"] == final["best_epoch"]
+    metrics = json.loads((m2_run / "metrics.json").read_text())
+    assert final["best_val_accuracy"] == max(row["val_accuracy"] for row in metrics)
+    x_test, _, x_val = pv.jobs.runs.evaluation_sets(best, held_out, seed=3)
+    assert pv.jobs.runs.digest(x_test) == payload["evaluation_digest"]
+    assert best.accuracy(x_test, held_out.y_test) == final["test_accuracy"]
+    assert best.accuracy(x_val, held_out.y_val) == final["best_val_accuracy"]
 
 
-def test_the_labelled_subset_recorded_is_the_seeded_balanced_one(m2_run, digits):
+def test_the_labelled_subset_recorded_is_the_seeded_balanced_one(m2_run, held_out):
     payload = torch.load(m2_run / "checkpoint.pt", weights_only=True)
     recorded = payload["labelled_indices"]
-    assert torch.equal(recorded, labelled_subset(digits.y_train, NUM_LABELLED, seed=3))
+    # Drawn from the training rows left after the validation rows were held out.
+    assert torch.equal(recorded, labelled_subset(held_out.y_train, NUM_LABELLED, seed=3))
     # Balanced: 3 of each of the 10 digits.
-    assert digits.y_train[recorded].bincount().tolist() == [3] * 10
+    assert held_out.y_train[recorded].bincount().tolist() == [3] * 10
 
 
 def test_the_rows_trained_on_hide_every_label_outside_the_subset(digits):
@@ -149,7 +167,9 @@ def test_a_resume_refuses_a_labelled_subset_the_seed_does_not_give(m2_run, tmp_p
 def test_bad_label_counts_exit_with_one_line_and_write_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
     # One epoch: should a bad count slip through, the run it starts is short.
-    argv = ["--model", "m2", *argv, "--num-epochs", "1", "--no-progress", "--out-dir", str(out)]
+    # No validation set: the counts are those of all 1437 training rows.
+    argv = ["--model", "m2", *argv, "--val-size", "0", "--num-epochs", "1", "--no-progress",
+            "--out-dir", str(out)]  # fmt: skip
     code, stdout, err = train(*argv, capsys=capsys)
     assert code == 2 and stdout == ""
     assert err.count("\n") == 1 and err.startswith("train.py: error: ") and message in err, err
@@ -214,7 +234,7 @@ def test_the_labels_fit_gets_are_known_on_the_subset_and_hidden_elsewhere(digits
     m2 = build_m2(64, 10, 2, alpha=1.0, hidden_dims=[8])
     args = train_script.parse_args(["--model", "m2", "--num-labelled", "20", "--seed", "1"])
     args.alpha = 1.0
-    x_test, x_train_eval = pv.jobs.runs.evaluation_sets(m2, digits, seed=1)
+    x_test, x_train_eval, _ = pv.jobs.runs.evaluation_sets(m2, digits, seed=1)
     run = Run(Path("unused"), "m2", m2, {}, {}, {}, digits, x_test, x_train_eval)
     setup = semisupervised_job.prepare(run, args)
     x, y = setup.training_data

@@ -47,8 +47,10 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_train_writes_checkpoint_metrics_and_figures(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == [1, 2]
-    for key in ("train_elbo", "train_reconstruction", "train_kl", "test_elbo", "test_kl"):
+    for key in ("train_elbo", "train_reconstruction", "train_kl", "val_elbo", "val_kl"):
         assert all(isinstance(row[key], float) for row in metrics), key
+    # No test metric before the end: the epochs are scored on the validation set.
+    assert not [key for row in metrics for key in row if key.startswith("test_")]
     assert (tiny_run / "metrics.csv").read_text().startswith("epoch,train_loss,")
     for figure in ("reconstructions", "samples", "latent_space", "loss_curves"):
         assert (tiny_run / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
@@ -94,11 +96,11 @@ def test_the_evaluation_binarization_is_a_stream_of_its_own(tiny_run):
     """Drawn on the CPU from the seed through a stream of its own: not the training
     generator's first draws, and the same for the same seed."""
     run = load_run(tiny_run)
-    again, _ = pv.jobs.runs.evaluation_sets(run.model, run.data, seed=0)
+    again, _, _ = pv.jobs.runs.evaluation_sets(run.model, run.data, seed=0)
     assert torch.equal(again, run.x_test)
     training_stream = pv.binarize(run.data.x_test, torch.Generator().manual_seed(0))
     assert not torch.equal(training_stream, run.x_test)
-    other, _ = pv.jobs.runs.evaluation_sets(run.model, run.data, seed=1)
+    other, _, _ = pv.jobs.runs.evaluation_sets(run.model, run.data, seed=1)
     assert not torch.equal(other, run.x_test)
 
 
@@ -213,7 +215,7 @@ def test_bayesian_decoder_runs_end_to_end_and_reports_its_weights(tmp_path, caps
     assert code == 0, err
     assert "weight KL" in stdout and "posterior-mean weights" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert all(row["test_weight_kl"] > 0 for row in metrics)
+    assert all(row["val_weight_kl"] > 0 for row in metrics)
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["test_log_likelihood_given"] == "posterior-mean decoder weights"
     assert (out / "weight_uncertainty.png").read_bytes()[:4] == b"\x89PNG"
@@ -232,10 +234,13 @@ def test_evaluate_reports_every_metric_per_class_and_where_it_came_from(tiny_run
     assert "] KL decomposition" in stdout  # a line per stage, even without progress bars
     report = json.loads((tiny_run / "evaluation.json").read_text())
     assert report["num_examples"] == 360 and report["latent_dim"] == 3
-    assert (report["epoch"], report["step"], report["seed"]) == (2, 0, 0)
+    # The weights scored are the epoch the run kept, best.pt's: the best by validation.
+    final = json.loads((tiny_run / "final_metrics.json").read_text())
+    assert (report["epoch"], report["step"], report["seed"]) == (final["best_epoch"], 0, 0)
+    assert report["selected_by"] == "the best validation ELBO" and report["weights"] == "best.pt"
     assert report["num_iw_particles"] == 20 and report["dataset"] == "digits"
-    checkpoint = (tiny_run / "checkpoint.pt").read_bytes()
-    assert report["checkpoint_sha256"] == hashlib.sha256(checkpoint).hexdigest()
+    weights = (tiny_run / "best.pt").read_bytes()
+    assert report["checkpoint_sha256"] == hashlib.sha256(weights).hexdigest()
     assert report["test_set_sha256"] == pv.jobs.runs.digest(load_run(tiny_run).x_test)
     assert len(report["kl_per_dimension"]) == 3 and 0 <= report["active_units"] <= 3
     # The identity average KL = I + marginal KL holds for the estimates, and the closed-form
@@ -328,11 +333,14 @@ def test_resume_refusals_name_the_problem(tiny_run, capsys):
 def test_a_resume_with_nothing_left_to_train_evaluates_again(tiny_run, tmp_path, capsys):
     copy = tmp_path / "copy"
     copy.mkdir()
-    (copy / "checkpoint.pt").write_bytes((tiny_run / "checkpoint.pt").read_bytes())
+    for name in ("checkpoint.pt", "best.pt"):
+        (copy / name).write_bytes((tiny_run / name).read_bytes())
     code, stdout, err = train("--resume", str(copy), "--no-progress", capsys=capsys)
     assert code == 0, err
     assert "resuming from the end of epoch 2" in stdout and "epoch   3" not in stdout
-    assert json.loads((copy / "final_metrics.json").read_text())["epoch"] == 2
+    again = json.loads((copy / "final_metrics.json").read_text())
+    before = json.loads((tiny_run / "final_metrics.json").read_text())
+    assert again["epochs_trained"] == 2 and again["best_epoch"] == before["best_epoch"]
 
 
 def fail_in_fit(error: BaseException, after_epochs: int = 0):
