@@ -66,7 +66,9 @@ class DataSplits:
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]
+    """``(height, width)``, or ``(channels, height, width)`` for colour: the rows are the
+    images flattened in that order."""
     class_names: tuple[str, ...]
     num_levels: int = 256
     """Distinct pixel values k / (num_levels - 1): 17 for digits (0..16), 256 for 8-bit images."""
@@ -137,8 +139,18 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
+    test_dataset: str | os.PathLike | None = None,
+    image_size: tuple[int, int] | list[int] | None = None,
+    seed: int = 0,
 ) -> DataSplits:
     """Load a dataset with its train/test split and labels.
+
+    ``name`` is one of :data:`DATASET_NAMES`, or the path of a user's own data (a ``.npy``,
+    ``.npz`` or ``.pt`` file, or a folder of images), read by
+    :func:`pyro_vae.user_data.load_user_dataset` with ``test_dataset``, ``image_size`` and
+    ``seed`` (which draws the test rows when no test set is given); those three are for paths
+    only.
 
     - ``"digits"``: scikit-learn's bundled handwritten digits, 1797 images of 8x8, always
       offline; a fixed stratified split of 1437 train / 360 test.
@@ -150,20 +162,29 @@ def load_dataset(
       a replaced file is always the one read, and a read-only directory is enough. Images and
       labels are checked together (counts, label values) before anything is returned.
 
-    :param name: one of :data:`DATASET_NAMES`.
+    :param name: one of :data:`DATASET_NAMES`, or a path.
     :param data_dir: where to look for (and download) the files; ``None`` means the cache
         directory ``$XDG_CACHE_HOME/pyro_vae`` (``~/.cache/pyro_vae``).
     :param device: where the tensors go; checked before anything is read.
     :param dtype: the images' floating dtype (labels are ``torch.long``).
-    :raises ValueError: for an unknown name, device or a non-floating dtype, and for data
-        files that cannot be read or do not hold what they should; the message names the file.
+    :raises ValueError: for an unknown device or a non-floating dtype, a name that is no
+        dataset and no file or folder, and for data files that cannot be read or do not hold
+        what they should; the message names the file.
     :raises DataUnavailableError: when the files are missing and cannot be downloaded.
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         # An integer dtype would truncate every pixel value in [0, 1) to 0.
         raise ValueError(f"dtype must be a floating torch.dtype (pixels in [0, 1]), got {dtype!r}")
+    if name not in DATASET_NAMES:
+        from pyro_vae.user_data import load_user_dataset  # it imports this module
+
+        device = check_device(device)
+        user = load_user_dataset(
+            name, test_dataset=test_dataset, image_size=image_size, seed=seed, dtype=dtype
+        )
+        return user.to(device)
+    if test_dataset is not None or image_size is not None:
+        raise ValueError(f"{name}: a test dataset and an image size are for data given as a path")
     device = check_device(device)
     if name == "digits":
         splits = _load_digits()
