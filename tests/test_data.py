@@ -366,6 +366,8 @@ def test_an_idx_file_larger_than_memory_is_refused_before_it_is_read(tmp_path, m
     files = tmp_path / "files"
     write_idx(files, 6, 2, gzipped=True)
     # A machine of 4 KiB: the 4704 bytes of 6 images do not fit.
-    monkeypatch.setattr(data_module.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1)
+    monkeypatch.setattr(
+        data_module.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1
+    )
     with pytest.raises(ValueError, match=r"\(4720 bytes\), more than this machine's"):
         load_fashion(files)
