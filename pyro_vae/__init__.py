@@ -1,5 +1,6 @@
 """pyro_vae: variational autoencoders written as a Pyro model and guide, fitted by SVI."""
 
+from pyro_vae.array_dataset import ArrayDataset
 from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.components.bayesian import BayesianMLP
 from pyro_vae.components.distributions import DiscretizedLogistic
@@ -66,6 +67,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ActiveUnits",
+    "ArrayDataset",
     "BayesianMLP",
     "BernoulliLikelihood",
     "Completions",

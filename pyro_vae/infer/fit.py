@@ -43,8 +43,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_float, check_positive_int
-from pyro_vae.data import is_binary, to_tensor
 from pyro_vae.infer import distributed
+from pyro_vae.infer.batches import Rows, prepare_rows
 from pyro_vae.infer.objective import Objective, device_and_dtype
 from pyro_vae.infer.state import History, TrainingState
 from pyro_vae.infer.step import (
@@ -81,6 +81,7 @@ def fit(
     generator: torch.Generator | None = None,
     compile: bool = False,
     log_every: int | None = None,
+    num_workers: int = 0,
 ) -> History:
     """Fit ``module.model`` and ``module.guide`` to ``data`` by stochastic variational
     inference: every parameter Pyro finds in them is trained, with Pyro's loss and gradients.
@@ -88,7 +89,8 @@ def fit(
     "Host reads"); the module docstring says what ``fit`` reads of ``module``.
 
     :param module: has ``model`` and ``guide`` taking a batch's tensors and ``num_data=``.
-    :param data: a tensor ``(N, data_dim)``, a ``Dataset`` of tensors, or a tuple of N-row tensors.
+    :param data: a tensor ``(N, data_dim)``, a tuple of N-row tensors (in memory), or a
+        map-style ``Dataset`` of examples, streamed batch by batch through a ``DataLoader``.
     :param num_epochs: passes over the data.
     :param batch_size: examples per step; the ELBO is scaled by N / batch_size.
     :param learning_rate: the default optimizer's (Adam's) step size.
@@ -106,6 +108,7 @@ def fit(
     :param generator: random source for the shuffling and the binarization.
     :param compile: trace and compile each step (:mod:`pyro_vae.infer.compiled`).
     :param log_every: steps between reads back to the host; ``None``: 1 on a CPU, 25 on a GPU.
+    :param num_workers: the ``DataLoader``'s worker processes for a streamed ``Dataset``.
     :returns: the :class:`History` of losses.
     :raises ValueError: on bad arguments or data, before any parameter changes.
     :raises TrainingDivergedError: at a NaN or infinite loss or gradient, before that step.
@@ -124,10 +127,12 @@ def fit(
         generator,
         optimizer,
     )
-    tensors, binarize = _prepare_data(module, data, binarize)
+    # A Dataset streams through a DataLoader; tensors are indexed in memory (batches.py).
+    streamed = isinstance(data, Dataset) and not isinstance(data, Tensor)
+    rows, binarize = prepare_rows(module, data, binarize, batch_size, streamed, num_workers)
     group = distributed.ranks()
-    device = tensors[0].device
-    num_data = len(tensors[0])
+    device = device_and_dtype(module)[0]
+    num_data = rows.num_data
     # Reading a value back from the device (a loss, a gradient norm) makes the host wait for
     # it. On the CPU that costs nothing, so every step is read and checked at once; on a GPU
     # the values stay on the device and are read every read_every steps (docs/design.md).
@@ -143,7 +148,7 @@ def fit(
     }
     noise = noise_generator(generator, group, settings)
     objective = Objective(module, Trace_ELBO() if loss is None else loss)
-    first_batch = tuple(t[:batch_size] for t in tensors)
+    first_batch = rows.first(batch_size)
     parameters = objective.parameters(*first_batch, num_data=num_data)
     trainer = make_optimizer(optimizer, parameters, learning_rate, compile, read_every)
     stepper = make_stepper(objective, compile, group, device)
@@ -165,7 +170,7 @@ def fit(
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
         run = _Run(
             module=module,
-            tensors=tensors,
+            rows=rows,
             stepper=stepper,
             optimizer=trainer,
             history=history,
@@ -218,7 +223,7 @@ class _Run:
     """What one call of :func:`fit` fixes before its first step, for :func:`_train_epoch`."""
 
     module: Any
-    tensors: tuple[Tensor, ...]
+    rows: Rows
     stepper: Stepper
     optimizer: torch.optim.Optimizer
     history: History
@@ -263,8 +268,9 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, order: Tensor) -> bool:
     recording the step losses; return whether a stop (Ctrl-C) was asked for at its last read.
     Raises ``KeyboardInterrupt`` after a checkpoint when one is asked for within the epoch."""
     group, optimizer, num_steps = run.group, run.optimizer, run.num_steps
+    index_batches = distributed.shard(order, group).split(run.batch_size)[first_step:]
     bar = tqdm(
-        distributed.shard(order, group).split(run.batch_size)[first_step:],
+        index_batches,
         initial=first_step,
         total=num_steps,
         desc=f"epoch {epoch}/{run.num_epochs}",
@@ -273,9 +279,9 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, order: Tensor) -> bool:
     )
     unread: list[tuple[int, Outcome]] = []
     stop = False
-    for step, indices in enumerate(bar, start=first_step + 1):
+    fetched = run.rows.batches(index_batches)
+    for step, (_, batch) in enumerate(zip(bar, fetched, strict=True), start=first_step + 1):
         global_step = (epoch - 1) * num_steps + step
-        batch = tuple(t[indices] for t in run.tensors)
         if run.binarize:
             batch = (torch.bernoulli(batch[0], generator=run.noise), *batch[1:])
         if run.warmup_steps:
@@ -313,7 +319,7 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, order: Tensor) -> bool:
                 f"at epoch {epoch}, step {{step}} of {num_steps}",
                 # The first step of a fresh run starts from the initial parameters: a loss
                 # that is not finite there is no learning rate's doing.
-                data=run.tensors[0] if global_step == 1 else None,
+                data=run.rows.scanned if global_step == 1 else None,
             )
             run.history.step_loss.extend(values)
             stop = stop or asked
@@ -415,69 +421,6 @@ def _check_generator(generator: object, device: torch.device) -> None:
             f"generator is on {made_on} but the model and data are on {device}; make it "
             f"there: torch.Generator({str(device)!r})"
         )
-
-
-def _prepare_data(
-    module: Any, data: Tensor | Dataset | tuple[Tensor, ...], binarize: bool | None
-) -> tuple[tuple[Tensor, ...], bool]:
-    """The data as tensors on the module's device, the first (x) checked against the model;
-    and whether to binarize x dynamically."""
-    device, dtype = device_and_dtype(module)
-    if isinstance(data, tuple):
-        if not data or not all(isinstance(t, Tensor) for t in data):
-            raise ValueError("data given as a tuple must hold tensors (one per model argument)")
-        if len({len(t) for t in data}) != 1:
-            lengths = ", ".join(str(len(t)) for t in data)
-            raise ValueError(f"the tensors of data must have as many rows each, got {lengths}")
-        tensors = data
-    else:
-        data_dim = getattr(module, "data_dim", None)
-        if isinstance(data, Tensor):
-            tensors = (data,)  # as to_tensor would return it
-        elif data_dim is None:
-            raise ValueError("pass data as a tensor or a tuple of tensors for this model")
-        else:
-            tensors = (to_tensor(data, data_dim),)
-    _check_dense(tensors)
-    x = tensors[0]
-    if not x.is_floating_point():  # checked before the cast below would hide it
-        raise ValueError(f"training data must have a floating dtype, got {x.dtype}")
-    tensors = tuple(
-        t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in tensors
-    )
-    x = tensors[0]
-    if binarize is None:
-        # A likelihood of binary data (Bernoulli) says so: grayscale data are then binarized.
-        binary = bool(getattr(getattr(module, "likelihood", None), "binary_data", False))
-        binarize = binary and not is_binary(x)
-    validate_data = getattr(module, "validate_data", None)
-    if callable(validate_data):
-        validate_data(x, "training data", probabilities=binarize)
-    # The model's own check of all its data tensors (M2's labels, say), before any step.
-    validate_inputs = getattr(module, "validate_inputs", None)
-    if callable(validate_inputs):
-        validate_inputs(*tensors)
-    return tensors, binarize
-
-
-def _check_dense(tensors: tuple[Tensor, ...]) -> None:
-    """Every data tensor holds its values as an ordinary (dense, strided) tensor: sparse,
-    nested or meta tensors (the last hold no values at all) are refused here, naming the
-    tensor, rather than by an operator deep in the model that has no kernel for them."""
-    for i, t in enumerate(tensors):
-        what = "data" if len(tensors) == 1 else f"data[{i}]"
-        if t.is_meta:
-            raise ValueError(
-                f"{what} is on the meta device, which holds shapes only and no values: there "
-                "is nothing to train on"
-            )
-        if t.is_nested:
-            raise ValueError(f"{what} is a nested tensor; fit trains on dense (N, ...) tensors")
-        if t.layout != torch.strided:
-            raise ValueError(
-                f"{what} is a {str(t.layout).removeprefix('torch.')} tensor; fit trains on "
-                f"dense tensors: pass {what}.to_dense()"
-            )
 
 
 @contextlib.contextmanager
