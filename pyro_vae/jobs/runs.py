@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from pyro_vae.checkpoint import built_on_meta, load_checkpoint
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset, validation_indices
 from pyro_vae.jobs.run_directory import BEST, checkpoint_path
+from pyro_vae.jobs.run_schema import check_run_payload
 from pyro_vae.models.build import least_weights
 
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
@@ -40,8 +41,6 @@ VAL_SIZES = {"mnist": 10000, "fashion-mnist": 10000}
 VAL_FRACTION = 0.1
 # The evaluation sets a run scores, as its messages name them.
 SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
-# What every checkpoint of scripts/train.py holds beside the weights and config.
-RUN_KEYS = ("args", "config", "evaluation_digest", "training")
 
 # The objectives by name, given the number of particles.
 ELBOS = {
@@ -188,12 +187,8 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool
     kind = str(payload["config"].get("model", "vae"))
     if kind not in kinds:
         raise ValueError(f"{path}: a {kind} model, not a run of scripts/train.py")
-    for key in RUN_KEYS:
-        if key not in payload:
-            raise ValueError(
-                f"{path}: holds no {key!r}; it was not written by scripts/train.py of this "
-                "version (runs from before 0.2 recorded no test set: train them again)"
-            )
+    # Every entry beside the weights, checked whole before any is used (run_schema.py).
+    check_run_payload(payload, path)
     args = {**FLAGS_ADDED_SINCE, **payload["args"]}
     data = load_dataset(args["dataset"], args["data_dir"])
     held_out = validation_indices(len(data.x_train), args["val_size"], args["seed"])
