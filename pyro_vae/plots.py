@@ -61,14 +61,18 @@ def _input_label(inputs: Tensor) -> str:
 
 
 def image_grid(images: Tensor, image_shape: Sequence[int], rows: int, cols: int) -> Any:
-    """Tile ``rows * cols`` flattened images into one 2-D numpy array, with a 1-pixel gap.
+    """Tile ``rows * cols`` flattened images into one numpy array, with a 1-pixel gap: 2-D for
+    ``image_shape`` (height, width) or one channel, (height, width, 3) for colour images of
+    shape (3, height, width), which ``imshow`` draws in colour (values clipped to [0, 1]).
     numpy, not a tensor: matplotlib's ``np.array(x, copy=False)`` on a tensor is deprecated."""
-    h, w = image_shape
-    grid = torch.ones(rows * (h + 1) - 1, cols * (w + 1) - 1)
+    *channels, h, w = image_shape
+    c = channels[0] if channels else 1
+    grid = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1)
     for index, image in enumerate(images[: rows * cols].detach().float().cpu()):
-        r, c = divmod(index, cols)
-        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
-    return grid.numpy()
+        r, k = divmod(index, cols)
+        at = (slice(None), slice(r * (h + 1), r * (h + 1) + h), slice(k * (w + 1), k * (w + 1) + w))
+        grid[at] = image.reshape(c, h, w)
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).clamp(0, 1).numpy()
 
 
 def _numpy(values: Tensor) -> Any:
@@ -98,7 +102,7 @@ def plot_reconstructions(
     fig = new_figure(figsize=(n * 0.9, 2.2))
     ax = fig.subplots()
     ax.imshow(image_grid(rows, image_shape, 2, n), cmap="gray", vmin=0, vmax=1)
-    h = image_shape[0]
+    h = image_shape[-2]
     ax.set_yticks([(h - 1) / 2, (h + 1) + (h - 1) / 2])
     ax.set_yticklabels([input_label or _input_label(inputs[:n]), "reconstruction\n(mean)"])
     ax.set_xticks([])
@@ -425,7 +429,7 @@ def plot_class_samples(
     fig = new_figure(figsize=(cols * 0.8, rows * 0.8))
     ax = fig.subplots()
     ax.imshow(image_grid(samples, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
-    h = image_shape[0]
+    h = image_shape[-2]
     ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
     ax.set_yticklabels([f"y = {name}" for name in class_names])
     ax.set_xticks([])
@@ -448,7 +452,7 @@ def plot_style_transfer(
     fig = new_figure(figsize=(cols * 0.8, rows * 0.8))
     ax = fig.subplots()
     ax.imshow(image_grid(grid, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
-    w = image_shape[1]
+    w = image_shape[-1]
     ax.set_xticks([c * (w + 1) + (w - 1) / 2 for c in range(cols)])
     ax.set_xticklabels(["binarized\ninput", *(f"y = {name}" for name in class_names)], fontsize=7)
     ax.set_yticks([])

@@ -26,6 +26,7 @@ from pyro_vae.infer import distributed
 from pyro_vae.jobs import JOBS, cli
 from pyro_vae.jobs.runner import train_main
 from pyro_vae.jobs.runs import ELBOS, RESUME_OVERRIDES
+from pyro_vae.user_data import TEST_FRACTION
 
 PROG = "train.py"
 
@@ -47,7 +48,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, job in JOBS.items():
         title = "model" if name == "vae" else f"--model {name}"
         job.add_arguments(parser.add_argument_group(title))
-    add("--dataset", choices=pv.DATASET_NAMES, default="digits", help="digits is always offline")
+    add(
+        "--dataset",
+        type=cli.dataset,
+        default="digits",
+        metavar="NAME_OR_PATH",
+        help=f"{', '.join(pv.DATASET_NAMES)} (digits is always offline), or your own data: a "
+        ".npy file (images (N, H, W) or (N, C, H, W), C 1 or 3, or rows (N, D); "
+        "memory-mapped), a .npz file or a .pt file (a tensor, or a dict of tensors) with arrays "
+        "named x or x_train, optional y or y_train (integer labels), optional x_test and y_test; "
+        "or a folder of PNG/JPEG images, one subfolder per class (none: unlabelled). uint8 "
+        "values are scaled to [0, 1], others kept: values outside [0, 1] need --likelihood "
+        "normal or laplace",
+    )
+    add(
+        "--test-dataset",
+        type=cli.dataset,
+        metavar="PATH",
+        help="the test set of a --dataset PATH, in the same forms (default: the file's x_test, "
+        f"else {TEST_FRACTION:.0%} of its rows, drawn with --seed)",
+    )
+    add(
+        "--image-size",
+        type=cli.image_size,
+        metavar="H,W",
+        help="resize a folder's images to this height and width (default: images of unequal "
+        "size are refused)",
+    )
     add(
         "--data-dir",
         type=Path,
@@ -147,7 +174,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         theirs = sorted(args.given & set(other.OWN_FLAGS))
         if name != args.model and theirs:
             parser.error(f"{', '.join(theirs)} is for --model {name}")
-    run_name = args.dataset if args.model == "vae" else f"{args.dataset}-{args.model}"
+    user_data = args.dataset not in pv.DATASET_NAMES
+    if not user_data:
+        for flag in sorted(args.given & {"--test-dataset", "--image-size"}):
+            parser.error(f"{flag} is for a --dataset given as a path, not {args.dataset}")
+    # A path's run is named by its file or folder (runs/<name>), never by the path itself.
+    data_name = Path(args.dataset).stem if user_data else args.dataset
+    run_name = data_name if args.model == "vae" else f"{data_name}-{args.model}"
     args.out_dir = args.out_dir or Path("runs") / run_name
     args.num_epochs = args.num_epochs or (200 if args.dataset == "digits" else 20)
     return args

@@ -177,3 +177,14 @@ def test_named_datasets_take_no_path_options():
     with pytest.raises(ValueError, match="for data given as a path"):
         pv.load_dataset("digits", image_size=(8, 8))
     assert user_data.TEST_FRACTION == 0.2
+
+
+def test_colour_images_are_drawn_in_colour():
+    from pyro_vae.plots import image_grid
+
+    red = torch.zeros(3, 2, 3)
+    red[0] = 1.0
+    grid = image_grid(red.reshape(1, -1).repeat(2, 1), (3, 2, 3), 1, 2)
+    assert grid.shape == (2, 7, 3)  # two 2x3 images and a 1-pixel gap, RGB
+    assert (grid[:, :3] == [1.0, 0.0, 0.0]).all() and (grid[:, 3] == 1.0).all()
+    assert image_grid(torch.ones(1, 6), (2, 3), 1, 1).shape == (2, 3)  # grayscale: 2-D

@@ -109,6 +109,28 @@ def widths(text: str) -> list[int]:
         ) from None
 
 
+def dataset(text: str) -> str:
+    """A dataset's name as it is, or a path made absolute, so that a run read back from
+    another directory finds its data (a folder named like a dataset: write ./digits)."""
+    from pyro_vae.data import DATASET_NAMES
+
+    if text in DATASET_NAMES:
+        return text
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a dataset's name or a path, got ''")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def image_size(text: str) -> list[int]:
+    try:
+        height, width = (positive_int(part) for part in text.split(","))
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected a height and a width such as 28,28, got {text!r}"
+        ) from None
+    return [height, width]
+
+
 def likelihood_scale(text: str) -> float | str:
     if text in ("learned", "learned-per-feature"):
         return text

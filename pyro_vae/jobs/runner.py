@@ -12,17 +12,20 @@ once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import pyro
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import pyro_vae as pv
 from pyro_vae.checkpoint import build_model, load_checkpoint
+from pyro_vae.data import is_binary
 from pyro_vae.infer import distributed
 from pyro_vae.infer.state import TrainingState
 from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
@@ -51,7 +54,14 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
     _, args.device = distributed.join(args.device)
     job = JOBS[args.model]
     pyro.set_rng_seed(args.seed)  # seeds torch, numpy and random
-    data = pv.load_dataset(args.dataset, args.data_dir, device=args.device)
+    data = pv.load_dataset(
+        args.dataset,
+        args.data_dir,
+        device=args.device,
+        test_dataset=args.test_dataset,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     # The validation rows go before anything else is drawn from the training set (M2's
     # labelled rows come from what is left).
     if args.val_size is None:
@@ -62,7 +72,9 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
     check_model_size(config)
     model = build_model(config).to(args.device)
     dtype = next(model.parameters()).dtype
-    x_test, x_train_eval, x_val = evaluation_sets(model, data, args.seed)
+    with _naming_the_file(args):
+        check_user_data(model, data, args)
+        x_test, x_train_eval, x_val = evaluation_sets(model, data, args.seed)
     run = Run(
         args.out_dir,
         args.model,
@@ -77,10 +89,53 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
         validation_indices=held_out,
     )
     # Data outside what the model takes are refused here, before any file is written.
-    setup = job.prepare(run, args)
+    with _naming_the_file(args):
+        setup = job.prepare(run, args)
     mode = "overwrite" if args.overwrite else "new"
     with claim_run_directory(args.out_dir, mode=mode, files=RUN_FILES) as run_dir:
         return run_dir.guarded(prog, lambda: train(job, args, run_dir, run, setup))
+
+
+def check_user_data(model: nn.Module, data: pv.DataSplits, args: argparse.Namespace) -> None:
+    """A user's data (``--dataset PATH``) checked whole against the likelihood by the model's
+    own ``validate_data``, each split naming its file: values in [0, 1] for a likelihood that
+    binarizes them (Bernoulli), its support otherwise. Models whose data are not the rows
+    (the CVAE models the missing pixels) are checked by their job's ``prepare``."""
+    validate = getattr(model, "validate_data", None)
+    if args.dataset in pv.DATASET_NAMES or validate is None:
+        return
+    if getattr(model, "data_dim", None) != data.data_dim:
+        return
+    binary = getattr(getattr(model, "likelihood", None), "binary_data", False)
+    dtype = next(model.parameters()).dtype
+    splits = [
+        (args.dataset, "training rows", data.x_train),
+        (args.dataset, "validation rows", data.x_val),
+        (args.test_dataset or args.dataset, "test rows", data.x_test),
+    ]
+    for file, split, x in splits:
+        if x is not None:
+            validate(x.to(dtype), f"{file} ({split})", probabilities=binary and not is_binary(x))
+
+
+@contextlib.contextmanager
+def _naming_the_file(args: argparse.Namespace) -> Iterator[None]:
+    """A refusal of a user's data names the file (``--dataset PATH``) when it does not yet,
+    and says which likelihoods take values outside [0, 1]."""
+    try:
+        yield
+    except ValueError as error:
+        if args.dataset in pv.DATASET_NAMES:
+            raise
+        message = str(error)
+        named = message.startswith((args.dataset, str(args.test_dataset)))
+        if "[0, 1]" in message:
+            message += (
+                "; values outside [0, 1] need --likelihood normal or laplace"
+                if args.model == "vae"
+                else f"; --model {args.model} takes values in [0, 1] only"
+            )
+        raise ValueError(message if named else f"{args.dataset}: {message}") from error
 
 
 def _resume(given: argparse.Namespace, prog: str) -> int:

@@ -33,8 +33,15 @@ MAX_TRAIN_EVAL = 10000
 # What a resumed run may change: nothing that alters the model or the maths.
 RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every", "--num-threads")
 # Flags that came after runs were first written, with the value an older run trained with:
-# runs saved before --compile trained eager, before --val-size held out no validation set.
-FLAGS_ADDED_SINCE: dict[str, Any] = {"compile": False, "val_size": 0, "patience": None}
+# runs saved before --compile trained eager, before --val-size held out no validation set,
+# before --test-dataset and --image-size trained on named datasets only.
+FLAGS_ADDED_SINCE: dict[str, Any] = {
+    "compile": False,
+    "val_size": 0,
+    "patience": None,
+    "test_dataset": None,
+    "image_size": None,
+}
 # Validation rows when --val-size is not given: Pyro's ss_vae_M2 example holds out 10,000 of
 # MNIST's training images; a smaller dataset gives a tenth of its training rows.
 VAL_SIZES = {"mnist": 10000, "fashion-mnist": 10000}
@@ -190,7 +197,13 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool
     # Every entry beside the weights, checked whole before any is used (run_schema.py).
     check_run_payload(payload, path)
     args = {**FLAGS_ADDED_SINCE, **payload["args"]}
-    data = load_dataset(args["dataset"], args["data_dir"])
+    data = load_dataset(
+        args["dataset"],
+        args["data_dir"],
+        test_dataset=args["test_dataset"],
+        image_size=args["image_size"],
+        seed=args["seed"],
+    )
     held_out = validation_indices(len(data.x_train), args["val_size"], args["seed"])
     recorded = payload.get("validation_indices", held_out[:0])
     if not isinstance(recorded, Tensor) or not torch.equal(recorded.cpu(), held_out):
