@@ -176,13 +176,16 @@ def load_dataset(
         # An integer dtype would truncate every pixel value in [0, 1) to 0.
         raise ValueError(f"dtype must be a floating torch.dtype (pixels in [0, 1]), got {dtype!r}")
     if name not in DATASET_NAMES:
-        from pyro_vae.user_data import load_user_dataset  # it imports this module
+        from pyro_vae.user_data import load_user_dataset
 
+        if not Path(name).exists():
+            names = ", ".join(DATASET_NAMES)
+            raise ValueError(f"unknown dataset {name!r}: not one of {names}, nor a file or folder")
         device = check_device(device)
         user = load_user_dataset(
             name, test_dataset=test_dataset, image_size=image_size, seed=seed, dtype=dtype
         )
-        return user.to(device)
+        return DataSplits(**user._asdict()).to(device)
     if test_dataset is not None or image_size is not None:
         raise ValueError(f"{name}: a test dataset and an image size are for data given as a path")
     device = check_device(device)

@@ -20,13 +20,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from pyro_vae.data import DataSplits
 
 TENSOR_SUFFIXES = (".npy", ".npz", ".pt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -55,11 +53,19 @@ class _Source:
     num_levels: int
 
 
-def is_dataset_path(name: str) -> bool:
-    """Whether ``--dataset``'s value is a path: anything that is not a dataset's name."""
-    from pyro_vae.data import DATASET_NAMES
+class UserData(NamedTuple):
+    """The fields of a :class:`~pyro_vae.data.DataSplits` (which
+    :func:`pyro_vae.load_dataset` makes of them: this module imports nothing of data.py, so
+    that the two import no circle)."""
 
-    return name not in DATASET_NAMES
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    image_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+    num_levels: int
 
 
 def load_user_dataset(
@@ -69,8 +75,9 @@ def load_user_dataset(
     image_size: tuple[int, int] | list[int] | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> DataSplits:
-    """The data in ``path`` as train/test splits (``name`` is the path).
+) -> UserData:
+    """The data in ``path`` as train/test splits (``name`` is the path), to be made a
+    ``DataSplits`` by :func:`pyro_vae.load_dataset`, which takes the same arguments.
 
     :param path: a ``.npy`` file (images ``(N, H, W)`` or ``(N, C, H, W)`` with C 1 or 3, or
         rows ``(N, D)``); a ``.npz`` file or a ``.pt`` file (a tensor, or a dict of tensors)
@@ -114,12 +121,7 @@ def _read_source(path: Path, image_size: tuple[int, int] | list[int] | None) -> 
     if path.is_dir():
         return _Read(_read_folder(path, image_size))
     if not path.exists():
-        from pyro_vae.data import DATASET_NAMES
-
-        raise ValueError(
-            f"unknown dataset {str(path)!r}: no such file or folder, nor one of "
-            f"{', '.join(DATASET_NAMES)}"
-        )
+        raise ValueError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix not in TENSOR_SUFFIXES:
         raise ValueError(
@@ -401,7 +403,7 @@ def _split_off_test(source: _Source, seed: int) -> tuple[_Source, _Source]:
     return part(train_rows), part(test_rows)
 
 
-def _splits(name: Path, train: _Source, test: _Source, dtype: torch.dtype) -> DataSplits:
+def _splits(name: Path, train: _Source, test: _Source, dtype: torch.dtype) -> UserData:
     if train.x.shape[1:] != test.x.shape[1:]:
         raise ValueError(
             f"{test.path}: test {_shape_words(test.x)}, but the training data ({train.path}) "
@@ -425,7 +427,7 @@ def _splits(name: Path, train: _Source, test: _Source, dtype: torch.dtype) -> Da
             return x.to(dtype) / 255.0
         return x.to(dtype)  # the same tensor when it holds dtype already: still mapped
 
-    return DataSplits(
+    return UserData(
         str(name),
         flat(train.x),
         y_train,
@@ -433,7 +435,7 @@ def _splits(name: Path, train: _Source, test: _Source, dtype: torch.dtype) -> Da
         y_test,
         image_shape,
         class_names,
-        num_levels=train.num_levels,
+        train.num_levels,
     )
 
 

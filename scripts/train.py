@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=cli.dataset,
         metavar="PATH",
         help="the test set of a --dataset PATH, in the same forms (default: the file's x_test, "
-        f"else {TEST_FRACTION:.0%} of its rows, drawn with --seed)",
+        f"else {100 * TEST_FRACTION:.0f}%% of its rows, drawn with --seed)",
     )
     add(
         "--image-size",

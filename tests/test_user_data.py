@@ -169,7 +169,9 @@ def test_bad_sources_are_refused_naming_them(tmp_path):
     np.save(tmp_path / "y.npy", np.zeros((10, 4)))
     with pytest.raises(ValueError, match=r"y\.npy: test rows of 4 values, but the training"):
         pv.load_dataset(str(tmp_path / "x.npy"), test_dataset=str(tmp_path / "y.npy"))
-    with pytest.raises(ValueError, match=r"unknown dataset .*nowhere.npy.: no such file"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset .*nowhere.npy.: not one of digits.*nor a file or folder"
+    ):
         pv.load_dataset(str(tmp_path / "nowhere.npy"))
 
 

@@ -147,7 +147,7 @@ def extension(d):
 
 
 def missing(d):
-    return d / "bad.npy", r"unknown dataset '.*bad\.npy': no such file or folder"
+    return d / "bad.npy", r"unknown dataset '.*bad\.npy': not one of .*, nor a file or folder"
 
 
 @pytest.mark.parametrize(
@@ -188,3 +188,10 @@ def test_a_run_saved_before_the_path_flags_loads_and_resumes(tmp_path, capsys):
     code, stdout, err = call(train_script, "--resume", str(out), "--num-epochs", "2", capsys=capsys)
     assert code == 0, err
     assert "epoch   2/2" in stdout
+
+
+def test_help_names_the_path_forms(capsys):
+    code, stdout, _ = call(train_script, "--help", capsys=capsys)
+    assert code == 0
+    for words in ("x_train", "--test-dataset PATH", "20% of its rows", "--image-size H,W"):
+        assert words in " ".join(stdout.split()), words
