@@ -150,6 +150,9 @@ def _resume(given: argparse.Namespace, prog: str) -> int:
             wanted = torch.device(run.args["device"]).type
         group, device = distributed.join(wanted)
         args = resumed_args(run.args, given, run.checkpoint["training"], RESUME_OVERRIDES)
+        # The run's own thread count, unless the command gave one: a resume after Ctrl-C goes
+        # on at the speed the run had.
+        cli.set_num_threads(args.num_threads)
         if group.distributed:
             args.device = device
         pyro.set_rng_seed(args.seed)

@@ -224,3 +224,28 @@ def test_without_a_validation_set_the_last_epoch_is_kept_and_it_says_so(tmp_path
     assert not [key for row in metrics for key in row if key.startswith(("val_", "test_"))]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["best_epoch"] == 2 and final["selected_by"] == "the last epoch (no validation)"
+
+
+def test_a_resume_keeps_the_run_s_thread_count_unless_one_is_given(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    flags = (*KIND_FLAGS["vae"], "--no-progress", "--num-threads", "1")
+    code, _, err = call(
+        train_script, *flags, "--num-epochs", "1", "--out-dir", str(out), capsys=capsys
+    )
+    assert code == 0, err
+    seen: list[int] = []
+    real_fit = pv.fit
+
+    def fit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(pv, "fit", fit)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # as a fresh process starts: one thread per core
+        code, _, err = call(train_script, "--resume", str(out), "--num-epochs", "2", capsys=capsys)
+        assert code == 0, err
+        assert seen == [1]  # the run's --num-threads 1, not the default
+    finally:
+        torch.set_num_threads(before)
