@@ -61,6 +61,11 @@ JOB_FLAGS = {
         for kind, job in train_script.JOBS.items()
         if kind != "vae"
     )
+} | {
+    # The flags of a --dataset given as a path: refused with digits, the dataset fuzzed
+    # (tests/jobs/test_own_data.py checks them with files of its own).
+    "--test-dataset",
+    "--image-size",
 }
 
 
@@ -121,6 +126,9 @@ def _valid_value(action: argparse.Action, text: str) -> bool:
     (written out here, not read off cli.py, so that a broken type is caught)."""
     if action.option_strings[-1] in JOB_FLAGS:
         return True  # a value of its own may be fine; the flag is refused by the combination
+    kind = action.type
+    if kind is cli.dataset:
+        return text == "digits"  # "cifar" names no dataset, file or folder; "" nothing
     if action.option_strings[-1] == "--val-size":
         return _is_int(text, 0, DIGITS_TRAIN - 1)  # some rows must be left to train on
     if action.choices is not None:

@@ -109,7 +109,7 @@ def test_the_evaluation_binarization_is_a_stream_of_its_own(tiny_run):
     [
         (["--num-epochs", "-3"], "--num-epochs: expected a positive integer"),
         (["--latent-dim", "0"], "--latent-dim: expected a positive integer"),
-        (["--dataset", "cifar"], "--dataset: invalid choice: 'cifar'"),
+        (["--dataset", "cifar"], "unknown dataset"),
         (["--learning-rate", "nan"], "--learning-rate: expected a finite number > 0"),
         (["--hidden-dims", "400,x"], "--hidden-dims: expected comma-separated"),
         (["--batch-size", "1.5"], "--batch-size: expected a positive integer"),
