@@ -18,9 +18,10 @@ from pyro import poutine
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
-from pyro_vae import plots
+from pyro_vae import explain_gaps, explain_plots, plots
 from pyro_vae._checks import check_positive_int
 from pyro_vae._files import atomic_write
+from pyro_vae._markdown import table as _table
 from pyro_vae._sites import site_distribution, site_value
 from pyro_vae.components.distributions import is_diagonal_normal
 from pyro_vae.components.networks import output_layer
@@ -51,6 +52,7 @@ OUTPUT_FILES = (
     "kl_per_dimension.png",
     "weight_uncertainty.png",
     "confusion.png",
+    explain_gaps.FIGURE,
 )
 # Draws per pass in sections 3 and 4: bounds their memory for any num_particles (the moments are
 # merged across passes; the point-cloud figure shows the first pass's draws).
@@ -113,6 +115,7 @@ def explain(
     ]
     if vae.weight_guide is not None:
         sections.append(_weight_uncertainty(vae, x, image_shape, out))
+    sections.append(explain_gaps.gaps_section(vae, x, len(sections) + 1, out))
     report = out / "report.md"
     header = (
         f"# What μ and σ really are: measured on this model\n\n"
@@ -167,6 +170,13 @@ def explain_m2(
         _confusion(m2, x, labels, predicted, class_names, out),
         _label_entropy(m2, x, labels, class_names),
     ]
+    gaps_note = (
+        "*In this M2, q(z | x, y) is measured at the most probable y of q(y | x) for each input, "
+        "and its ELBOs and log p(x | y) are those of p(x | y, z) p(z) at that y.*\n\n"
+    )
+    view = explain_gaps.M2View(m2)
+    rows = view.rows(x, predicted)
+    sections.append(explain_gaps.gaps_section(view, rows, len(sections) + 1, out, gaps_note))
     header = (
         "# What μ and σ, and q(y | x), are: measured on this M2\n\n"
         f"{len(x)} test examples of {m2.data_dim} features, {m2.num_labels} classes; latent "
@@ -215,6 +225,14 @@ def explain_cvae(
         else _not_applicable(2, "What each μ_i is"),
         _spread(cvae, x, condition, num_particles),
     ]
+    gaps_note = (
+        "*In this CVAE, q(z | x, c) is measured against the best Gaussian of each input "
+        "(x, c), and its ELBOs and log p(x | c) are those of p(z | c) p(x | z, c).*\n\n"
+    )
+    view = explain_gaps.CVAEView(cvae)
+    sections.append(
+        explain_gaps.gaps_section(view, encoder_input, len(sections) + 1, out, gaps_note)
+    )
     header = (
         "# What μ and σ are, and how much completions vary: measured on this CVAE\n\n"
         f"{len(x)} test inputs, each {cvae.condition_dim} given and {cvae.data_dim} missing "
@@ -342,16 +360,6 @@ def _not_applicable(number: int, title: str) -> str:
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def _per_example(vae: Encoded, x: Tensor, loc: Tensor, scale: Tensor) -> str:
     shown_dims = min(3, vae.latent_dim)
     rows = []
@@ -449,7 +457,7 @@ def _point_cloud(vae: VAE, x0: Tensor, num_draws: int, out: Path) -> str:
     se_mean = std / math.sqrt(num_draws)
     se_std = std / math.sqrt(2 * (num_draws - 1))
     dims = (0, 1) if vae.latent_dim > 1 else (0, 0)
-    plots.plot_point_cloud(shown, loc, scale, dims, out / "point_cloud.png")
+    explain_plots.plot_point_cloud(shown, loc, scale, dims, out / "point_cloud.png")
     rows = [
         [
             f"z_{i + 1}",
@@ -591,7 +599,7 @@ def _why_standard_normal(
     if vae.latent_dim > 1 and kl is not None:
         top = torch.argsort(kl, descending=True)[:2]
         dims = (int(top[0]), int(top[1]))
-    plots.plot_aggregate_posterior(
+    explain_plots.plot_aggregate_posterior(
         z,
         labels,
         class_names,
@@ -610,7 +618,9 @@ def _why_standard_normal(
     for r, d in enumerate(traversal_dims):
         codes[r, :, d] = values
     decoded = vae.likelihood(vae.decoder(codes.reshape(-1, vae.latent_dim))).mean
-    plots.plot_traversal(decoded, traversal_dims, values, image_shape, out / "traversal.png")
+    explain_plots.plot_traversal(
+        decoded, traversal_dims, values, image_shape, out / "traversal.png"
+    )
     try:
         parts = kl_decomposition(vae, x)
         closed_form = f"; in closed form {float(kl.sum()):.3f}" if kl is not None else ""
@@ -649,7 +659,9 @@ def _why_standard_normal(
 
 def _active_units(vae: VAE, x: Tensor, kl: Tensor, out: Path) -> str:
     units = active_units(vae, x)
-    plots.plot_kl_per_dimension(kl, units.variance, units.threshold, out / "kl_per_dimension.png")
+    explain_plots.plot_kl_per_dimension(
+        kl, units.variance, units.threshold, out / "kl_per_dimension.png"
+    )
     rows = [
         [
             f"z_{i + 1}",

@@ -1,5 +1,5 @@
-"""Every figure of the package, written as PNG files: a trained VAE's, M2's and the conditional
-VAE's.
+"""The package's figures, written as PNG files: a trained VAE's, M2's and the conditional VAE's
+(the explain report's own are in :mod:`pyro_vae.explain_plots`, drawn the same way).
 
 The figures are drawn on :class:`matplotlib.figure.Figure` objects, never through pyplot.
 pyplot holds process-wide state: a backend, which a library must not choose for its user (doing
@@ -15,7 +15,6 @@ Latent dimensions are numbered from 1 (z_1, z_2, ...) as in the explain report; 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,162 +228,6 @@ def plot_weight_spread(
         "Reconstructions (z = μ(x)) over draws of the decoder's weights; "
         f"std scale 0 to {rows[2][2]:.3g}"
     )
-    save_figure(fig, path)
-    return fig
-
-
-def plot_point_cloud(
-    z: Tensor, loc: Tensor, scale: Tensor, dims: tuple[int, int], path: str | os.PathLike
-) -> Figure:
-    """Draws z = μ + σ·ε for one x in two latent dimensions (tensor indices ``dims``), with μ
-    and the 1σ and 2σ boxes; return the figure."""
-    from matplotlib.patches import Rectangle
-
-    i, j = dims
-    fig = new_figure(figsize=(5, 5))
-    ax = fig.subplots()
-    ax.scatter(_numpy(z[:, i]), _numpy(z[:, j]), s=3, alpha=0.3, label="z = μ(x) + σ(x)·ε")
-    ax.plot(float(loc[i]), float(loc[j]), "r+", markersize=14, mew=2, label="μ(x)")
-    for k in (1, 2):
-        ax.add_patch(
-            Rectangle(
-                (float(loc[i] - k * scale[i]), float(loc[j] - k * scale[j])),
-                float(2 * k * scale[i]),
-                float(2 * k * scale[j]),
-                fill=False,
-                ec="r",
-                ls="--" if k == 2 else "-",
-                label=f"μ ± {k}σ",
-            )
-        )
-    ax.set_xlabel(_name(i))
-    ax.set_ylabel(_name(j))
-    ax.set_title("The reparameterization cloud of one test input")
-    ax.legend(loc="best", fontsize=8)
-    ax.set_aspect("equal", adjustable="datalim")
-    save_figure(fig, path)
-    return fig
-
-
-# Radii of the prior's contours, in standard deviations. In two dimensions the N(0, I) mass
-# within radius r is 1 − exp(−r²/2): 39%, 86%, 99%.
-_PRIOR_RADII = (1.0, 2.0, 3.0)
-
-
-def plot_aggregate_posterior(
-    z: Tensor,
-    labels: Tensor,
-    class_names: Sequence[str],
-    dims: tuple[int, int],
-    path: str | os.PathLike,
-    standard_prior: bool = True,
-) -> Figure:
-    """One z ~ q(z | x) per test input (the aggregate posterior), coloured by label, over the
-    contours of the N(0, I) prior in the same two dimensions (tensor indices ``dims``), each
-    labelled with its radius and the mass inside it. Say ``standard_prior=False`` when the
-    model's prior is another: the circles are then marked as N(0, I) for reference, not as p(z).
-    Return the figure."""
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-
-    i, j = dims
-    fig = new_figure(figsize=(6, 5.5))
-    ax = fig.subplots()
-    grid = torch.linspace(-3.5, 3.5, 200, dtype=torch.float64)
-    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    radius = (gx**2 + gy**2).sqrt()
-    # Contours of the radius are contours of the density, exp(−r²/2) / 2π: labelling them by
-    # radius says where the prior puts its mass, which density values would not.
-    contours = ax.contour(
-        gx.numpy(),
-        gy.numpy(),
-        radius.numpy(),
-        levels=list(_PRIOR_RADII),
-        colors="k",
-        linewidths=0.6,
-        alpha=0.6,
-    )
-    mass = {r: 1 - math.exp(-(r**2) / 2) for r in _PRIOR_RADII}
-    ax.clabel(contours, fmt={r: f"{r:g}σ ({100 * mass[r]:.0f}%)" for r in _PRIOR_RADII})
-    colours = colormaps["tab10"]
-    for k, name in enumerate(class_names):
-        mask = (labels == k).cpu()
-        ax.scatter(
-            _numpy(z[mask, i]),
-            _numpy(z[mask, j]),
-            s=5,
-            alpha=0.7,
-            color=colours(k % 10),
-            label=name,
-        )
-    ax.set_xlabel(_name(i))
-    ax.set_ylabel(_name(j))
-    prior_name = "p(z) = N(0, I)" if standard_prior else "N(0, I) (not this model's prior)"
-    ax.set_title(f"Aggregate posterior q(z) over {prior_name}")
-    points = ax.legend(
-        markerscale=3,
-        fontsize=7,
-        loc="upper right",
-        title="q(z): one draw per\ntest input, by label",
-    )
-    ax.add_artist(points)  # a second legend would replace the first without this
-    prior = Line2D([], [], color="k", lw=0.6)
-    ax.legend(
-        [prior],
-        [
-            f"{prior_name}: circles holding\n"
-            + ", ".join(f"{100 * mass[r]:.0f}%" for r in _PRIOR_RADII)
-            + " of its mass"
-        ],
-        fontsize=7,
-        loc="lower left",
-    )
-    save_figure(fig, path)
-    return fig
-
-
-def plot_traversal(
-    images: Tensor,
-    dims: Sequence[int],
-    values: Tensor,
-    image_shape: Sequence[int],
-    path: str | os.PathLike,
-) -> Figure:
-    """Rows: one latent dimension each (tensor indices ``dims``), varied over ``values`` with
-    the others at 0. Return the figure."""
-    rows, cols = len(dims), len(values)
-    fig = new_figure(figsize=(cols * 0.8, rows * 0.9))
-    ax = fig.subplots()
-    ax.imshow(image_grid(images, image_shape, rows, cols), cmap="gray", vmin=0, vmax=1)
-    h = image_shape[0]
-    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(rows)])
-    ax.set_yticklabels([_name(d) for d in dims])
-    ax.set_xticks([c * (image_shape[1] + 1) + (image_shape[1] - 1) / 2 for c in range(cols)])
-    ax.set_xticklabels([f"{float(v):+.1f}" for v in values], fontsize=7)
-    ax.set_title("Latent traversal: one dimension varied, the others at the prior mean 0")
-    save_figure(fig, path)
-    return fig
-
-
-def plot_kl_per_dimension(
-    kl: Tensor, variance: Tensor, threshold: float, path: str | os.PathLike
-) -> Figure:
-    """KL per latent dimension and Cov_x(E_q[z_i]), with the active-unit threshold; return the
-    figure. Bars stand at 1, 2, ...: z_1 is the first dimension, as in the report."""
-    positions = list(range(1, len(kl) + 1))
-    fig = new_figure(figsize=(10, 3.6))
-    left, right = fig.subplots(1, 2)
-    left.bar(positions, _numpy(kl))
-    left.set_title("average KL(q(z_i|x) ‖ p(z_i))\n(bounds the information z_i carries)")
-    left.set_ylabel("nats")
-    right.bar(positions, _numpy(variance), color="tab:orange")
-    right.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
-    right.set_yscale("log")
-    right.set_title("Cov_x(E_q[z_i | x])\n(active unit: its mean moves with x)")
-    right.legend(fontsize=8)
-    for ax in (left, right):
-        ax.set_xlabel("latent dimension i of z_i")
-        integer_ticks(ax)
     save_figure(fig, path)
     return fig
 

@@ -33,11 +33,11 @@ def test_every_section_carries_numbers_and_every_figure_is_written(tmp_path):
     )
     text = report.read_text()
     found = sections(text)
-    assert sorted(found) == ["1", "2", "3", "4", "5", "6"]
+    assert sorted(found) == ["1", "2", "3", "4", "5", "6", "7"]
     for number, body in found.items():
         assert "Not measured" not in body, number
         assert re.search(r"\d\.\d{3}", body), f"section {number} has no measurement"
-    for figure in (*FIGURES, "kl_per_dimension"):
+    for figure in (*FIGURES, "kl_per_dimension", "inference_gaps"):
         assert (tmp_path / f"{figure}.png").read_bytes()[:4] == b"\x89PNG", figure
         assert f"({figure}.png)" in text
     # Section 4: the closed form and torch agree exactly, Pyro's estimate within its SE.
@@ -56,8 +56,11 @@ def test_models_without_a_diagonal_posterior_get_the_sections_that_apply(tmp_pat
     found = sections(report.read_text())
     for number in ("2", "4", "6"):
         assert "Not measured" in found[number]
-    for number in ("1", "3", "5"):
+    for number in ("1", "3", "5", "7"):
         assert re.search(r"\d\.\d{3}", found[number])
+    # An IAF encoder is not a Gaussian: q* is full-covariance, and the report says what that
+    # does to the amortization gap.
+    assert "q* is full-covariance" in found["7"] and "may be negative" in found["7"]
 
 
 @pytest.mark.parametrize("count", [0, 4])
@@ -221,3 +224,46 @@ def test_the_report_counts_from_1_and_says_what_its_kl_numbers_and_active_units_
     for i, row in enumerate(rows):
         assert_printed(row[0], units.variance[i].item(), 3, f"Cov_x of z_{i + 1}")
         assert_printed(row[1], kl[:, i].mean().item(), 3, f"average KL of z_{i + 1}")
+
+
+# ---------------------------------------------------------------- section 7: the two gaps
+
+
+def test_the_gap_section_gives_both_gaps_with_their_standard_errors_and_reads_them(tmp_path):
+    vae, data, x = trained_digits_vae()
+    report = pv.explain(
+        vae, x, data.y_test[:60], data.image_shape, data.class_names, tmp_path, num_particles=50
+    )
+    section = sections(report.read_text())["7"]
+    assert section.startswith("7. How good are μ(x) and σ(x)?")
+    bullets = [line for line in section.splitlines() if line.startswith("- **")]
+    assert [line.split("**")[1] for line in bullets] == ["amortization gap", "approximation gap"]
+    amortization, approximation = (
+        tuple(map(float, re.search(r"\*\*(\S+) ± (\S+)\*\*", line).groups())) for line in bullets
+    )
+    # The table's last row is the mean over the inputs; the bullets print its two gaps.
+    (mean_row,) = table_rows(section, "mean of 60")
+    means = [tuple(map(float, cell.split(" ± "))) for cell in mean_row]
+    assert means[3] == amortization and means[4] == approximation
+    encoder_elbo, optimized_elbo, log_p = (m[0] for m in means[:3])
+    assert abs(optimized_elbo - encoder_elbo - amortization[0]) <= 0.0015  # rounded to 3
+    assert abs(log_p - optimized_elbo - approximation[0]) <= 0.0015
+    # Each per-input row too: the gaps are the differences of its ELBOs and bound.
+    rows = table_rows(section, "test #")
+    assert len(rows) == 5
+    for row in rows:
+        encoder_elbo, optimized_elbo, log_p, gap_a, gap_b = map(float, row)
+        assert abs(optimized_elbo - encoder_elbo - gap_a) <= 0.0015
+        assert abs(log_p - optimized_elbo - gap_b) <= 0.0015
+    assert re.search(r"Converged: \d+ of 60 inputs", section)
+    assert "![inference gaps](inference_gaps.png)" in section
+    assert (tmp_path / "inference_gaps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_encoder_without_sigma_gets_the_gap_section_marked(tmp_path):
+    vae = pv.VAE(6, 2, encoder=pv.DeltaEncoder(6, 2, hidden_dims=(8,)), hidden_dims=(8,))
+    x = torch.bernoulli(torch.full((20, 6), 0.5))
+    report = pv.explain(vae, x, torch.arange(20) % 2, (2, 3), ["a", "b"], tmp_path, 50)
+    section = sections(report.read_text())["7"]
+    assert "Not measured" in section and "σ(x) > 0" in section
+    assert not (tmp_path / "inference_gaps.png").exists()

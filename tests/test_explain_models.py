@@ -63,7 +63,7 @@ def test_the_m2_report_measures_q_y_and_reads_z_at_the_most_probable_y(
     report = pv.explain(m2, x, labels, digits.image_shape, digits.class_names, tmp_path)
     text = report.read_text()
     found = sections(text)
-    assert sorted(found) == ["1", "2", "3", "4"]
+    assert sorted(found) == ["1", "2", "3", "4", "5"]
     for number, body in found.items():
         assert "Not measured" not in body, number
         assert re.search(r"\d\.\d{3}", body), f"section {number} has no measurement"
@@ -113,7 +113,7 @@ def test_the_cvae_report_measures_the_spread_of_completions(trained_cvae, tmp_pa
     pyro.set_rng_seed(0)
     report = pv.explain(cvae, x, torch.zeros(0), (8, 8), (), tmp_path, 200, condition=c)
     found = sections(report.read_text())
-    assert sorted(found) == ["1", "2", "3"]
+    assert sorted(found) == ["1", "2", "3", "4"]
     for number, body in found.items():
         assert "Not measured" not in body, number
         assert re.search(r"\d\.\d{3}", body), f"section {number} has no measurement"
@@ -160,7 +160,7 @@ def test_explain_py_writes_the_m2_report_of_an_m2_run(tmp_path, capsys, float32)
     code, _, err = call(explain_script, str(run), capsys=capsys)
     assert code == 0, err
     found = sections((run / "explain" / "report.md").read_text())
-    assert sorted(found) == ["1", "2", "3", "4"]
+    assert sorted(found) == ["1", "2", "3", "4", "5"]
     loaded = load_run(run)
     assert loaded.kind == "m2"
     predicted = loaded.model.classify(loaded.x_test)
@@ -178,7 +178,7 @@ def test_explain_py_writes_the_cvae_report_of_a_cvae_run(tmp_path, capsys, float
     code, _, err = call(explain_script, str(run), "--num-particles", "50", capsys=capsys)
     assert code == 0, err
     found = sections((run / "explain" / "report.md").read_text())
-    assert sorted(found) == ["1", "2", "3"]
+    assert sorted(found) == ["1", "2", "3", "4"]
     loaded = load_run(run)
     assert loaded.kind == "cvae"
     # The script's default --seed 0, and the given pixels of the grayscale test images as c.
