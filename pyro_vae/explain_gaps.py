@@ -176,7 +176,8 @@ def _pm(mean: float, se: float) -> str:
 
 
 def _family_reason(gaps: InferenceGaps, model: object) -> str:
-    encoder = type(getattr(model, "encoder", None)).__name__
+    # A view's encoder is its method; the network's class is the view's encoder_name.
+    encoder = getattr(model, "encoder_name", type(getattr(model, "encoder", None)).__name__)
     if gaps.full_covariance and encoder not in ("FullCovarianceNormalEncoder",):
         return (
             f"the encoder, a {encoder}, is not a Gaussian: the amortization gap then also "
@@ -211,6 +212,7 @@ class _JoinedView:
     def __init__(self, module: M2 | ConditionalVAE, data_dim: int) -> None:
         self.module, self.data_dim = module, data_dim
         self.prior, self.likelihood = module.prior, module.likelihood
+        self.encoder_name = type(module.encoder).__name__
 
     def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         return rows[:, : self.data_dim], rows[:, self.data_dim :]

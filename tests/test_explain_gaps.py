@@ -67,11 +67,13 @@ def test_the_m2_and_cvae_reports_end_with_the_gaps(trained_m2, trained_cvae, dig
     report = pv.explain(m2, x, labels, digits.image_shape, digits.class_names, tmp_path / "m2")
     section = sections(report.read_text())["5"]
     assert "most probable y" in section and "log p(x | y)" in section
+    assert f"q* is diagonal (as the encoder, a {type(m2.encoder).__name__})" in section
     assert re.search(r"amortization gap\*\* .* = \*\*\d+\.\d{3} ± \d+\.\d{3}\*\*", section)
     assert (tmp_path / "m2" / "inference_gaps.png").read_bytes()[:4] == b"\x89PNG"
     cvae, x, c = trained_cvae
     report = pv.explain(cvae, x, torch.zeros(0), (8, 8), (), tmp_path / "cvae", 50, condition=c)
     section = sections(report.read_text())["4"]
     assert "q(z | x, c)" in section and "log p(x | c)" in section
+    assert f"(as the encoder, a {type(cvae.encoder).__name__})" in section
     numbers = re.findall(r"\*\*(-?\d+\.\d{3}) ± (\d+\.\d{3})\*\*", section)
     assert len(numbers) == 2 and all(math.isfinite(float(v)) for pair in numbers for v in pair)
