@@ -40,6 +40,7 @@ from pyro_vae.infer.estimators import (
     weight_spread,
 )
 from pyro_vae.infer.fit import fit
+from pyro_vae.infer.gaps import InferenceGaps, inference_gaps
 from pyro_vae.infer.objective import Objective
 from pyro_vae.infer.state import History, TrainingDivergedError, TrainingState
 from pyro_vae.models.build import (
@@ -92,6 +93,7 @@ __all__ = [
     "FullCovarianceNormalEncoder",
     "History",
     "IAFEncoder",
+    "InferenceGaps",
     "KLDecomposition",
     "LIKELIHOOD_NAMES",
     "LaplaceLikelihood",
@@ -123,6 +125,7 @@ __all__ = [
     "fit",
     "has_closed_form_kl",
     "hide_labels",
+    "inference_gaps",
     "kl_decomposition",
     "kl_per_dimension",
     "labelled_subset",

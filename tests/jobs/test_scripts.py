@@ -269,7 +269,7 @@ def test_explain_writes_its_report_and_refuses_a_directory_of_other_files(
     code, _, err = call(explain_script, str(tiny_run), "--num-particles", "300", capsys=capsys)
     assert code == 0, err
     found = sections((tiny_run / "explain" / "report.md").read_text())
-    assert sorted(found) == ["1", "2", "3", "4", "5", "6"]
+    assert sorted(found) == ["1", "2", "3", "4", "5", "6", "7"]  # 7: the inference gaps
     assert all(re.search(r"\d\.\d{3}", body) for body in found.values())
     # Writing again replaces its own report; a directory of someone else's files is refused.
     assert call(explain_script, str(tiny_run), "--num-particles", "300", capsys=capsys)[0] == 0
