@@ -372,6 +372,7 @@ def test_torchrun_trains_one_run_within_noise_of_one_process(tmp_path):
     assert _files(two) == {
         ".pyro_vae.lock",
         "checkpoint.pt",
+        "best.pt",
         "metrics.json",
         "metrics.csv",
         "final_metrics.json",
@@ -426,7 +427,7 @@ def test_m2_and_the_cvae_train_under_torchrun_too(model, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done in") == 1
-    common = {".pyro_vae.lock", "checkpoint.pt", "metrics.json", "metrics.csv"}
+    common = {".pyro_vae.lock", "checkpoint.pt", "best.pt", "metrics.json", "metrics.csv"}
     assert _files(run_dir) == common | {"final_metrics.json"} | figures
     payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert payload["epoch"] == 2 and len(payload["training"]["rank_states"]) == 2
