@@ -51,6 +51,7 @@ from pyro_vae.jobs.runs import (
     Setup,
     default_num_particles,
     elbo_line,
+    explain_on,
     file_digest,
     make_loss,
     provenance,
@@ -449,14 +450,4 @@ def table(result: dict[str, Any]) -> str:
 def explain(run: Run, out_dir: Path, num_particles: int) -> Path:
     """The report of the spread of the completions and of μ and σ of q(z|x,c)."""
     x, c = test_parts(run)
-    data = run.data
-    return pv.explain(
-        run.model,  # type: ignore[arg-type]
-        x,
-        data.y_test,
-        data.image_shape,
-        data.class_names,
-        out_dir,
-        num_particles=num_particles,
-        condition=c,
-    )
+    return explain_on(run, x, out_dir, num_particles=num_particles, condition=c)

@@ -37,7 +37,14 @@ from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.infer import distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory, checkpoint_path
-from pyro_vae.jobs.runs import SPLIT_NAMES, Run, Setup, default_num_particles, provenance
+from pyro_vae.jobs.runs import (
+    SPLIT_NAMES,
+    Run,
+    Setup,
+    default_num_particles,
+    explain_on,
+    provenance,
+)
 from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
 from pyro_vae.models.m2 import M2
 
@@ -441,13 +448,6 @@ def table(result: dict[str, Any]) -> str:
 
 
 def explain(run: Run, out_dir: Path, num_particles: int) -> Path:
-    """The report of q(y|x) and of μ and σ of q(z|x,y) at the most probable y."""
-    data = run.data
-    return pv.explain(
-        run.model,  # type: ignore[arg-type]
-        run.x_test,
-        data.y_test,
-        data.image_shape,
-        data.class_names,
-        out_dir,
-    )
+    """The report of q(y|x) and of μ and σ of q(z|x,y) at the most probable y (no draws to
+    set: ``num_particles`` is the VAE's and the CVAE's)."""
+    return explain_on(run, run.x_test, out_dir)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from pyro_vae.checkpoint import built_on_meta, load_checkpoint
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset, validation_indices
+from pyro_vae.explain import explain
 from pyro_vae.jobs.run_directory import BEST, checkpoint_path
 from pyro_vae.jobs.run_schema import check_run_payload
 from pyro_vae.models.build import least_weights
@@ -343,6 +344,22 @@ def provenance(run: Run, model: str, seed: int) -> dict[str, Any]:
         "model": model,
         "seed": seed,
     }
+
+
+def explain_on(run: Run, x: Tensor, out_dir: Path, **options: Any) -> Path:
+    """:func:`pyro_vae.explain` of the run's model on ``x`` (its test set as the run scores
+    it), with its data's labels, image shape and class names; ``options`` are the model
+    kind's (``num_particles``, a CVAE's ``condition``)."""
+    data = run.data
+    return explain(
+        run.model,  # type: ignore[arg-type]
+        x,
+        data.y_test,
+        data.image_shape,
+        data.class_names,
+        out_dir,
+        **options,
+    )
 
 
 def file_digest(path: Path) -> str:

@@ -33,6 +33,7 @@ from pyro_vae.jobs.runs import (
     Setup,
     default_num_particles,
     elbo_line,
+    explain_on,
     make_loss,
     provenance,
 )
@@ -377,13 +378,4 @@ def table(result: dict[str, Any]) -> str:
 
 def explain(run: Run, out_dir: Path, num_particles: int) -> Path:
     """The report of μ(x) and σ(x) on the run's own test set (:func:`pyro_vae.explain`)."""
-    data = run.data
-    return pv.explain(
-        run.model,  # type: ignore[arg-type]
-        run.x_test,
-        data.y_test,
-        data.image_shape,
-        data.class_names,
-        out_dir,
-        num_particles=num_particles,
-    )
+    return explain_on(run, run.x_test, out_dir, num_particles=num_particles)
