@@ -26,7 +26,6 @@ from pyro_vae.infer import distributed
 from pyro_vae.jobs import JOBS, cli
 from pyro_vae.jobs.runner import train_main
 from pyro_vae.jobs.runs import ELBOS, RESUME_OVERRIDES
-from pyro_vae.user_data import TEST_FRACTION
 
 PROG = "train.py"
 
@@ -48,39 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, job in JOBS.items():
         title = "model" if name == "vae" else f"--model {name}"
         job.add_arguments(parser.add_argument_group(title))
-    add(
-        "--dataset",
-        type=cli.dataset,
-        default="digits",
-        metavar="NAME_OR_PATH",
-        help=f"{', '.join(pv.DATASET_NAMES)} (digits is always offline), or your own data: a "
-        ".npy file (images (N, H, W) or (N, C, H, W), C 1 or 3, or rows (N, D); "
-        "memory-mapped), a .npz file or a .pt file (a tensor, or a dict of tensors) with arrays "
-        "named x or x_train, optional y or y_train (integer labels), optional x_test and y_test; "
-        "or a folder of PNG/JPEG images, one subfolder per class (none: unlabelled). uint8 "
-        "values are scaled to [0, 1], others kept: values outside [0, 1] need --likelihood "
-        "normal or laplace",
-    )
-    add(
-        "--test-dataset",
-        type=cli.dataset,
-        metavar="PATH",
-        help="the test set of a --dataset PATH, in the same forms (default: the file's x_test, "
-        f"else {100 * TEST_FRACTION:.0f}%% of its rows, drawn with --seed)",
-    )
-    add(
-        "--image-size",
-        type=cli.image_size,
-        metavar="H,W",
-        help="resize a folder's images to this height and width (default: images of unequal "
-        "size are refused)",
-    )
-    add(
-        "--data-dir",
-        type=Path,
-        help="directory with the dataset's IDX files (default: Debian's files, then the cache "
-        "~/.cache/pyro_vae)",
-    )
+    cli.add_data_arguments(parser)
     add("--num-epochs", type=cli.positive_int, help="default: 200 for digits, 20 for the others")
     add(
         "--val-size",

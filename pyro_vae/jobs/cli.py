@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -213,3 +214,44 @@ def stage_printer() -> Callable[[str], None]:
         say(f"[{time.perf_counter() - started:6.1f}s] {text}")
 
     return stage
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """scripts/train.py's flags that say what data a run trains on: a dataset's name or your
+    own data's path, its test set, an image size, the directory of the IDX files."""
+    from pyro_vae.data import DATASET_NAMES
+    from pyro_vae.user_data import TEST_FRACTION
+
+    parser.add_argument(
+        "--dataset",
+        type=dataset,
+        default="digits",
+        metavar="NAME_OR_PATH",
+        help=f"{', '.join(DATASET_NAMES)} (digits is always offline), or your own data: a "
+        ".npy file (images (N, H, W) or (N, C, H, W), C 1 or 3, or rows (N, D); "
+        "memory-mapped), a .npz file or a .pt file (a tensor, or a dict of tensors) with arrays "
+        "named x or x_train, optional y or y_train (integer labels), optional x_test and y_test; "
+        "or a folder of PNG/JPEG images, one subfolder per class (none: unlabelled). uint8 "
+        "values are scaled to [0, 1], others kept: values outside [0, 1] need --likelihood "
+        "normal or laplace",
+    )
+    parser.add_argument(
+        "--test-dataset",
+        type=dataset,
+        metavar="PATH",
+        help="the test set of a --dataset PATH, in the same forms (default: the file's x_test, "
+        f"else {100 * TEST_FRACTION:.0f}%% of its rows, drawn with --seed)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="H,W",
+        help="resize a folder's images to this height and width (default: images of unequal "
+        "size are refused)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="directory with the dataset's IDX files (default: Debian's files, then the cache "
+        "~/.cache/pyro_vae)",
+    )
