@@ -54,6 +54,7 @@ from pyro_vae.jobs.runs import (
     explain_on,
     file_digest,
     make_loss,
+    per_class,
     provenance,
     run_arguments,
 )
@@ -393,16 +394,9 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     )
     result["spread_num_samples"] = SPREAD_SAMPLES
     result["sample_spread"] = quartiles(spread)
-    result["per_class"] = {
-        run.data.class_names[int(label)]: {
-            "count": int(mask.sum()),
-            "nll": cvae_nll[mask].mean().item(),
-            "baseline_nll": baseline_nll[mask].mean().item(),
-            "sample_spread": spread[mask].mean().item(),
-        }
-        for label in labels.unique()
-        for mask in [labels == label]
-    }
+    result["per_class"] = per_class(
+        labels, run.data.class_names, nll=cvae_nll, baseline_nll=baseline_nll, sample_spread=spread
+    )
     stage("done")
     return result
 

@@ -43,6 +43,7 @@ from pyro_vae.jobs.runs import (
     Setup,
     default_num_particles,
     explain_on,
+    per_class,
     provenance,
 )
 from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
@@ -403,15 +404,12 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     result["test_label_entropy"] = entropy.mean().item()
     stage(f"ELBO of log p(x) with y summed out, {args.num_particles} particles")
     result["test_elbo"] = unlabelled_elbo(m2, x_test, args.seed, num_particles=args.num_particles)
-    result["per_class"] = {
-        data.class_names[int(label)]: {
-            "count": int(mask.sum()),
-            "accuracy": (guessed[mask] == label).double().mean().item(),
-            "label_entropy": entropy[mask].mean().item(),
-        }
-        for label in labels.unique()
-        for mask in [labels == label]
-    }
+    result["per_class"] = per_class(
+        labels,
+        data.class_names,
+        accuracy=(guessed == labels).double(),
+        label_entropy=entropy,
+    )
     stage("done")
     return result
 

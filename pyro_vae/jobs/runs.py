@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,21 @@ class Setup:
     trained: str = "training"
     """What the training time in the last line is of (the CVAE's job trains a baseline too,
     and times it apart)."""
+
+
+def per_class(
+    labels: Tensor, class_names: Sequence[str], **values: Tensor
+) -> dict[str, dict[str, Any]]:
+    """An evaluation's numbers by class: each class's count and the mean of each of
+    ``values`` (one number per example) over its examples."""
+    return {
+        class_names[int(label)]: {
+            "count": int(mask.sum()),
+            **{name: value[mask].mean().item() for name, value in values.items()},
+        }
+        for label in labels.unique()
+        for mask in [labels == label]
+    }
 
 
 def elbo_line(row: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ from pyro_vae.jobs.runs import (
     elbo_line,
     explain_on,
     make_loss,
+    per_class,
     provenance,
 )
 from pyro_vae.models.build import describe
@@ -334,16 +335,9 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         result.update({f"kl_decomposition_{k}": v for k, v in decomposition._asdict().items()})
     except ValueError as error:
         result["kl_decomposition_note"] = str(error)
-    result["per_class"] = {
-        run.data.class_names[int(label)]: {
-            "count": int(mask.sum()),
-            "elbo": terms.elbo[mask].mean().item(),
-            "kl": terms.kl[mask].mean().item(),
-            "log_likelihood": log_px[mask].mean().item(),
-        }
-        for label in labels.unique()
-        for mask in [labels == label]
-    }
+    result["per_class"] = per_class(
+        labels, run.data.class_names, elbo=terms.elbo, kl=terms.kl, log_likelihood=log_px
+    )
     stage("done")
     return result
 
