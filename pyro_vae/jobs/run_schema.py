@@ -170,8 +170,16 @@ _ARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: _is_count(v) and v < 2**32, "a seed (an int from 0 to 2**32 - 1)"),
     "num_epochs": (lambda v: _is_count(v, 1), "a count of epochs (an int >= 1)"),
     "batch_size": (lambda v: _is_count(v, 1), "a batch size (an int >= 1)"),
-    "device": (lambda v: type(v) is str, "a device's name"),
+    "device": (lambda v: type(v) is str and _is_device(v), "a device's name (cpu, cuda, ...)"),
 }
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _check_args(args: Any, model: str | None) -> None:

@@ -34,10 +34,12 @@ from pyro_vae.jobs.runs import (
     RESUME_OVERRIDES,
     Run,
     Setup,
+    carry_random_states,
     check_model_size,
     default_val_size,
     digest,
     evaluation_sets,
+    resume_device,
     resumed_args,
     run_arguments,
     validation_indices,
@@ -143,21 +145,24 @@ def _resume(given: argparse.Namespace, prog: str) -> int:
     # nothing.
     with claim_run_directory(given.resume, mode="existing", files=RUN_FILES) as run_dir:
         run = load_run(given.resume, best=False)
-        # A resumed run on the kind of device it was trained on; under torchrun each rank its
-        # own device of that kind, not the one rank 0 saved.
-        wanted = given.device
+        # A resumed run on the device it was trained on, or --device's; under torchrun each
+        # rank its own device of that kind, not the one rank 0 saved.
+        wanted = resume_device(run.args, given)
         if distributed.launched_by_torchrun():
-            wanted = torch.device(run.args["device"]).type
+            wanted = torch.device(wanted).type
         group, device = distributed.join(wanted)
         args = resumed_args(run.args, given, run.checkpoint["training"], RESUME_OVERRIDES)
         # The run's own thread count, unless the command gave one: a resume after Ctrl-C goes
         # on at the speed the run had.
         cli.set_num_threads(args.num_threads)
-        if group.distributed:
-            args.device = device
+        args.device = device if group.distributed else wanted
+        run.checkpoint["training"], moved = carry_random_states(
+            run.checkpoint["training"], run.args["device"], args.device, args.seed
+        )
         pyro.set_rng_seed(args.seed)
         job = JOBS[run.kind]
         setup = job.prepare(run, args)
+        setup.notes = (*setup.notes, *([] if moved is None else [moved]))
         return run_dir.guarded(prog, lambda: train(job, args, run_dir, run, setup))
 
 

@@ -31,8 +31,16 @@ from pyro_vae.models.build import least_weights
 
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
 MAX_TRAIN_EVAL = 10000
-# What a resumed run may change: nothing that alters the model or the maths.
-RESUME_OVERRIDES = ("--num-epochs", "--no-progress", "--checkpoint-every", "--num-threads")
+# What a resumed run may change: nothing that alters the model or the maths. The device
+# changes the arithmetic's rounding and the random streams (a run goes on from a GPU on a
+# laptop): a resume on another kind of device says that it cannot be bit-identical.
+RESUME_OVERRIDES = (
+    "--num-epochs",
+    "--no-progress",
+    "--checkpoint-every",
+    "--num-threads",
+    "--device",
+)
 # Flags that came after runs were first written, with the value an older run trained with:
 # runs saved before --compile trained eager, before --val-size held out no validation set,
 # before --test-dataset and --image-size trained on named datasets only.
@@ -276,6 +284,69 @@ def resumed_args(
             f"{'started' if training['step'] else 'finished'} epoch {done}; give at least {done}"
         )
     return args
+
+
+def resume_device(saved: dict[str, Any], given: argparse.Namespace) -> str:
+    """The device a resumed run goes on on: ``--device`` where the command gives it, else the
+    one it trained on (``saved``, its arguments).
+
+    :raises ValueError: when the run trained on a GPU and none is here, naming ``--device
+        cpu``: going on on the CPU is the user's choice to make, since the run then cannot be
+        bit-identical to one that stayed on its GPU (and a GPU that failed to start should not
+        turn a run into one many times slower without a word).
+    """
+    if "--device" in given.given:
+        return str(given.device)
+    device = str(saved["device"])
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and (
+        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"the run in {given.resume} trained on {device}, which this machine does not have; "
+            f"go on on the CPU with --resume {given.resume} --device cpu (the resumed run then "
+            f"cannot be bit-identical to one that stayed on {device})"
+        )
+    return device
+
+
+def carry_random_states(
+    training: dict[str, Any], trained_on: str, device: str, seed: int
+) -> tuple[dict[str, Any], str | None]:
+    """A resumed run's saved ``training`` state made to go on on ``device``, and a line that
+    says what could not be carried over (``None`` when the run stays on its kind of device).
+
+    A ``torch.Generator``'s state is its device kind's own (the CPU's Mersenne Twister, a
+    GPU's 16 bytes of Philox): one saved on another kind cannot be set. The generator of the
+    shuffles and the binarization (and each rank's binarization generator) then starts
+    afresh, from ``seed`` and the position, so that a resume of one checkpoint is the same
+    every time; the CUDA states are kept, unused without a GPU. The CPU's global state (the
+    draws of z on the CPU) carries over."""
+    before, after = torch.device(trained_on).type, torch.device(device).type
+    if before == after:
+        return training, None
+    size = torch.Generator(device).get_state().numel()
+    (mixed,) = np.random.SeedSequence(
+        seed, spawn_key=(2, training["epoch"], training["step"])
+    ).generate_state(1, np.uint64)
+    fresh = torch.Generator(device).manual_seed(int(mixed)).get_state()
+    mapped = dict(training)
+    if mapped["generator_rng"] is not None and mapped["generator_rng"].numel() != size:
+        mapped["generator_rng"] = fresh
+    if mapped.get("rank_states") is not None:
+        mapped["rank_states"] = [
+            {**rank, "noise_rng": None}
+            if rank["noise_rng"] is not None and rank["noise_rng"].numel() != size
+            else rank
+            for rank in mapped["rank_states"]
+        ]
+    note = (
+        f"note: the run trained on {trained_on} and goes on on {device}: the random states of "
+        f"one kind of device cannot be set on the other (the shuffles' and binarization's "
+        f"generator starts afresh from --seed), and the arithmetic rounds otherwise, so the "
+        f"resumed run cannot be bit-identical to one that stayed on {trained_on}"
+    )
+    return mapped, note
 
 
 @dataclass
