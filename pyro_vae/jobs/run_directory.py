@@ -316,12 +316,19 @@ class RunDirectory:
             save_checkpoint(self.path / CHECKPOINT, module, config, **extra)
         self.last_checkpoint = (extra["epoch"], extra["step"])
 
-    def save_best(self, module: Any, config: dict[str, Any], selection: dict[str, Any]) -> None:
+    def save_best(
+        self,
+        module: Any,
+        config: dict[str, Any],
+        selection: dict[str, Any],
+        args: dict[str, Any] | None = None,
+    ) -> None:
         """Write ``best.pt``: the weights of the epoch ``selection`` names (its ``"epoch"``,
         the validation ``"metric"`` and its ``"value"``), which evaluate.py and explain.py
-        read."""
+        read, with the run's ``args``, so that a copy from another run is told apart."""
         if self.writes:
-            save_checkpoint(self.path / BEST, module, config, selection=selection)
+            extra = {} if args is None else {"args": args}
+            save_checkpoint(self.path / BEST, module, config, selection=selection, **extra)
 
 
 def _first_line(error: BaseException) -> str:

@@ -24,13 +24,19 @@ tag, the config and the weights. What is left, and what each must be:
 
 An entry that no run of scripts/train.py writes is refused too: a new one needs its line in
 :data:`EXTRAS`. Each refusal is one ``ValueError`` naming the file and the entry.
+
+The checkpoints beside it (``best.pt``, the CVAE's ``baseline.pt``) are checked against the
+run with :func:`check_companion_payload`: each records the run's arguments, which must be the
+run's (but for what a resume may change), so that a copy from another run is refused naming
+the argument that differs; ``best.pt``'s selection must name an epoch of the run with the
+metric its rows hold, ``baseline.pt`` must have trained for the run's epochs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +410,108 @@ def _check_indices(indices: Any) -> None:
         raise ValueError(f"holds the negative row {int(indices.min())}")
     if len(torch.unique(indices)) != len(indices):
         raise ValueError("names a row twice")
+
+
+# ------------------------------------------------------------------------ companions
+
+COMPANION_ENTRIES = ("selection", "args", "train_loss")
+"""What the run's other checkpoints hold beside the weights and the config: ``best.pt`` the
+``selection`` (the epoch it is of, the validation metric and its value) and the run's
+``args``; the CVAE's ``baseline.pt`` the run's ``args`` and its ``train_loss`` (one per
+epoch)."""
+
+
+def check_companion_payload(
+    payload: dict,
+    path: Path,
+    run: dict,
+    run_args: dict[str, Any],
+    *,
+    ignored: Iterable[str],
+    defaults: dict[str, Any],
+) -> None:
+    """Refuse, with one ``ValueError`` naming ``path`` and the mismatch, a checkpoint written
+    beside a run's ``checkpoint.pt`` (``best.pt``, the CVAE's ``baseline.pt``: ``payload``,
+    as :func:`~pyro_vae.checkpoint.load_checkpoint` returns it) that does not belong to that
+    run (``run``, its checkpoint, checked by :func:`check_run_payload`; ``run_args``, its
+    arguments with ``defaults`` for the flags it predates): an entry that no such file holds,
+    arguments other than the run's but for the ``ignored`` ones (what a resume may change,
+    and the directory), a ``baseline.pt`` trained for another number of epochs, a
+    ``best.pt`` of another config or of an epoch whose metric the run's rows do not hold.
+
+    A ``best.pt`` written before it recorded the run's arguments is checked by its selection
+    alone."""
+    try:
+        _check_companion(payload, run, run_args, set(ignored), defaults)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _check_companion(
+    payload: dict, run: dict, run_args: dict[str, Any], ignored: set[str], defaults: dict
+) -> None:
+    for key in payload:
+        if key not in _LOADED and key not in COMPANION_ENTRIES:
+            raise ValueError(f"holds {_shown(key)}, an entry no run of scripts/train.py writes")
+    model = run["config"].get("model", "vae")
+    if "args" in payload:
+        _entry("args", _check_args, payload["args"], model)
+        args = {**defaults, **payload["args"]}
+        for key in sorted(set(args) | set(run_args)):
+            if key in ignored or key == "num_epochs":
+                continue
+            mine, theirs = args.get(key, "(none)"), run_args.get(key, "(none)")
+            if mine != theirs:
+                raise ValueError(
+                    f"belongs to another run: its --{key.replace('_', '-')} is {_shown(mine)}, "
+                    f"this run's {_shown(theirs)}"
+                )
+    # After the arguments, which name what differs.
+    if "selection" in payload:
+        if payload["config"] != run["config"]:
+            raise ValueError(
+                "its config is not the run's (checkpoint.pt's): not this run's weights"
+            )
+        _entry("selection", _check_selection, payload["selection"], run)
+    if "train_loss" in payload:
+        # Trained after the run, for its --num-epochs (or, when the last resume asked for no
+        # more, the epochs done).
+        losses = payload["train_loss"]
+        if not isinstance(losses, list) or len(losses) > MAX_STEPS or _first_not(_NUMBERS, losses):
+            raise ValueError(f"its 'train_loss' is {_shown(losses)}, not a list of numbers")
+        budgets = {run_args["num_epochs"], run["epoch"]}
+        if len(losses) not in budgets:
+            raise ValueError(
+                f"belongs to another run: it trained for {len(losses)} epoch(s), and this run's "
+                f"budget is {run_args['num_epochs']} (--num-epochs)"
+            )
+
+
+def _check_selection(selection: Any, run: dict) -> None:
+    _check_dict(selection, "a selection (a dict)", 4)
+    metric = selection.get("metric")
+    wanted = {"epoch", "metric", "how"} | ({"value"} if metric is not None else set())
+    if set(selection) != wanted:
+        raise ValueError(f"has the keys {sorted(map(str, selection))}, not {sorted(wanted)}")
+    epoch, how, value = selection["epoch"], selection["how"], selection.get("value")
+    # best.pt is written before the checkpoint of its epoch: one epoch ahead at most.
+    if not _is_count(epoch, 1) or epoch > run["epoch"] + 1:
+        raise ValueError(
+            f"names epoch {_shown(epoch)}, not an epoch of this run (it has finished "
+            f"{run['epoch']})"
+        )
+    if type(how) is not str or not (metric is None or type(metric) is str):
+        raise ValueError("does not say how its epoch was chosen")
+    if metric is None:
+        return
+    if type(value) not in _NUMBERS:
+        raise ValueError(f"'value' is {_shown(value)}, not a number")
+    row = next((row for row in run["metrics"] if row.get("epoch") == epoch), None)
+    if row is not None and row.get(metric) != value:
+        raise ValueError(
+            f"says epoch {epoch}'s {metric} was {value!r}, and this run's metrics say "
+            f"{_shown(row.get(metric))}: not this run's weights"
+        )
 
 
 EXTRAS: dict[str, Callable[[Any], None]] = {

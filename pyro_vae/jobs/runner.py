@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import pyro_vae as pv
-from pyro_vae.checkpoint import build_model, load_checkpoint
+from pyro_vae.checkpoint import build_model
 from pyro_vae.data import is_binary
 from pyro_vae.infer import distributed
 from pyro_vae.infer.state import TrainingState
@@ -39,6 +39,7 @@ from pyro_vae.jobs.runs import (
     default_val_size,
     digest,
     evaluation_sets,
+    load_companion,
     resume_device,
     resumed_args,
     run_arguments,
@@ -243,7 +244,7 @@ def train(
         best = selection.consider(row)
         if best:
             selection.weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
-            run_dir.save_best(setup.model, run.config, selection.describe())
+            run_dir.save_best(setup.model, run.config, selection.describe(), run_arguments(args))
         marked = "  *" if best and selection.metric else ""  # a new best epoch
         cli.say(
             f"epoch {epoch:>3}/{args.num_epochs}  loss {row['train_loss']:8.2f}  "
@@ -294,7 +295,7 @@ def train(
     if metrics and selection.epoch != metrics[-1]["epoch"]:
         weights = selection.weights
         if weights is None:  # chosen before this process resumed the run: its best.pt
-            weights = load_checkpoint(run_dir.path / BEST)[0].state_dict()
+            weights = load_companion(run_dir.path, BEST, run.checkpoint, run.args)[0].state_dict()
         setup.model.load_state_dict(weights)
     chosen = selection.describe()
     setup.kept_epoch = chosen["epoch"]

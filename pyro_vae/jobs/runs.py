@@ -26,7 +26,7 @@ from pyro_vae.checkpoint import built_on_meta, load_checkpoint
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset, validation_indices
 from pyro_vae.explain import explain
 from pyro_vae.jobs.run_directory import BEST, checkpoint_path
-from pyro_vae.jobs.run_schema import check_run_payload
+from pyro_vae.jobs.run_schema import check_companion_payload, check_run_payload
 from pyro_vae.models.build import least_weights
 
 # Train-set metrics each epoch use a fixed subset, so that evaluation stays cheap on big data.
@@ -228,9 +228,17 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool
             "scored (have the data files changed?)"
         )
     selection = None
-    if best and (directory / BEST).is_file():
-        model, kept = load_checkpoint(directory / BEST)
-        selection = kept.get("selection")
+    if best:
+        # The run's other checkpoints, checked against it: a copy from another run is refused
+        # (the CVAE's baseline.pt too, which evaluate.py reads).
+        from pyro_vae.jobs import JOBS
+
+        for name in JOBS[kind].FILES:
+            if name.endswith(".pt") and (directory / name).is_file():
+                load_companion(directory, name, payload, args)
+        if (directory / BEST).is_file():
+            model, kept = load_companion(directory, BEST, payload, args)
+            selection = kept.get("selection")
     dtype = next(model.parameters()).dtype
     return Run(
         directory=directory,
@@ -246,6 +254,27 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool
         validation_indices=held_out,
         selection=selection,
     )
+
+
+def load_companion(
+    directory: Path, name: str, payload: dict[str, Any], args: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint ``name`` beside the run's ``checkpoint.pt`` in ``directory``
+    (``best.pt``, the CVAE's ``baseline.pt``), loaded and checked against the run (its
+    checkpoint ``payload`` and arguments ``args``): one from another run is refused.
+
+    :raises ValueError: naming the file and what does not match."""
+    model, kept = load_checkpoint(directory / name)
+    ignored = [flag.removeprefix("--").replace("-", "_") for flag in RESUME_OVERRIDES]
+    check_companion_payload(
+        kept,
+        directory / name,
+        payload,
+        args,
+        ignored=[*ignored, "out_dir"],
+        defaults=FLAGS_ADDED_SINCE,
+    )
+    return model, kept
 
 
 def run_arguments(args: Any) -> dict[str, Any]:
