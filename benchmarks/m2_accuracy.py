@@ -1,27 +1,28 @@
-"""Test accuracy of M2 (pyro_vae.models.m2) on Fashion-MNIST with 100, 600, 1000 and 3000
-labels, against a supervised-only classifier: the table in benchmarks/README.md.
+"""M2 against its supervised-only baseline: the table of issue 22 (benchmarks/README.md, "M2").
 
-For each label count, from one seed:
+For each label count and each seed of the labelled subset:
 
-- the labelled rows are a fixed, class-balanced subset of the training images
-  (``labelled_subset(y_train, n, seed)``); the unlabelled rows are the first
-  ``--num-unlabelled`` of the other training images (all of them with 0);
-- M2 (MLP parts of ``--hidden`` units, latent ``--latent-dim``, Bernoulli likelihood on
-  dynamically binarized images, α = ``--alpha`` per labelled example: 50 by default, near the
-  46 of Pyro's ``ss_vae_M2``; 0 gives the paper's 0.1·N/N_l) is trained by ``pv.fit`` with
-  ``TraceEnum_ELBO`` for ``--epochs`` epochs, in batches that mix labelled and unlabelled
-  rows;
+- the validation rows are held out of the training set as ``scripts/train.py`` holds them
+  out (``validation_indices`` with ``default_val_size``: 10,000 for MNIST and Fashion-MNIST,
+  10% for digits); the labelled rows are ``labelled_subset(y_train, n, seed)`` of the rest,
+  and the unlabelled rows are the first ``--num-unlabelled`` of the others (default: all);
+- M2 is ``M2.from_data`` at its defaults (α, the labelled rows in every batch), with the
+  sizes and budget of ``scripts/train.py --model m2`` unless flags say otherwise, trained by
+  ``pv.fit`` on dynamically binarized images;
 - the baseline is ``SupervisedClassifier`` holding a copy of M2's q(y|x) network *as
-  initialized* (same architecture, same starting weights), trained by ``pv.fit`` on the labelled
-  rows alone for ``--baseline-steps`` steps of batch ``min(100, n)``, also on dynamically
-  binarized images;
-- both are scored on the 10000 test images, binarized once with a fixed seed (what they were
-  trained on), and on the grayscale test images.
+  initialized*, trained by ``pv.fit`` on the labelled rows alone (batches of
+  ``min(batch size, n)``), with as many optimizer steps as M2 takes, in as many "epochs";
+- after every epoch each is scored on the validation set (binarized once, as a run does); the
+  epoch with the best validation accuracy is kept (the first, on ties), and the test set is
+  scored once, with that epoch's weights.
 
-    OMP_NUM_THREADS=1 python benchmarks/m2_accuracy.py            # the README table
-    python benchmarks/m2_accuracy.py --labels 100 --epochs 2      # a quick check
+Every choice is made on the validation set; the test set chooses nothing.
 
-Results go to benchmarks/results/m2-fashion-mnist.json; a Markdown table is printed.
+    OMP_NUM_THREADS=1 python benchmarks/m2_accuracy.py --dataset digits --labels 10 50 100
+    python benchmarks/m2_accuracy.py --dataset fashion-mnist --labels 100 --epochs 2 --seeds 0
+
+Results go to benchmarks/results/m2-<dataset>.json (``--out``); a Markdown table is printed,
+with mean ± SD over seeds and the paired difference M2 − baseline ± its standard error.
 """
 
 from __future__ import annotations
@@ -29,20 +30,53 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
+from torch import Tensor
 
 import pyro_vae as pv
+from pyro_vae.data import validation_indices
+from pyro_vae.jobs.runs import default_val_size, evaluation_sets
 from pyro_vae.models.labels import hide_labels, labelled_subset
 from pyro_vae.models.m2 import M2, SupervisedClassifier
 
+# scripts/train.py --model m2's sizes and budget (pyro_vae/jobs/m2.py, scripts/train.py).
+DEFAULT_LATENT, DEFAULT_HIDDEN, DEFAULT_BATCH, DEFAULT_LR = 10, [400], 128, 1e-3
 
-def run_one(num_labelled: int, data: pv.DataSplits, tests: dict, args) -> dict:
-    pyro.set_rng_seed(args.seed)
-    labelled = labelled_subset(data.y_train, num_labelled, seed=args.seed)
+
+def default_epochs(dataset: str) -> int:
+    return 100 if dataset == "digits" else 20
+
+
+class BestByValidation:
+    """The weights of the epoch with the best validation accuracy so far, and the curve."""
+
+    def __init__(self, model: Any, x_val: Tensor, y_val: Tensor) -> None:
+        self.model, self.x_val, self.y_val = model, x_val, y_val
+        self.curve: list[float] = []
+        self.best_epoch, self.state = 0, copy.deepcopy(model.state_dict())
+
+    def __call__(self, epoch: int, history: pv.History | None = None) -> None:
+        accuracy = self.model.accuracy(self.x_val, self.y_val)
+        self.curve.append(accuracy)
+        if accuracy > max(self.curve[:-1], default=-1.0):
+            self.best_epoch, self.state = epoch, copy.deepcopy(self.model.state_dict())
+
+    def test_accuracy(self, x_test: Tensor, y_test: Tensor) -> float:
+        """The kept epoch's test accuracy: the one test score of the run."""
+        self.model.load_state_dict(self.state)
+        return float(self.model.accuracy(x_test, y_test))
+
+
+def run_one(num_labelled: int, seed: int, data: pv.DataSplits, args: argparse.Namespace) -> dict:
+    pyro.set_rng_seed(seed)
+    labelled = labelled_subset(data.y_train, num_labelled, seed=seed)
     others = torch.ones(len(data.y_train), dtype=torch.bool)
     others[labelled] = False
     unlabelled = others.nonzero().squeeze(1)
@@ -51,118 +85,160 @@ def run_one(num_labelled: int, data: pv.DataSplits, tests: dict, args) -> dict:
     rows = torch.cat([labelled, unlabelled])
     x = data.x_train[rows]
     y = hide_labels(data.y_train[rows], torch.arange(num_labelled))
-
-    alpha = args.alpha or None  # 0: M2.from_data's default, the paper's
-    m2 = M2.from_data(x, y, args.latent_dim, alpha=alpha, hidden_dims=args.hidden)
+    m2 = M2.from_data(
+        x,
+        y,
+        args.latent_dim,
+        alpha=args.alpha,
+        hidden_dims=args.hidden,
+        num_labels=len(data.class_names),
+    )
     baseline = SupervisedClassifier(copy.deepcopy(m2.classifier), m2.num_labels)
-    per_epoch: list[float] = []
+    x_test, _, x_val = evaluation_sets(m2, data, seed)
+    assert x_val is not None and data.y_val is not None
 
-    def record(epoch: int, history: pv.History) -> None:
-        per_epoch.append(m2.accuracy(*tests["binarized"]))
-        print(
-            f"  {num_labelled} labels, epoch {epoch}: loss {history.loss[-1]:.2f}, "
-            f"test accuracy {per_epoch[-1]:.4f} ({history.epoch_seconds[-1]:.0f} s)",
-            flush=True,
-        )
-
+    m2_best = BestByValidation(m2, x_val, data.y_val)
     started = time.perf_counter()
-    pv.fit(
+    history = pv.fit(
         m2,
         (x, y),
         loss=m2.loss(),
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        callback=record,
-        generator=torch.Generator().manual_seed(args.seed),
+        callback=m2_best,
+        generator=torch.Generator().manual_seed(seed),
         progress=False,
     )
     m2_seconds = time.perf_counter() - started
+    steps_per_epoch = len(history.step_loss) // args.epochs
 
-    batch = min(100, num_labelled)
-    steps_per_epoch = -(-num_labelled // batch)
+    # The baseline: as many steps as M2, scored on validation at the same points.
+    batch = min(args.batch_size, num_labelled)
+    x_l, y_l = data.x_train[labelled], data.y_train[labelled]
+
+    base_best = BestByValidation(baseline, x_val, data.y_val)
+    # One "epoch" of the baseline is as many of its steps as one epoch of M2.
+    per_epoch = max(1, round(steps_per_epoch / math.ceil(num_labelled / batch)))
     started = time.perf_counter()
     pv.fit(
         baseline,
-        (data.x_train[labelled], data.y_train[labelled]),
-        num_epochs=max(1, args.baseline_steps // steps_per_epoch),
+        (x_l, y_l),
+        num_epochs=args.epochs * per_epoch,
         batch_size=batch,
         learning_rate=args.learning_rate,
         binarize=True,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
+        callback=lambda epoch, _: base_best(epoch // per_epoch) if epoch % per_epoch == 0 else None,
         progress=False,
     )
-    baseline_seconds = time.perf_counter() - started
+    base_seconds = time.perf_counter() - started
+
     row = {
         "num_labelled": num_labelled,
-        "num_rows": len(x),
+        "seed": seed,
+        "num_unlabelled": len(unlabelled),
         "alpha": m2.alpha,
-        "m2_accuracy": m2.accuracy(*tests["binarized"]),
-        "m2_accuracy_grayscale": m2.accuracy(*tests["grayscale"]),
-        "m2_accuracy_per_epoch": per_epoch,
+        "labelled_per_batch": m2.epoch_order(x, y, batch_size=args.batch_size).per_batch,
+        "m2_val_curve": m2_best.curve,
+        "m2_epoch_kept": m2_best.best_epoch,
+        "m2_test_accuracy": m2_best.test_accuracy(x_test, data.y_test),
+        "m2_last_val_accuracy": m2_best.curve[-1],
         "m2_seconds": m2_seconds,
-        "baseline_accuracy": baseline.accuracy(*tests["binarized"]),
-        "baseline_accuracy_grayscale": baseline.accuracy(*tests["grayscale"]),
-        "baseline_seconds": baseline_seconds,
+        "baseline_val_curve": base_best.curve,
+        "baseline_epoch_kept": base_best.best_epoch,
+        "baseline_test_accuracy": base_best.test_accuracy(x_test, data.y_test),
+        "baseline_seconds": base_seconds,
     }
-    print(json.dumps(row), flush=True)
+    print(
+        f"{num_labelled} labels, seed {seed}: M2 {row['m2_test_accuracy']:.4f} (epoch "
+        f"{row['m2_epoch_kept']}), baseline {row['baseline_test_accuracy']:.4f} (epoch "
+        f"{row['baseline_epoch_kept']}); {m2_seconds:.0f} s + {base_seconds:.0f} s",
+        flush=True,
+    )
     return row
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per label count: mean ± SD over seeds of each side, and the paired difference ± SE."""
+    out = []
+    for n in sorted({r["num_labelled"] for r in rows}):
+        mine = [r for r in rows if r["num_labelled"] == n]
+        m2 = [r["m2_test_accuracy"] for r in mine]
+        base = [r["baseline_test_accuracy"] for r in mine]
+        diff = [a - b for a, b in zip(m2, base, strict=True)]
+        out.append(
+            {
+                "num_labelled": n,
+                "seeds": len(mine),
+                "m2_mean": statistics.fmean(m2),
+                "m2_sd": sd(m2),
+                "baseline_mean": statistics.fmean(base),
+                "baseline_sd": sd(base),
+                "diff_mean": statistics.fmean(diff),
+                "diff_se": sd(diff) / math.sqrt(len(diff)),
+                "m2_seconds": statistics.fmean(r["m2_seconds"] for r in mine),
+            }
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labels", type=int, nargs="+", default=[100, 600, 1000, 3000])
-    parser.add_argument("--num-unlabelled", type=int, default=5000, help="0: all the rest")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256])
-    parser.add_argument("--latent-dim", type=int, default=32)
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        default=50.0,
-        help="weight of log q(y|x) per labelled example; 0: the paper's 0.1 N / N_l",
-    )
-    parser.add_argument("--baseline-steps", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--labels", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num-unlabelled", type=int, default=0, help="0: all the rest")
+    parser.add_argument("--epochs", type=int, default=None, help="default: train.py's")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LR)
+    parser.add_argument("--hidden", type=int, nargs="+", default=DEFAULT_HIDDEN)
+    parser.add_argument("--latent-dim", type=int, default=DEFAULT_LATENT)
+    parser.add_argument("--alpha", type=float, default=None, help="default: M2.from_data's")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "m2-fashion-mnist.json"
-    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.epochs = args.epochs or default_epochs(args.dataset)
+    out = args.out or Path(__file__).parent / "results" / f"m2-{args.dataset}.json"
 
-    data = pv.load_dataset("fashion-mnist")
-    tests = {
-        "binarized": (
-            pv.binarize(data.x_test, torch.Generator().manual_seed(args.seed)),
-            data.y_test,
-        ),
-        "grayscale": (data.x_test, data.y_test),
-    }
+    data = pv.load_dataset(args.dataset, data_dir=args.data_dir)
+    val_size = default_val_size(args.dataset, len(data.y_train))
+    # One validation split for every seed: the seeds vary the labelled subset.
+    data = data.hold_out(validation_indices(len(data.y_train), val_size, 0))
     started = time.perf_counter()
-    rows = [run_one(n, data, tests, args) for n in args.labels]
+    rows = [run_one(n, s, data, args) for n in args.labels for s in args.seeds]
     total = time.perf_counter() - started
+    table = summary(rows)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(
-        json.dumps({"settings": settings, "rows": rows, "total_seconds": total}, indent=1)
+    settings["val_size"] = val_size
+    out.write_text(
+        json.dumps(
+            {"settings": settings, "rows": rows, "summary": table, "total_seconds": total},
+            indent=1,
+        )
     )
     print(
-        "\n| labels | M2 | supervised only | M2 − baseline | M2 (grayscale test) | "
-        "baseline (grayscale test) | M2 time | baseline time |"
+        f"\n{args.dataset}: {rows[0]['num_unlabelled']}+ unlabelled, {val_size} validation "
+        f"rows, {args.epochs} epochs of batch {args.batch_size}, epoch kept by validation "
+        "accuracy, test scored once"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("| labels | seeds | M2 | supervised only | M2 − baseline (paired) | M2 time |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
         print(
-            f"| {r['num_labelled']} | {r['m2_accuracy']:.4f} | {r['baseline_accuracy']:.4f} | "
-            f"{r['m2_accuracy'] - r['baseline_accuracy']:+.4f} | "
-            f"{r['m2_accuracy_grayscale']:.4f} | {r['baseline_accuracy_grayscale']:.4f} | "
-            f"{r['m2_seconds']:.0f} s | {r['baseline_seconds']:.0f} s |"
+            f"| {r['num_labelled']} | {r['seeds']} | {r['m2_mean']:.4f} ± {r['m2_sd']:.4f} | "
+            f"{r['baseline_mean']:.4f} ± {r['baseline_sd']:.4f} | "
+            f"{r['diff_mean']:+.4f} ± {r['diff_se']:.4f} | {r['m2_seconds']:.0f} s |"
         )
-    print(f"\ntotal {total:.0f} s; results in {args.out}")
+    print(f"\ntotal {total:.0f} s; results in {out}")
 
 
 if __name__ == "__main__":

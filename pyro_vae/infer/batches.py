@@ -10,8 +10,10 @@ resumed run goes on from the same step of the same shuffle.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -19,6 +21,76 @@ from torch.utils.data import DataLoader, Dataset
 
 from pyro_vae.data import is_binary, to_tensor
 from pyro_vae.infer.objective import device_and_dtype
+
+
+class EpochOrder(Protocol):
+    """Which rows one epoch takes, in which order: ``length`` indices, cut into batches of
+    fit's batch size in turn. A model that needs more than a shuffle (M2's labelled rows in
+    every batch) returns one from ``module.epoch_order(*tensors, batch_size=B)``."""
+
+    length: int
+
+    def draw(self, generator: torch.Generator | None, device: torch.device) -> Tensor: ...
+
+
+@dataclass
+class Shuffled:
+    """fit's default order: every row once per epoch, in a fresh random order."""
+
+    length: int
+
+    def draw(self, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        return torch.randperm(self.length, device=device, generator=generator)
+
+
+class FewInEveryBatch:
+    """Every batch holds ``per_batch`` rows of a small subset ``few`` and fills the rest with
+    the ``other`` rows; an epoch is one pass over ``other``, each once, while ``few`` is
+    cycled through in fresh shuffles (a row of it may be seen several times an epoch).
+
+    Why: when ``few`` is rare (M2's labelled rows, 100 among 50,000), a uniform shuffle puts
+    none of it in most batches, so its term of the loss arrives as rare, large spikes. Here
+    every step sees it. Each slot of ``few`` is, marginally, a uniform draw from ``few``, and
+    each row of ``other`` is seen once: a model that scales the rows of each part of a batch by
+    that part's size in the data over its size in the batch (``len(few) / per_batch`` and
+    ``len(other) / (batch_size - per_batch)``) estimates the sum over all rows without bias.
+
+    Each batch is ``per_batch`` rows of ``few`` followed by up to ``batch_size - per_batch``
+    of ``other``; only the last batch of an epoch is shorter. Under torchrun the shared order
+    is dealt out as any order is (:func:`~pyro_vae.infer.distributed.shard`), so each rank's
+    batch holds about ``per_batch / world_size`` rows of ``few``.
+    """
+
+    def __init__(self, few: Tensor, other: Tensor, batch_size: int, per_batch: int) -> None:
+        if len(other) == 0:
+            raise ValueError("FewInEveryBatch needs other rows; with none, shuffle (Shuffled)")
+        if not 1 <= per_batch <= min(len(few), batch_size - 1):
+            raise ValueError(
+                f"per_batch must be between 1 and min(len(few), batch_size - 1) = "
+                f"{min(len(few), batch_size - 1)}, got {per_batch}"
+            )
+        self.few, self.other, self.per_batch = few, other, per_batch
+        self.room = batch_size - per_batch
+        """Rows of ``other`` per batch: every batch is exactly ``batch_size`` long (fit cuts
+        the order into batches by length), the last one excepted."""
+        self.num_batches = math.ceil(len(other) / self.room)
+        self.length = len(other) + self.num_batches * per_batch
+
+    def draw(self, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        few, other = self.few.to(device), self.other.to(device)
+        needed = self.num_batches * self.per_batch
+        shuffles = [
+            few[torch.randperm(len(few), device=device, generator=generator)]
+            for _ in range(math.ceil(needed / len(few)))
+        ]
+        few_rows = torch.cat(shuffles)[:needed].split(self.per_batch)
+        other_rows = other[torch.randperm(len(other), device=device, generator=generator)]
+        return torch.cat(
+            [
+                torch.cat([few_part, other_part])
+                for few_part, other_part in zip(few_rows, other_rows.split(self.room), strict=True)
+            ]
+        )
 
 
 class InMemoryRows:

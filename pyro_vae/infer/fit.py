@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae.infer import distributed
-from pyro_vae.infer.batches import Rows, prepare_rows
+from pyro_vae.infer.batches import EpochOrder, InMemoryRows, Rows, Shuffled, prepare_rows
 from pyro_vae.infer.objective import Objective, device_and_dtype
 from pyro_vae.infer.state import History, TrainingState
 from pyro_vae.infer.step import (
@@ -153,13 +153,14 @@ def fit(
     trainer = make_optimizer(optimizer, parameters, learning_rate, compile, read_every)
     stepper = make_stepper(objective, compile, group, device)
 
+    epochs = _epoch_order(module, rows, batch_size)
     # On many processes each rank takes its shard of the shared shuffle: as many steps on all.
-    num_steps = math.ceil(math.ceil(num_data / group.world_size) / batch_size)
+    num_steps = math.ceil(math.ceil(epochs.length / group.world_size) / batch_size)
     history = History(binarized=binarize)
     first_epoch, first_step, order = 1, 0, None
     if resume is not None:
         history, first_epoch, first_step, order = resume.restore(
-            trainer, generator, num_data, device, noise=noise
+            trainer, generator, epochs.length, device, noise=noise
         )
     with (
         _restored_beta(module),
@@ -197,7 +198,7 @@ def fit(
         for epoch in range(first_epoch, num_epochs + 1):
             started = time.perf_counter()
             if order is None:
-                order = torch.randperm(num_data, device=device, generator=generator)
+                order = epochs.draw(generator, device)
             stop = _train_epoch(run, epoch, first_step, order)
             # Summed in step order from the stored step losses, so that a resumed epoch gets
             # the very same number as an uninterrupted one.
@@ -216,6 +217,16 @@ def fit(
             if enough:
                 break
     return history
+
+
+def _epoch_order(module: Any, rows: Rows, batch_size: int) -> EpochOrder:
+    """Each epoch's order of rows: the module's own (``module.epoch_order(*tensors,
+    batch_size=B)``, given the data in memory) where it has one, else a shuffle."""
+    epoch_order = getattr(module, "epoch_order", None)
+    if callable(epoch_order) and isinstance(rows, InMemoryRows):
+        order: EpochOrder = epoch_order(*rows.tensors, batch_size=batch_size)
+        return order
+    return Shuffled(rows.num_data)
 
 
 @dataclass

@@ -142,19 +142,19 @@ class TrainingState:
         self,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator | None,
-        num_data: int,
+        epoch_length: int,
         device: torch.device,
         noise: torch.Generator | None = None,
     ) -> tuple[History, int, int, Tensor | None]:
         """Put the optimizer and random states back (on many processes, this rank's own, and
         ``noise``'s); return a copy of the history, the epoch and step to go on from, and the
-        epoch's shuffle."""
+        epoch's shuffle (``epoch_length`` rows long: fit's ``EpochOrder``)."""
         group = distributed.ranks()
         self.check_world_size(group.world_size)
-        if self.order is not None and len(self.order) != num_data:
+        if self.order is not None and len(self.order) != epoch_length:
             raise ValueError(
-                f"resume: the saved run shuffled {len(self.order)} examples, the data has "
-                f"{num_data}"
+                f"resume: the saved run's epoch takes {len(self.order)} rows, an epoch of "
+                f"this data {epoch_length}"
             )
         if (self.generator_rng is None) != (generator is None):
             raise ValueError("resume: pass a generator exactly when the saved run had one")

@@ -171,6 +171,7 @@ def new_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any]:
         "num_labels": len(data.class_names),
         "latent_dim": args.latent_dim,
         "alpha": float(args.alpha),
+        "num_labelled": len(labelled),
         "hidden_dims": list(args.hidden_dims),
         "image_shape": list(data.image_shape) if args.network == "conv" else None,
     }
@@ -230,6 +231,8 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     m2.validate_data(x.to(m2.dtype), "training data", probabilities=True)
     m2.check_labels(y, len(x))
     num_labelled = len(labelled)
+    if m2.num_labelled is None:  # a run written before the config recorded it
+        m2.num_labelled = num_labelled
     network = "conv" if args.network == "conv" else f"MLP {args.hidden_dims}"
     return Setup(
         model=m2,

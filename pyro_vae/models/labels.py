@@ -4,6 +4,8 @@ the classification term."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,20 @@ def paper_alpha(num_data: int, num_labelled: int) -> float:
     if num_labelled > num_data:
         raise ValueError(f"num_labelled={num_labelled} exceeds num_data={num_data}")
     return PAPER_ALPHA_FRACTION * num_data / num_labelled
+
+
+LABELLED_SHARE = 0.1
+"""The least share of a batch that M2's labelled rows take (:func:`labelled_per_batch`)."""
+
+
+def labelled_per_batch(batch_size: int, num_labelled: int, num_unlabelled: int) -> int:
+    """How many labelled rows each of M2's batches holds: their share of the data
+    (``batch_size · N_l / N``), but at least :data:`LABELLED_SHARE` of the batch and at least
+    one, and no more than there are. The scales make any count unbiased; more labelled rows
+    per batch make the classification term's gradient steadier (docs/design.md, "M2")."""
+    share = batch_size * num_labelled / (num_labelled + num_unlabelled)
+    wanted = max(1, math.ceil(share), math.ceil(LABELLED_SHARE * batch_size))
+    return min(wanted, num_labelled, batch_size - 1)
 
 
 def labelled_subset(labels: Tensor, num_labelled: int, seed: int) -> Tensor:

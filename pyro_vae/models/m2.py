@@ -40,9 +40,15 @@ from pyro_vae.components.encoders import DiagonalNormalEncoder
 from pyro_vae.components.likelihoods import BernoulliLikelihood
 from pyro_vae.components.networks import MLP, DeconvNet, feature_network
 from pyro_vae.components.priors import StandardNormalPrior
+from pyro_vae.infer.batches import EpochOrder, FewInEveryBatch, Shuffled
 from pyro_vae.models import contract
 from pyro_vae.models.base import NamedPyroModule, PyroProgram, check_num_data, data_plate
-from pyro_vae.models.labels import UNLABELLED, check_label_tensor, paper_alpha
+from pyro_vae.models.labels import (
+    UNLABELLED,
+    check_label_tensor,
+    labelled_per_batch,
+    paper_alpha,
+)
 
 
 class M2(PyroProgram):
@@ -91,6 +97,8 @@ class M2(PyroProgram):
         latent_dim: int,
         *,
         alpha: float,
+        num_labelled: int | None = None,
+        labelled_per_batch: int | None = None,
         hidden_dims: Sequence[int] = (500,),
         image_shape: Sequence[int] | None = None,
         classifier: nn.Module | None = None,
@@ -106,6 +114,14 @@ class M2(PyroProgram):
             raise ValueError(f"num_labels must be at least 2, got {num_labels}")
         self.latent_dim = check_positive_int("latent_dim", latent_dim)
         self.alpha = check_positive_float("alpha", alpha)
+        self.num_labelled = (
+            None if num_labelled is None else check_positive_int("num_labelled", num_labelled)
+        )
+        self.labelled_per_batch = (
+            None
+            if labelled_per_batch is None
+            else check_positive_int("labelled_per_batch", labelled_per_batch)
+        )
         hidden_dims = tuple(hidden_dims)
         for width in hidden_dims:
             check_positive_int("hidden_dims entries", width)
@@ -170,7 +186,9 @@ class M2(PyroProgram):
         num_labels = kwargs.pop("num_labels", int(known.max()) + 1)
         if alpha is None:
             alpha = paper_alpha(len(labels), len(known))
-        return cls(x.shape[1], num_labels, latent_dim, alpha=alpha, **kwargs)
+        return cls(
+            x.shape[1], num_labels, latent_dim, alpha=alpha, num_labelled=len(known), **kwargs
+        )
 
     @staticmethod
     def loss(**kwargs: Any) -> TraceEnum_ELBO:
@@ -184,12 +202,25 @@ class M2(PyroProgram):
 
     # ------------------------------------------------------------------ the Pyro program
 
-    def _scale(self, x: Tensor, num_data: int | None) -> float:
-        """N / B: the two plates of a batch have sizes of their own, so the subsample scale is
-        applied by hand."""
+    def _scales(self, labelled: Tensor, num_data: int | None) -> tuple[float, float]:
+        """The subsample scales of the batch's labelled and unlabelled rows: each part's count
+        in the data over its count in the batch, N_l / B_l and (N − N_l) / B_u (the class
+        docstring says why); applied by hand, as the two plates have sizes of their own."""
         if num_data is None:
-            return 1.0
-        return check_num_data(x.shape[0], num_data) / x.shape[0]
+            return 1.0, 1.0
+        check_num_data(len(labelled), num_data)
+        if self.num_labelled is None:
+            raise ValueError(
+                "M2.num_labelled is not set: training on batches (num_data given) scales the "
+                "labelled rows by N_l / B_l; build the M2 with M2.from_data or num_labelled="
+            )
+        batch_labelled = int(labelled.sum())
+        batch_unlabelled = len(labelled) - batch_labelled
+        num_unlabelled = num_data - self.num_labelled
+        return (
+            self.num_labelled / max(batch_labelled, 1),
+            num_unlabelled / max(batch_unlabelled, 1),
+        )
 
     @pyro_method
     def model(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
@@ -209,27 +240,27 @@ class M2(PyroProgram):
         if is_validation_enabled():
             self.check_labels(y, len(x))
         labelled = y != UNLABELLED
+        scale_labelled, scale_unlabelled = self._scales(labelled, num_data)
         p_y = dist.Categorical(logits=x.new_zeros(self.num_labels))
-        with poutine.scale(scale=self._scale(x, num_data)):
-            if not bool(labelled.all()):
-                x_u = x[~labelled]
-                with pyro.plate("unlabelled", len(x_u)):
-                    z = pyro.sample("z_unlabelled", prior())
-                    # Its value is the guide's: each class in turn, summed over by
-                    # TraceEnum_ELBO with q(y | x)'s weights.
-                    y_u = pyro.sample("y_unlabelled", p_y)
-                    params = decoder(self._decoder_input(z, y_u))
-                    pyro.sample("x_unlabelled", likelihood(params), obs=x_u)
-            if bool(labelled.any()):
-                x_l, y_l = x[labelled], y[labelled]
-                with pyro.plate("labelled", len(x_l)):
-                    z = pyro.sample("z_labelled", prior())
-                    pyro.sample("y_labelled", p_y, obs=y_l)
-                    params = decoder(self._decoder_input(z, y_l))
-                    pyro.sample("x_labelled", likelihood(params), obs=x_l)
-                    # The classification term: log q(y | x) of the observed label, weighted α.
-                    with poutine.scale(scale=self.alpha):
-                        pyro.sample("y_aux", dist.Categorical(logits=classifier(x_l)), obs=y_l)
+        if not bool(labelled.all()):
+            x_u = x[~labelled]
+            with pyro.plate("unlabelled", len(x_u)), poutine.scale(scale=scale_unlabelled):
+                z = pyro.sample("z_unlabelled", prior())
+                # Its value is the guide's: each class in turn, summed over by
+                # TraceEnum_ELBO with q(y | x)'s weights.
+                y_u = pyro.sample("y_unlabelled", p_y)
+                params = decoder(self._decoder_input(z, y_u))
+                pyro.sample("x_unlabelled", likelihood(params), obs=x_u)
+        if bool(labelled.any()):
+            x_l, y_l = x[labelled], y[labelled]
+            with pyro.plate("labelled", len(x_l)), poutine.scale(scale=scale_labelled):
+                z = pyro.sample("z_labelled", prior())
+                pyro.sample("y_labelled", p_y, obs=y_l)
+                params = decoder(self._decoder_input(z, y_l))
+                pyro.sample("x_labelled", likelihood(params), obs=x_l)
+                # The classification term: log q(y | x) of the observed label, weighted α.
+                with poutine.scale(scale=self.alpha):
+                    pyro.sample("y_aux", dist.Categorical(logits=classifier(x_l)), obs=y_l)
 
     @pyro_method
     def guide(self, x: Tensor, y: Tensor, num_data: int | None = None) -> None:
@@ -237,20 +268,32 @@ class M2(PyroProgram):
         :meth:`model`."""
         encoder, classifier = self.encoder, self.classifier
         labelled = y != UNLABELLED
-        with poutine.scale(scale=self._scale(x, num_data)):
-            if not bool(labelled.all()):
-                x_u = x[~labelled]
-                with pyro.plate("unlabelled", len(x_u)):
-                    y_u = pyro.sample(
-                        "y_unlabelled",
-                        dist.Categorical(logits=classifier(x_u)),
-                        infer={"enumerate": "parallel"},
-                    )
-                    pyro.sample("z_unlabelled", encoder(self._encoder_input(x_u, y_u)))
-            if bool(labelled.any()):
-                x_l, y_l = x[labelled], y[labelled]
-                with pyro.plate("labelled", len(x_l)):
-                    pyro.sample("z_labelled", encoder(self._encoder_input(x_l, y_l)))
+        scale_labelled, scale_unlabelled = self._scales(labelled, num_data)
+        if not bool(labelled.all()):
+            x_u = x[~labelled]
+            with pyro.plate("unlabelled", len(x_u)), poutine.scale(scale=scale_unlabelled):
+                y_u = pyro.sample(
+                    "y_unlabelled",
+                    dist.Categorical(logits=classifier(x_u)),
+                    infer={"enumerate": "parallel"},
+                )
+                pyro.sample("z_unlabelled", encoder(self._encoder_input(x_u, y_u)))
+        if bool(labelled.any()):
+            x_l, y_l = x[labelled], y[labelled]
+            with pyro.plate("labelled", len(x_l)), poutine.scale(scale=scale_labelled):
+                pyro.sample("z_labelled", encoder(self._encoder_input(x_l, y_l)))
+
+    def epoch_order(self, x: Tensor, y: Tensor, *, batch_size: int) -> EpochOrder:
+        """How ``fit`` orders each epoch: every batch holds labelled rows
+        (:class:`~pyro_vae.infer.batches.FewInEveryBatch`, ``labelled_per_batch`` of them, the
+        rule of :func:`~pyro_vae.models.labels.labelled_per_batch` unless set) and an epoch is
+        one pass over the unlabelled rows. Data all labelled, or all unlabelled: a shuffle."""
+        labelled = y != UNLABELLED
+        few, other = labelled.nonzero().squeeze(1), (~labelled).nonzero().squeeze(1)
+        if len(few) == 0 or len(other) == 0 or batch_size < 2:
+            return Shuffled(len(y))
+        per_batch = self.labelled_per_batch or labelled_per_batch(batch_size, len(few), len(other))
+        return FewInEveryBatch(few, other, batch_size, min(per_batch, len(few), batch_size - 1))
 
     def _one_hot(self, y: Tensor, dtype: torch.dtype) -> Tensor:
         return F.one_hot(y, self.num_labels).to(dtype)
@@ -362,6 +405,12 @@ class M2(PyroProgram):
         if rest:
             raise ValueError(f"M2 trains on (x, labels), got {2 + len(rest)} tensors")
         self.check_labels(labels, len(x))
+        known = int((labels != UNLABELLED).sum())
+        if self.num_labelled is not None and known != self.num_labelled:
+            raise ValueError(
+                f"the labels have {known} labelled rows, but this M2 was built for "
+                f"num_labelled={self.num_labelled} (the count its batches are scaled by)"
+            )
 
 
 class SupervisedClassifier(NamedPyroModule):
@@ -414,17 +463,20 @@ def build_m2(
     latent_dim: int,
     *,
     alpha: float,
+    num_labelled: int | None = None,
     hidden_dims: Sequence[int] = (500,),
     image_shape: Sequence[int] | None = None,
 ) -> M2:
     """An :class:`M2` with its default parts, from plain values only: what a checkpoint's
     config (``"model": "m2"``) holds and :func:`~pyro_vae.checkpoint.load_checkpoint`
-    rebuilds. Arguments as :class:`M2`'s."""
+    rebuilds (runs written before ``num_labelled`` was recorded load without it: the job sets
+    it from their labelled rows). Arguments as :class:`M2`'s."""
     return M2(
         data_dim,
         num_labels,
         latent_dim,
         alpha=alpha,
+        num_labelled=num_labelled,
         hidden_dims=hidden_dims,
         image_shape=image_shape,
     )

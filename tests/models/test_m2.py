@@ -18,8 +18,8 @@ from pyro_vae.models.m2 import M2, SupervisedClassifier
 K, D, LATENT = 3, 5, 2
 
 
-def tiny_m2(alpha: float = 0.7) -> M2:
-    return M2(D, K, LATENT, alpha=alpha, hidden_dims=(4,))
+def tiny_m2(alpha: float = 0.7, num_labelled: int | None = None) -> M2:
+    return M2(D, K, LATENT, alpha=alpha, num_labelled=num_labelled, hidden_dims=(4,))
 
 
 def log_normal(z, loc, scale):
@@ -33,9 +33,10 @@ def log_bernoulli(x, logits):
 
 
 def hand_written_loss(m2: M2, x, y, num_data: int, eps_unlabelled, eps_labelled):
-    """−(N/B) Σ_rows of: Σ_y q(y|x) ELBO(x, y) + H(q(y|x)) for an unlabelled row;
-    ELBO(x, y) + α log q(y|x) for a labelled one. ELBO(x, y) = log p(y) + log p(z)
-    + log p(x|y,z) − log q(z|x,y) at z = μ + σ·ε, with the ε the guide drew."""
+    """−(N_u/B_u) Σ_unlabelled [Σ_y q(y|x) ELBO(x, y) + H(q(y|x))]
+    − (N_l/B_l) Σ_labelled [ELBO(x, y) + α log q(y|x)], N_l = m2.num_labelled of the N rows,
+    B_l and B_u the batch's counts. ELBO(x, y) = log p(y) + log p(z) + log p(x|y,z)
+    − log q(z|x,y) at z = μ + σ·ε, with the ε the guide drew."""
 
     def elbo_given(x_row, label, eps):
         one_hot = F.one_hot(torch.tensor(label), K).to(x.dtype)
@@ -51,17 +52,20 @@ def hand_written_loss(m2: M2, x, y, num_data: int, eps_unlabelled, eps_labelled)
             - log_normal(z, loc, scale)
         )
 
-    total = 0.0
+    total_u = total_l = 0.0
     unlabelled = (y == UNLABELLED).nonzero().squeeze(1).tolist()
     labelled = (y != UNLABELLED).nonzero().squeeze(1).tolist()
     for j, n in enumerate(unlabelled):
         q = torch.softmax(m2.classifier(x[n]), -1)
-        total += sum(q[k] * elbo_given(x[n], k, eps_unlabelled[k, j]) for k in range(K))
-        total += -(q * q.log()).sum()
+        total_u += sum(q[k] * elbo_given(x[n], k, eps_unlabelled[k, j]) for k in range(K))
+        total_u += -(q * q.log()).sum()
     for j, n in enumerate(labelled):
         log_q = torch.log_softmax(m2.classifier(x[n]), -1)
-        total += elbo_given(x[n], int(y[n]), eps_labelled[j]) + m2.alpha * log_q[y[n]]
-    return -(num_data / len(x)) * total
+        total_l += elbo_given(x[n], int(y[n]), eps_labelled[j]) + m2.alpha * log_q[y[n]]
+    num_labelled = m2.num_labelled
+    scale_u = (num_data - num_labelled) / max(len(unlabelled), 1)
+    scale_l = num_labelled / max(len(labelled), 1)
+    return -(scale_u * total_u + scale_l * total_l)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +74,7 @@ def hand_written_loss(m2: M2, x, y, num_data: int, eps_unlabelled, eps_labelled)
     ids=["mixed", "all-unlabelled", "all-labelled"],
 )
 def test_trace_enum_loss_is_the_enumeration_sum_written_by_hand(labels):
-    m2 = tiny_m2()
+    m2 = tiny_m2(num_labelled=4)
     x, y = binary_data(6, D, p=0.5), torch.tensor(labels)
     num_data = 15
     n_u = int((y == UNLABELLED).sum())
@@ -216,7 +220,7 @@ def test_state_dict_round_trips_and_copies_train_on_their_own():
 def test_convolutional_parts_read_images_and_train():
     x = binary_data(8, 36)
     y = torch.tensor([0, -1, 1, -1, 2, -1, -1, 0])
-    m2 = M2(36, 3, 2, alpha=1.0, image_shape=(6, 6))
+    m2 = M2(36, 3, 2, alpha=1.0, num_labelled=4, image_shape=(6, 6))
     assert isinstance(m2.classifier, pv.ConvNet) and isinstance(m2.decoder, pv.DeconvNet)
     assert m2.encoder.net.image_shape == (1 + 3, 6, 6)  # y as three constant planes
     before = copy.deepcopy(m2.state_dict())
