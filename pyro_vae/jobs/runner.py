@@ -45,6 +45,7 @@ from pyro_vae.jobs.runs import (
     run_arguments,
     validation_indices,
 )
+from pyro_vae.jobs.tensorboard_log import EpochBoard
 
 
 def train_main(args: argparse.Namespace, prog: str) -> int:
@@ -235,12 +236,15 @@ def train(
             "scores it without having chosen anything"
         )
     selection = Selection(job, run, metrics)
+    # TensorBoard's scalars and images (rank 0, where the package is installed).
+    board = EpochBoard.open(args, run_dir.path, setup, run.data.image_shape, len(metrics))
 
     def after_epoch(epoch: int, history: pv.History) -> bool:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": history.loss[-1]}
         row.update(job.epoch_row(setup, args, epoch))
         row["seconds"] = history.epoch_seconds[-1]
         metrics.append(row)
+        board.log(row, args.num_epochs)
         best = selection.consider(row)
         if best:
             selection.weights = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
@@ -290,6 +294,7 @@ def train(
         compile=args.compile,
     )
     trained = time.perf_counter() - started
+    board.close()
 
     # The test set is scored once, here, on the best epoch's weights.
     if metrics and selection.epoch != metrics[-1]["epoch"]:
