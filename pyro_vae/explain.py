@@ -54,6 +54,8 @@ OUTPUT_FILES = (
     "confusion.png",
     explain_gaps.FIGURE,
 )
+# How every report explain writes begins: what tells its own report.md from one a user wrote.
+REPORT_HEADING = "# What μ and σ"
 # Draws per pass in sections 3 and 4: bounds their memory for any num_particles (the moments are
 # merged across passes; the point-cloud figure shows the first pass's draws).
 DRAW_CHUNK = 4096
@@ -118,7 +120,7 @@ def explain(
     sections.append(explain_gaps.gaps_section(vae, x, len(sections) + 1, out))
     report = out / "report.md"
     header = (
-        f"# What μ and σ really are: measured on this model\n\n"
+        f"{REPORT_HEADING} really are: measured on this model\n\n"
         f"{len(x)} test examples of {vae.data_dim} features; latent size {vae.latent_dim}; "
         f"prior {type(vae.prior).__name__}, encoder {type(vae.encoder).__name__}, "
         f"likelihood {type(vae.likelihood).__name__}. Every number below was computed when "
@@ -178,7 +180,7 @@ def explain_m2(
     rows = view.rows(x, predicted)
     sections.append(explain_gaps.gaps_section(view, rows, len(sections) + 1, out, gaps_note))
     header = (
-        "# What μ and σ, and q(y | x), are: measured on this M2\n\n"
+        f"{REPORT_HEADING}, and q(y | x), are: measured on this M2\n\n"
         f"{len(x)} test examples of {m2.data_dim} features, {m2.num_labels} classes; latent "
         f"size {m2.latent_dim}; encoder {type(m2.encoder).__name__}, classifier "
         f"{type(m2.classifier).__name__}, likelihood {type(m2.likelihood).__name__}. Every "
@@ -234,7 +236,7 @@ def explain_cvae(
         explain_gaps.gaps_section(view, encoder_input, len(sections) + 1, out, gaps_note)
     )
     header = (
-        "# What μ and σ are, and how much completions vary: measured on this CVAE\n\n"
+        f"{REPORT_HEADING} are, and how much completions vary: measured on this CVAE\n\n"
         f"{len(x)} test inputs, each {cvae.condition_dim} given and {cvae.data_dim} missing "
         f"features; latent size {cvae.latent_dim}; prior {type(cvae.prior).__name__}, encoder "
         f"{type(cvae.encoder).__name__}, likelihood {type(cvae.likelihood).__name__}. Every "

@@ -26,15 +26,20 @@ CVAE's completions vary per condition (the spread of the likelihood's mean over 
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
-
-from pyro_vae.infer import distributed
-from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
-from pyro_vae.jobs.run_directory import RunDirectory
 
 PROG = "evaluate.py"
+
+try:  # torch and Pyro take a second or so to import: a Ctrl-C then is one line too
+    import argparse
+    from pathlib import Path
+
+    from pyro_vae.infer import distributed
+    from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
+    from pyro_vae.jobs.run_directory import RunDirectory
+except KeyboardInterrupt:
+    print(f"{PROG}: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,17 +17,22 @@ row per epoch), final_metrics.json, and figures.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
-
-import pyro_vae as pv
-from pyro_vae.infer import distributed
-from pyro_vae.jobs import JOBS, cli
-from pyro_vae.jobs.runner import train_main
-from pyro_vae.jobs.runs import ELBOS, RESUME_OVERRIDES
 
 PROG = "train.py"
+
+try:  # torch and Pyro take a second or so to import: a Ctrl-C then is one line too
+    import argparse
+    from pathlib import Path
+
+    import pyro_vae as pv
+    from pyro_vae.infer import distributed
+    from pyro_vae.jobs import JOBS, cli
+    from pyro_vae.jobs.runner import train_main
+    from pyro_vae.jobs.runs import ELBOS, RESUME_OVERRIDES
+except KeyboardInterrupt:
+    print(f"{PROG}: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -129,7 +129,8 @@ class RunDirectory:
         except OSError as error:
             raise ValueError(f"cannot create output directory {path}: {error}") from error
         if not os.access(path, os.W_OK):
-            raise ValueError(f"output directory {path} is not writable")
+            what = "run directory" if mode == "existing" else "output directory"
+            raise ValueError(f"{what} {path} is not writable")
         held_before = _holds_a_run(path)  # before our lock file makes it look like a run
         lock_fd = _lock(path)
         try:
