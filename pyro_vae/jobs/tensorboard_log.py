@@ -57,13 +57,23 @@ def add_argument(parser: argparse.ArgumentParser) -> None:
 class EpochBoard:
     """The TensorBoard writer of one run (a no-op where nothing is written: TensorBoard not
     wanted or not installed, or a rank other than 0). Open with :meth:`open`; :meth:`log` each
-    epoch row; :meth:`close` at the end (also done when the board is collected)."""
+    epoch row; :meth:`close` at the end (also done when the board is collected). Nothing is
+    written before the first epoch's row: a run stopped before it leaves no trace."""
 
-    def __init__(self, writer: Any, setup: Setup | None, image_shape: tuple[int, ...]) -> None:
-        self.writer = writer
+    def __init__(
+        self,
+        directory: Path | None,
+        setup: Setup | None,
+        image_shape: tuple[int, ...],
+        epochs_done: int = 0,
+    ) -> None:
+        self.directory = directory
+        """Where the event files go; ``None``: nothing is written."""
         self.setup = setup
         self.image_shape = image_shape
-        self._finalizer = None if writer is None else weakref.finalize(self, writer.close)
+        self.epochs_done = epochs_done
+        self.writer: Any = None
+        self._finalizer: weakref.finalize | None = None
 
     @classmethod
     def open(
@@ -75,9 +85,9 @@ class EpochBoard:
         epochs_done: int,
     ) -> EpochBoard:
         """The board of a run in ``run_dir`` that has ``epochs_done`` epochs behind it (0 for a
-        new run: the event files of an old run overwritten there are removed; a resumed run
-        appends, and TensorBoard drops what an earlier process logged after the checkpoint
-        it resumes from)."""
+        new run: the event files of an old run overwritten there are removed when the first
+        row is written; a resumed run appends, and TensorBoard drops what an earlier process
+        logged after the checkpoint it resumes from)."""
         wanted = getattr(args, "tensorboard", None)
         if wanted is False or not distributed.ranks().is_main:
             return cls(None, None, image_shape)
@@ -87,25 +97,32 @@ class EpochBoard:
                     '--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"'
                 )
             return cls(None, None, image_shape)
-        from torch.utils.tensorboard import SummaryWriter
-
         directory = run_dir / DIRECTORY
         if directory.is_symlink():
             raise ValueError(
                 f"{directory} is a symbolic link; a run directory follows no link out of it"
             )
-        if epochs_done == 0 and directory.is_dir():
-            for old in directory.glob("events.out.tfevents.*"):
+        return cls(directory, setup, image_shape, epochs_done)
+
+    def _open_writer(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        assert self.directory is not None
+        if self.epochs_done == 0 and self.directory.is_dir():
+            for old in self.directory.glob("events.out.tfevents.*"):
                 old.unlink()
-        writer = SummaryWriter(str(directory), purge_step=epochs_done + 1)
-        return cls(writer, setup, image_shape)
+        writer = SummaryWriter(str(self.directory), purge_step=self.epochs_done + 1)
+        self._finalizer = weakref.finalize(self, writer.close)
+        return writer
 
     def log(self, row: dict[str, Any], last_epoch: int) -> None:
         """The epoch row's numbers as scalars at step ``row["epoch"]`` (each under its own
         name in the row: ``train_loss``, ``val_elbo``, ...), and the image grids every
         :data:`IMAGE_EVERY` epochs, at the first and at ``last_epoch``."""
-        if self.writer is None:
+        if self.directory is None:
             return
+        if self.writer is None:
+            self.writer = self._open_writer()
         epoch = int(row["epoch"])
         for name, value in row.items():
             if name != "epoch" and isinstance(value, (int, float)):
