@@ -15,6 +15,7 @@ import gzip
 import math
 import os
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,8 @@ def _load_torchvision(name: str, data_dir: Path | None) -> DataSplits:
     else:
         search = [*([] if system_dir is None else [system_dir]), root / class_name / "raw"]
     found = _find_idx_files(search)
+    if data_dir is not None and found is not None:
+        _say_which_were_read(name, found, search)
     if found is None:
         _download(name, class_name, root, search)
         found = _find_idx_files([root / class_name / "raw"])
@@ -303,6 +306,23 @@ def _download(name: str, class_name: str, root: Path, search: list[Path]) -> Non
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "pyro_vae"
+
+
+def _say_which_were_read(name: str, found: dict[str, Path], search: list[Path]) -> None:
+    """A data_dir that holds the IDX files twice (in <Class>/raw/, where torchvision puts
+    them, and in itself; or a file both plain and gzipped) is read in that order of
+    preference: one warning, one line, says which files were read and which were not."""
+    chosen = next(iter(found.values())).parent
+    unread = [str(d) for d in search if d != chosen and _find_idx_files([d]) is not None]
+    unread += [
+        f"{path.name}.gz" for path in found.values() if path.with_name(f"{path.name}.gz").is_file()
+    ]
+    if unread:
+        plain = " (the plain files, not their .gz)" if unread[-1].endswith(".gz") else ""
+        warnings.warn(
+            f"{name}: read the IDX files in {chosen}{plain}; not read: {', '.join(unread)}",
+            stacklevel=4,
+        )
 
 
 def _find_idx_files(directories: list[Path]) -> dict[str, Path] | None:

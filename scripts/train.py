@@ -179,4 +179,5 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.one_line_warnings(PROG)
     sys.exit(run())

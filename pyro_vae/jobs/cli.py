@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -203,6 +204,18 @@ def say(text: str) -> None:
             sys.stdout = open(os.devnull, "w")  # lives as long as the process
         finally:
             os.close(devnull)
+
+
+def one_line_warnings(prog: str) -> None:
+    """A script's warnings (a data_dir holding its files twice, a KL that falls back to Monte
+    Carlo) as one line on stderr each, ``PROG: warning: ...``, instead of Python's two (the
+    file and line, then the line of source). For a script run from the shell only: it sets
+    the process's way of showing warnings."""
+
+    def one_line(message: Warning | str, *args: object, **kwargs: object) -> str:
+        return f"{prog}: warning: {message}\n"
+
+    warnings.formatwarning = one_line
 
 
 def stage_printer() -> Callable[[str], None]:
