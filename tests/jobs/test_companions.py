@@ -111,3 +111,22 @@ def test_a_crafted_best_pt_is_refused(runs, tmp_path, capsys, changes, said):
     code, _, err = call(evaluate_script, str(run), *EVALUATE, capsys=capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "best.pt: " in err and said in err, err
+
+
+def test_a_baseline_trained_by_a_resume_that_asked_for_no_more_epochs_passes(
+    runs, tmp_path, capsys
+):
+    """A run stopped after epoch 1 of 3 and resumed with --num-epochs 1 trains no more: its
+    checkpoint.pt still says 3 epochs, and the baseline trained for the 1 done."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["ours"], run)
+    model, payload = pv.load_checkpoint(run / "checkpoint.pt")
+    payload["args"]["num_epochs"] = 3  # as a run of 3 epochs stopped after its first
+    extra = {k: v for k, v in payload.items() if k not in ("format", "config", "state_dict")}
+    pv.save_checkpoint(run / "checkpoint.pt", model, payload["config"], **extra)
+    (run / "baseline.pt").unlink()
+    code, _, err = call(train_script, "--resume", str(run), "--num-epochs", "1", capsys=capsys)
+    assert code == 0, err
+    assert pv.load_checkpoint(run / "checkpoint.pt")[1]["args"]["num_epochs"] == 3
+    code, _, err = call(evaluate_script, str(run), *EVALUATE, capsys=capsys)
+    assert code == 0, err
