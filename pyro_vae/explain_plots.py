@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pyro_vae.plots import _name, _numpy, image_grid, integer_ticks, new_figure, save_figure
+from pyro_vae.plots import _name, _numpy, image_grid, new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,6 +59,13 @@ def plot_point_cloud(
     return fig
 
 
+# Why the explain report shows the dimensions it shows (pyro_vae/explain.py): the two (or five)
+# with the most KL, which change the image most, where the KL per dimension is known.
+DIMS_CHOSEN = (
+    "the two dimensions with the most KL (z_1 and z_2 where the KL per dimension is not known)"
+)
+ROWS_CHOSEN = "rows: the dimensions by KL, largest first\n(z_1, z_2, ... where it is not known)"
+
 # Radii of the prior's contours, in standard deviations. In two dimensions the N(0, I) mass
 # within radius r is 1 − exp(−r²/2): 39%, 86%, 99%.
 _PRIOR_RADII = (1.0, 2.0, 3.0)
@@ -71,17 +78,20 @@ def plot_aggregate_posterior(
     dims: tuple[int, int],
     path: str | os.PathLike,
     standard_prior: bool = True,
+    why_these: str = DIMS_CHOSEN,
 ) -> Figure:
     """One z ~ q(z | x) per test input (the aggregate posterior), coloured by label, over the
     contours of the N(0, I) prior in the same two dimensions (tensor indices ``dims``), each
     labelled with its radius and the mass inside it. Say ``standard_prior=False`` when the
     model's prior is another: the circles are then marked as N(0, I) for reference, not as p(z).
+    ``why_these`` says under the title why these two dimensions are shown (by default, the
+    explain report's rule). The legends stand outside the axes, where they hide no point.
     Return the figure."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
     i, j = dims
-    fig = new_figure(figsize=(6, 5.5))
+    fig = new_figure(figsize=(8, 5.5))
     ax = fig.subplots()
     grid = torch.linspace(-3.5, 3.5, 200, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
@@ -113,11 +123,12 @@ def plot_aggregate_posterior(
     ax.set_xlabel(_name(i))
     ax.set_ylabel(_name(j))
     prior_name = "p(z) = N(0, I)" if standard_prior else "N(0, I) (not this model's prior)"
-    ax.set_title(f"Aggregate posterior q(z) over {prior_name}")
+    ax.set_title(f"Aggregate posterior q(z) over {prior_name}\n{why_these}", fontsize=9)
     points = ax.legend(
         markerscale=3,
         fontsize=7,
-        loc="upper right",
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
         title="q(z): one draw per\ntest input, by label",
     )
     ax.add_artist(points)  # a second legend would replace the first without this
@@ -131,6 +142,7 @@ def plot_aggregate_posterior(
         ],
         fontsize=7,
         loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
     )
     save_figure(fig, path)
     return fig
@@ -142,9 +154,11 @@ def plot_traversal(
     values: Tensor,
     image_shape: Sequence[int],
     path: str | os.PathLike,
+    row_order: str = ROWS_CHOSEN,
 ) -> Figure:
     """Rows: one latent dimension each (tensor indices ``dims``), varied over ``values`` with
-    the others at 0. Return the figure."""
+    the others at 0; ``row_order`` says on the figure why the rows come in that order (by
+    default, the explain report's rule). Return the figure."""
     rows, cols = len(dims), len(values)
     fig = new_figure(figsize=(cols * 0.8, rows * 0.9))
     ax = fig.subplots()
@@ -154,6 +168,8 @@ def plot_traversal(
     ax.set_yticklabels([_name(d) for d in dims])
     ax.set_xticks([c * (image_shape[1] + 1) + (image_shape[1] - 1) / 2 for c in range(cols)])
     ax.set_xticklabels([f"{float(v):+.1f}" for v in values], fontsize=7)
+    ax.set_xlabel("value of the row's dimension z_i (the others at 0), decoded (likelihood mean)")
+    ax.set_ylabel(row_order, fontsize=8)
     ax.set_title("Latent traversal: one dimension varied, the others at the prior mean 0")
     save_figure(fig, path)
     return fig
@@ -175,9 +191,12 @@ def plot_kl_per_dimension(
     right.set_yscale("log")
     right.set_title("Cov_x(E_q[z_i | x])\n(active unit: its mean moves with x)")
     right.legend(fontsize=8)
+    # Every dimension's tick labelled (a locator labelled only the even ones), smaller and
+    # turned when there are many.
+    size, turn = (8, 0) if len(kl) <= 20 else (6, 90)
     for ax in (left, right):
         ax.set_xlabel("latent dimension i of z_i")
-        integer_ticks(ax)
+        ax.set_xticks(positions, [str(p) for p in positions], fontsize=size, rotation=turn)
     save_figure(fig, path)
     return fig
 
