@@ -27,13 +27,20 @@ CVAE's completions vary per condition (the spread of the likelihood's mean over 
 from __future__ import annotations
 
 import sys
+import time
 
 PROG = "evaluate.py"
+_LOADED = time.perf_counter()
+# A latent dimension carrying less KL than this (nats) carries little information, active or not.
+LITTLE_KL = 0.1
 
 try:  # torch and Pyro take a second or so to import: a Ctrl-C then is one line too
     import argparse
+    import os
     from pathlib import Path
+    from typing import Any
 
+    from pyro_vae import data as datasets
     from pyro_vae.infer import distributed
     from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
     from pyro_vae.jobs.run_directory import RunDirectory
@@ -77,6 +84,7 @@ def run(argv: list[str] | None = None) -> int:
         with RunDirectory.claim(args.run_dir, mode="existing", files=RUN_FILES) as run_dir:
             loaded = load_run(args.run_dir)
             job = JOBS[loaded.kind]
+            cli.say(f"{args.run_dir}: a {loaded.kind} run of {data_source(loaded.args)}")
             result = job.evaluate(loaded, args)
             run_dir.write_json("evaluation.json", result)
     except (ValueError, FileNotFoundError) as error:
@@ -86,8 +94,74 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
     cli.say(job.table(result))
+    for note in notes(result):
+        cli.say(note)
     cli.say(f"written to {args.run_dir / 'evaluation.json'}")
+    cli.say(f"done in {wall_seconds():.0f}s of wall time (the process's whole life: imports, data)")
     return 0
+
+
+def data_source(run_args: dict[str, Any]) -> str:
+    """The run's dataset and the directory (or file) its data were read from."""
+    name, data_dir = run_args["dataset"], run_args.get("data_dir")
+    if name not in datasets.DATASET_NAMES:
+        return f"{name} (your own data; read from that path)"
+    if name == "digits":
+        return "digits (scikit-learn's bundled copy)"
+    if data_dir is not None:
+        return f"{name} from {data_dir}"
+    # Where pyro_vae.data looks when no --data-dir is given: Debian's files, then the cache.
+    class_name, system_dir = datasets._TORCHVISION_SOURCES[name]
+    search = [*([] if system_dir is None else [system_dir])]
+    search.append(datasets._cache_dir() / class_name / "raw")
+    found = datasets._find_idx_files(search)
+    return f"{name} from {Path(next(iter(found.values()))).parent if found else search[-1]}"
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """What a VAE evaluation's numbers mean where readers asked: the two KL values, and what
+    "active" does and does not say."""
+    lines = []
+    per_dim = result.get("kl_per_dimension")
+    if "kl_decomposition_average_kl" in result:
+        exact = (
+            f"; the KL per dimension is in closed form, and its sum, {sum(per_dim):.2f}, is "
+            "the value both estimate"
+            if per_dim is not None
+            else ""
+        )
+        lines.append(
+            f"note: the ELBO's KL {result['test_kl']:.2f} and the average KL "
+            f"{result['kl_decomposition_average_kl']:.2f} are two Monte-Carlo estimates of one "
+            "number, the mean of KL(q(z|x) || p(z)) over the test set, from independent draws "
+            f"({result['num_particles']} per example each): they differ by noise (standard "
+            f"error of the second {result['kl_decomposition_average_kl_se']:.2f}){exact}"
+        )
+    if per_dim is not None and "active_units" in result:
+        little = [f"z_{i + 1}" for i, kl in enumerate(per_dim) if kl < LITTLE_KL]
+        carry = "carries" if len(little) == 1 else "carry"
+        lines.append(
+            "note: 'active' (Cov_x E_q[z_i] > 0.01) counts the dimensions whose mean moves with "
+            "x at all; it says nothing of how much a dimension carries, which its KL bounds: "
+            + (
+                f"{len(little)} of {result['latent_dim']} {carry} under {LITTLE_KL} nats each "
+                f"({', '.join(little)})"
+                if little
+                else f"here each carries at least {LITTLE_KL} nats"
+            )
+        )
+    return lines
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started, imports included (from /proc on Linux; elsewhere
+    since this script was loaded)."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _LOADED
 
 
 if __name__ == "__main__":
