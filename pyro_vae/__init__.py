@@ -58,7 +58,13 @@ from pyro_vae.models.cvae_estimators import (
     conditional_log_likelihood,
     sample_spread,
 )
-from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
+from pyro_vae.models.labels import (
+    UNLABELLED,
+    default_alpha,
+    hide_labels,
+    labelled_subset,
+    paper_alpha,
+)
 from pyro_vae.models.m2 import M2, SupervisedClassifier
 from pyro_vae.models.masks import check_mask, merge_by_mask, quadrant_mask, split_by_mask
 from pyro_vae.models.vae import VAE, has_closed_form_kl  # the VAE registers the closed-form KLs
@@ -134,6 +140,7 @@ __all__ = [
     "log_likelihood",
     "merge_by_mask",
     "paper_alpha",
+    "default_alpha",
     "plot_completions",
     "quadrant_mask",
     "sample_spread",

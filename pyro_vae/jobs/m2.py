@@ -46,7 +46,7 @@ from pyro_vae.jobs.runs import (
     per_class,
     provenance,
 )
-from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
+from pyro_vae.models.labels import UNLABELLED, default_alpha, hide_labels, labelled_subset
 from pyro_vae.models.m2 import M2
 
 KIND = "m2"
@@ -102,7 +102,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--alpha",
         type=cli.positive_float,
         help="weight of the classification term log q(y|x) per labelled example (default: "
-        "the paper's 0.1 * N / N_labelled, N the training rows)",
+        "N / N_labelled, N the training rows; the paper's is a tenth of that)",
     )
 
 
@@ -161,10 +161,10 @@ def choose_rows(
 
 def new_config(args: argparse.Namespace, data: pv.DataSplits) -> dict[str, Any]:
     """The checkpoint's config of a new M2 (the keyword arguments of ``build_m2``), after the
-    label counts are checked against the data; α defaults to the paper's."""
+    label counts are checked against the data; α defaults to N / N_l (default_alpha)."""
     labelled, rows = choose_rows(data, args.num_labelled, args.num_unlabelled, args.seed)
     if args.alpha is None:
-        args.alpha = paper_alpha(len(rows), len(labelled))
+        args.alpha = default_alpha(len(rows), len(labelled))
     return {
         "model": "m2",
         "data_dim": data.data_dim,

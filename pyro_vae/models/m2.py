@@ -46,8 +46,8 @@ from pyro_vae.models.base import NamedPyroModule, PyroProgram, check_num_data, d
 from pyro_vae.models.labels import (
     UNLABELLED,
     check_label_tensor,
+    default_alpha,
     labelled_per_batch,
-    paper_alpha,
 )
 
 
@@ -81,8 +81,8 @@ class M2(PyroProgram):
     :param int num_labels: the number of classes K.
     :param int latent_dim: the size of z.
     :param float alpha: the weight of log q(y | x) per labelled example;
-        :func:`~pyro_vae.models.labels.paper_alpha` gives the paper's choice, which
-        :meth:`from_data` uses by default.
+        :func:`~pyro_vae.models.labels.default_alpha` gives N / N_l, which :meth:`from_data`
+        uses by default (:func:`~pyro_vae.models.labels.paper_alpha` the paper's 0.1 · N / N_l).
     :param hidden_dims: widths of the default MLPs.
     :param image_shape: ``(height, width)`` or ``(channels, height, width)``: convolutional
         default networks.
@@ -174,7 +174,8 @@ class M2(PyroProgram):
         **kwargs: Any,
     ) -> M2:
         """An M2 sized from the training data: ``data_dim`` from ``x``, ``num_labels`` from
-        the largest label, and ``alpha`` the paper's (:func:`paper_alpha`) unless given.
+        the largest label, ``num_labelled`` from the labels, and ``alpha`` N / N_l
+        (:func:`~pyro_vae.models.labels.default_alpha`) unless given.
         ``labels`` is the tensor M2 will train on, with :data:`UNLABELLED` rows; pass
         ``num_labels=`` when the labelled rows might miss the last class."""
         if not isinstance(x, Tensor) or x.ndim != 2:
@@ -185,7 +186,7 @@ class M2(PyroProgram):
             raise ValueError("labels has no labelled row: M2 needs some labels")
         num_labels = kwargs.pop("num_labels", int(known.max()) + 1)
         if alpha is None:
-            alpha = paper_alpha(len(labels), len(known))
+            alpha = default_alpha(len(labels), len(known))
         return cls(
             x.shape[1], num_labels, latent_dim, alpha=alpha, num_labelled=len(known), **kwargs
         )

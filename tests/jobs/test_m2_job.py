@@ -74,8 +74,8 @@ def test_a_run_writes_checkpoint_metrics_and_figures(m2_run):
     final = json.loads((m2_run / "final_metrics.json").read_text())
     # The training rows: 1437 less the 144 held out for validation.
     assert final["num_labelled"] == NUM_LABELLED and final["num_unlabelled"] == 1293 - 30
-    # The paper's α, 0.1 N / N_l, over the 1293 training rows.
-    assert final["alpha"] == pytest.approx(0.1 * 1293 / NUM_LABELLED)
+    # The default α, N / N_l, over the 1293 training rows.
+    assert final["alpha"] == pytest.approx(1293 / NUM_LABELLED)
     assert final["total_seconds"] > final["train_seconds"] > 0
 
 

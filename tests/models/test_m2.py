@@ -12,7 +12,13 @@ from conftest import binary_data
 from torch.nn import functional as F
 
 import pyro_vae as pv
-from pyro_vae.models.labels import UNLABELLED, hide_labels, labelled_subset, paper_alpha
+from pyro_vae.models.labels import (
+    UNLABELLED,
+    default_alpha,
+    hide_labels,
+    labelled_subset,
+    paper_alpha,
+)
 from pyro_vae.models.m2 import M2, SupervisedClassifier
 
 K, D, LATENT = 3, 5, 2
@@ -123,7 +129,7 @@ def test_the_classifier_learns_an_easy_problem_from_few_labels():
     keep = labelled_subset(labels, 6, seed=0)  # two labels per class
     y = hide_labels(labels, keep)
     m2 = M2.from_data(x, y, 2, hidden_dims=(16,))
-    assert m2.num_labels == 3 and m2.alpha == pytest.approx(0.1 * 600 / 6)
+    assert m2.num_labels == 3 and m2.alpha == pytest.approx(600 / 6)
     pv.fit(
         m2,
         (x, y),
@@ -195,9 +201,11 @@ def test_hide_labels_keeps_only_the_chosen_rows():
     assert hide_labels(labels, torch.tensor([1, 4])).tolist() == [-1, 0, -1, -1, 0, -1]
 
 
-def test_paper_alpha():
+def test_paper_alpha_and_the_default():
     assert paper_alpha(60000, 100) == pytest.approx(60.0)
     assert paper_alpha(60000, 3000) == pytest.approx(2.0)
+    assert default_alpha(60000, 100) == pytest.approx(600.0)
+    assert default_alpha(60000, 3000) == pytest.approx(20.0)
 
 
 def test_state_dict_round_trips_and_copies_train_on_their_own():
