@@ -41,7 +41,7 @@ def load_run(directory: str | os.PathLike, *, best: bool = True) -> Run:
         from the data as it was (the data files changed since).
     :raises FileNotFoundError: when the run's dataset cannot be found any more.
     """
-    run = read_run(directory, kinds=tuple(JOBS), best=best)
+    run = read_run(directory, kinds={kind: job.FILES for kind, job in JOBS.items()}, best=best)
     JOBS[run.kind].check_run(run)
     return run
 

@@ -182,13 +182,20 @@ class Run:
         return {name: x.to(device, dtype) for name, x in sets.items() if x is not None}
 
 
-def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool = False) -> Run:
+def read_run(
+    directory: str | os.PathLike,
+    kinds: dict[str, tuple[str, ...]],
+    *,
+    best: bool = False,
+) -> Run:
     """The run in ``directory``, from one read of its ``checkpoint.pt``: the model, its
     arguments, the data with the validation rows held out as the run held them, and the test
     set rebuilt and checked against the digest the run stored. What a model kind checks
     beyond this (M2's labelled rows) is its job's ``check_run``;
     :func:`pyro_vae.jobs.load_run` calls both.
 
+    :param kinds: the model kinds a run may be, each with the files its job writes (their
+        ``.pt`` files are checked against the run when ``best``).
     :param best: the weights of the best epoch by validation (``best.pt``) instead of the
         newest ones, where the run kept them.
 
@@ -231,9 +238,7 @@ def read_run(directory: str | os.PathLike, kinds: tuple[str, ...], *, best: bool
     if best:
         # The run's other checkpoints, checked against it: a copy from another run is refused
         # (the CVAE's baseline.pt too, which evaluate.py reads).
-        from pyro_vae.jobs import JOBS
-
-        for name in JOBS[kind].FILES:
+        for name in kinds[kind]:
             if name.endswith(".pt") and (directory / name).is_file():
                 load_companion(directory, name, payload, args)
         if (directory / BEST).is_file():
