@@ -55,17 +55,20 @@ class M2(PyroProgram):
     """The semi-supervised VAE M2 (Kingma et al. 2014): p(y) p(z) p(x | y, z), guide
     q(y | x) q(z | x, y).
 
-    **Batches mix labelled and unlabelled rows.** ``fit`` draws each batch uniformly from all
-    N rows, and every site of the model and the guide is scaled by N / B (B the batch size).
-    A row, labelled or not, is in a given batch with probability B / N, so N / B times the
-    batch's sum is an unbiased estimate of the sum over all N rows, separately for each part:
-    the labelled bound Σ_l L(x, y), the unlabelled bound Σ_u U(x) and the classification term
-    α Σ_l log q(y | x). That holds whatever the mix of one batch (a batch without labels is just
-    one where those parts' estimate is 0), so the expected loss is exactly Kingma et al.'s J^α
-    on the whole data. Two streams would need one scale N_l / B_l and another N_u / B_u, which
-    one ``num_data`` cannot express. Within a batch, labelled and unlabelled rows go through
-    separate sites in separate plates ("labelled", "unlabelled"): y is enumerated only where it
-    is unknown, so a labelled row is counted once and not once per class.
+    **Every batch holds labelled rows; each part is scaled by its own count.** ``fit`` takes
+    each epoch's order from :meth:`epoch_order`: every batch holds ``labelled_per_batch``
+    labelled rows (B_l) beside B_u = B − B_l unlabelled ones, an epoch being one pass over the
+    unlabelled rows while the labelled ones are dealt in fresh shuffles. The labelled rows'
+    sites are scaled by N_l / B_l and the unlabelled rows' by N_u / B_u (N_l is
+    ``num_labelled``, N_u = N − N_l). Each labelled slot is a uniform draw from the N_l
+    labelled rows and each unlabelled row is seen once an epoch, so each part of the loss (the
+    labelled bound Σ_l L(x, y), the unlabelled bound Σ_u U(x) and the classification term
+    α Σ_l log q(y | x)) is estimated without bias: the expected loss is Kingma et al.'s J^α.
+    A uniform shuffle would put no labelled row in most batches when labels are rare, and the
+    classification term would arrive as rare spikes (docs/design.md, "Why M2 fell").
+    Within a batch, labelled and unlabelled rows go through separate sites in separate plates
+    ("labelled", "unlabelled"): y is enumerated only where it is unknown, so a labelled row is
+    counted once and not once per class.
 
     **Parts.** ``classifier(x)`` gives q(y | x)'s logits ``(..., K)``; ``encoder`` maps the
     concatenation of x and the one-hot y to q(z | x, y) (the package's encoder contract, with
@@ -80,6 +83,10 @@ class M2(PyroProgram):
     :param int data_dim: features per example.
     :param int num_labels: the number of classes K.
     :param int latent_dim: the size of z.
+    :param int num_labelled: N_l, the labelled rows of the training data (the scale of the
+        labelled sites; training refuses data with another count). :meth:`from_data` sets it.
+    :param int labelled_per_batch: labelled rows in each batch; ``None``:
+        :func:`~pyro_vae.models.labels.labelled_per_batch`'s rule.
     :param float alpha: the weight of log q(y | x) per labelled example;
         :func:`~pyro_vae.models.labels.default_alpha` gives N / N_l, which :meth:`from_data`
         uses by default (:func:`~pyro_vae.models.labels.paper_alpha` the paper's 0.1 · N / N_l).
@@ -229,8 +236,9 @@ class M2(PyroProgram):
 
         :param x: a batch ``(B, data_dim)``.
         :param y: its labels ``(B,)``, :data:`UNLABELLED` where unknown.
-        :param num_data: the dataset size N: every site is scaled by N / B (see the class's
-            docstring); ``None``: the batch is all the data.
+        :param num_data: the dataset size N: the labelled rows' sites are scaled by
+            N_l / B_l and the unlabelled rows' by (N − N_l) / B_u (the class docstring says
+            why); ``None``: the batch is all the data.
         """
         prior, decoder, likelihood, classifier = (
             self.prior,
