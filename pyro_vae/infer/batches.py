@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pyro_vae.data import is_binary, to_tensor
 from pyro_vae.infer.objective import device_and_dtype
@@ -206,11 +206,19 @@ def prepare_rows(
     and whether to binarize x dynamically."""
     device, dtype = device_and_dtype(module)
     data_dim = getattr(module, "data_dim", None)
+    if stream and data_dim is None and isinstance(data, TensorDataset):
+        # A model of one's own takes a TensorDataset's tensors as its arguments, in memory.
+        data, stream = tuple(data.tensors), False
     if stream:
         if not isinstance(data, Dataset) or isinstance(data, Tensor):
             raise ValueError("stream=True streams a torch Dataset; pass the Dataset as data")
         if data_dim is None:
-            raise ValueError("a streamed Dataset feeds a model of one input with a data_dim")
+            raise ValueError(
+                f"a Dataset other than a TensorDataset is streamed to a model of one input with "
+                f"a data_dim, which {type(module).__name__} has not; pass its tensors as a "
+                f"tuple or a TensorDataset: fit(..., TensorDataset(x, y)) calls "
+                f"model(x_batch, y_batch, num_data=N)"
+            )
         if len(data) == 0:  # type: ignore[arg-type]
             raise ValueError("data is an empty Dataset: it has no examples")
         validate_data = getattr(module, "validate_data", None)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae.infer import distributed
 from pyro_vae.infer.batches import EpochOrder, InMemoryRows, Rows, Shuffled, prepare_rows
-from pyro_vae.infer.objective import Objective, device_and_dtype
+from pyro_vae.infer.objective import Objective, as_model_and_guide, device_and_dtype
 from pyro_vae.infer.state import History, TrainingState
 from pyro_vae.infer.step import (
     OptimizerFactory,
@@ -88,9 +88,24 @@ def fit(
     For torchrun and for the reads back from a GPU, see docs/design.md ("Many processes",
     "Host reads"); the module docstring says what ``fit`` reads of ``module``.
 
-    :param module: has ``model`` and ``guide`` taking a batch's tensors and ``num_data=``.
-    :param data: a tensor ``(N, data_dim)``, a tuple of N-row tensors (in memory), or a
-        map-style ``Dataset`` of examples, streamed batch by batch through a ``DataLoader``.
+    A model of one's own is a pair of functions, as Pyro's ``SVI(model, guide, ...)`` takes
+    them: ``fit((model, guide), (x, y), ...)``, where ``guide`` may be an autoguide such as
+    ``pyro.infer.autoguide.AutoNormal(model)``. The contract: fit calls ``model(*batch,
+    num_data=N)`` and ``guide(*batch, num_data=N)``, ``batch`` a minibatch of B rows of the
+    data's tensors (in the order given) and ``N`` the number of rows in all the data; the model
+    weighs the minibatch by N/B in its data plate,
+    ``with pyro.plate("data", size=num_data, subsample=x):`` (or ``pyro.plate("data",
+    num_data, subsample_size=len(x))``). A model or guide without ``num_data``, and a model
+    whose observations carry no N/B scale on a minibatch, are refused with a ``ValueError``.
+
+    :param module: a ``(model, guide)`` pair of functions, or an object with ``model`` and
+        ``guide`` methods (a :class:`~pyro_vae.VAE`), taking a batch's tensors and
+        ``num_data=``.
+    :param data: a tensor ``(N, data_dim)``, a tuple of N-row tensors (in memory), a
+        ``TensorDataset`` (its tensors are the model's arguments, as a tuple's are; for a model
+        with a ``data_dim`` it is streamed as any ``Dataset``), or a map-style ``Dataset`` of
+        examples for a model with a ``data_dim``, streamed batch by batch through a
+        ``DataLoader``.
     :param num_epochs: passes over the data.
     :param batch_size: examples per step; the ELBO is scaled by N / batch_size.
     :param learning_rate: the default optimizer's (Adam's) step size.
@@ -113,6 +128,7 @@ def fit(
     :raises ValueError: on bad arguments or data, before any parameter changes.
     :raises TrainingDivergedError: at a NaN or infinite loss or gradient, before that step.
     """
+    module = as_model_and_guide(module, data)
     if log_every is not None:
         check_positive_int("log_every", log_every)
     _check_arguments(

@@ -10,8 +10,10 @@ trace of the model and guide.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -22,6 +24,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import TensorDataset
 
 from pyro_vae._distributions import describe
 from pyro_vae._sites import site_distribution
@@ -39,9 +42,12 @@ class Objective:
     def __init__(self, module: Any, loss: ELBO) -> None:
         model, guide = getattr(module, "model", None), getattr(module, "guide", None)
         if not (callable(model) and callable(guide)):
-            raise ValueError(
-                f"fit needs an object with model and guide methods, got {type(module).__name__}"
-            )
+            raise ValueError(_NO_MODEL_AND_GUIDE.format(kind=type(module).__name__))
+        for role, function in (("model", model), ("guide", guide)):
+            if not _takes_num_data(function):
+                raise ValueError(
+                    _NUM_DATA_CONTRACT.format(role=role, name=_name(function), idiom=_PLATE_IDIOM)
+                )
         if not isinstance(loss, ELBO):
             raise ValueError(f"loss must be a pyro.infer.ELBO, got {type(loss).__name__}")
         self.module, self.model, self.guide, self.loss = module, model, guide, loss
@@ -75,6 +81,8 @@ class Objective:
                 *batch, num_data=num_data
             )
         self._check_traces(model_trace, guide_trace)
+        if len(batch[0]) < num_data:
+            _check_scaled(model_trace, len(batch[0]), num_data)
         found: dict[int, Tensor] = {}
         for site in param_capture.trace.nodes.values():
             # A param site's value is the constrained tensor, on which Pyro's param store hangs
@@ -200,6 +208,107 @@ class _CatchBackward(TorchFunctionMode):
             self.tensor = args[0]
             return None
         return func(*args, **(kwargs or {}))
+
+
+_PLATE_IDIOM = 'with pyro.plate("data", size=num_data, subsample=x): pyro.sample("obs", ..., obs=y)'
+
+_NO_MODEL_AND_GUIDE = (
+    "fit needs a model and its guide: pass the two functions as a pair, "
+    "fit((model, guide), data, ...), for example guide = "
+    "pyro.infer.autoguide.AutoNormal(model), or an object with model and guide methods; "
+    "got {kind}"
+)
+
+_NUM_DATA_CONTRACT = (
+    "the {role} {name!r} takes no num_data argument. fit calls model(*batch, num_data=N) and "
+    "guide(*batch, num_data=N), with batch a minibatch of B rows of the data's tensors and N "
+    "the number of rows in all the data; the model weighs each minibatch by N/B through its "
+    "data plate: def model(x, y, num_data=None): ... {idiom} "
+    '(pyro.plate("data", num_data, subsample_size=len(x)) scales alike; a guide with no use '
+    "for N may take **kwargs, as autoguides do)"
+)
+
+
+def _name(function: Callable[..., Any]) -> str:
+    return getattr(function, "__name__", None) or type(function).__name__
+
+
+def _takes_num_data(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` can be called with ``num_data=``: a parameter of that name (not
+    positional-only) or ``**kwargs``. A signature Python cannot read is given the benefit of
+    the doubt."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "num_data" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in parameters
+    )
+
+
+def _check_scaled(model_trace: poutine.Trace, batch_size: int, num_data: int) -> None:
+    """A minibatch of ``batch_size`` of ``num_data`` rows must be weighed by N/B in the model:
+    if no observed site carries any scale (a plate over the batch alone, ``pyro.plate("data",
+    len(x))``), the likelihood counts B rows against a prior meant for N, silently wrong."""
+    observed = {
+        name: site["scale"]
+        for name, site in prune_subsample_sites(model_trace).nodes.items()
+        if site["type"] == "sample" and site["is_observed"]
+    }
+    if not observed or any(
+        isinstance(scale, Tensor) or scale != 1.0 for scale in observed.values()
+    ):
+        return
+    raise ValueError(
+        f"the model's observed site(s) {', '.join(repr(n) for n in observed)} are not scaled "
+        f"by N/B: fit gave it a batch of B={batch_size} of the N={num_data} rows "
+        f"(num_data={num_data}), and it weighed them as if they were all the data, against a "
+        f"prior meant for N. Put the observations in a plate of the whole data's size: "
+        f'{_PLATE_IDIOM} (a plate over the batch alone, pyro.plate("data", len(x)), scales '
+        "nothing)"
+    )
+
+
+@dataclass
+class ModelAndGuide:
+    """A model and its guide given to :func:`~pyro_vae.fit` as two functions,
+    ``fit((model, guide), data, ...)``: the object with ``model`` and ``guide`` that fit
+    trains. Functions have no device of their own: they compute on the device, and in the
+    dtype, of the first parameter of the model or guide where either is an ``nn.Module`` (a
+    ``PyroModule``, an autoguide that has already run), else of the data's first floating
+    tensor."""
+
+    model: Callable[..., Any]
+    guide: Callable[..., Any]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def as_model_and_guide(module: Any, data: Any) -> Any:
+    """``module`` as fit trains it: a ``(model, guide)`` pair becomes a
+    :class:`ModelAndGuide`; anything else is returned as it is (and checked by
+    :class:`Objective`)."""
+    if not (isinstance(module, tuple) and len(module) == 2 and all(map(callable, module))):
+        if callable(module) and not callable(getattr(module, "guide", None)):
+            raise ValueError(
+                f"fit got one function, {_name(module)}, where it needs a model and its guide: "
+                "pass both as a pair, fit((model, guide), data, ...), for example with "
+                "guide = pyro.infer.autoguide.AutoNormal(model)"
+            )
+        return module
+    model, guide = module
+    for part in (model, guide):
+        if isinstance(part, nn.Module):
+            for parameter in part.parameters():
+                if parameter.is_floating_point():
+                    return ModelAndGuide(model, guide, parameter.device, parameter.dtype)
+    tensors = data.tensors if isinstance(data, TensorDataset) else data
+    for tensor in tensors if isinstance(tensors, tuple) else (tensors,):
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            return ModelAndGuide(model, guide, tensor.device, tensor.dtype)
+    return ModelAndGuide(model, guide, torch.device("cpu"), torch.get_default_dtype())
 
 
 def _named_parameters(module: Any) -> list[tuple[str, Tensor]]:
