@@ -27,16 +27,13 @@ CVAE's completions vary per condition (the spread of the likelihood's mean over 
 from __future__ import annotations
 
 import sys
-import time
 
 PROG = "evaluate.py"
-_LOADED = time.perf_counter()
 # A latent dimension carrying less KL than this (nats) carries little information, active or not.
 LITTLE_KL = 0.1
 
 try:  # torch and Pyro take a second or so to import: a Ctrl-C then is one line too
     import argparse
-    import os
     from pathlib import Path
     from typing import Any
 
@@ -97,7 +94,8 @@ def run(argv: list[str] | None = None) -> int:
     for note in notes(result):
         cli.say(note)
     cli.say(f"written to {args.run_dir / 'evaluation.json'}")
-    cli.say(f"done in {wall_seconds():.0f}s of wall time (the process's whole life: imports, data)")
+    wall = cli.wall_seconds()
+    cli.say(f"done in {wall:.0f}s of wall time (the process's whole life: imports, data)")
     return 0
 
 
@@ -153,17 +151,7 @@ def notes(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def wall_seconds() -> float:
-    """Seconds since this process started, imports included (from /proc on Linux; elsewhere
-    since this script was loaded)."""
-    try:
-        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _LOADED
-
-
 if __name__ == "__main__":
     cli.one_line_warnings(PROG)
+    cli.configure_logging(PROG)
     sys.exit(run())

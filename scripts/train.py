@@ -27,7 +27,7 @@ try:  # torch and Pyro take a second or so to import: a Ctrl-C then is one line 
 
     import pyro_vae as pv
     from pyro_vae.infer import distributed
-    from pyro_vae.jobs import JOBS, cli
+    from pyro_vae.jobs import JOBS, cli, tensorboard_log
     from pyro_vae.jobs.runner import train_main
     from pyro_vae.jobs.runs import ELBOS, RESUME_OVERRIDES
 except KeyboardInterrupt:
@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "meanfield, iwae runs eager with a warning",
     )
     add("--no-progress", action="store_true", help="hide the progress bars")
+    tensorboard_log.add_argument(parser)
     faults = parser.add_argument_group("checkpoints and faults")
     faults.add_argument(
         "--resume",
@@ -128,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if "--no-tensorboard" in args.given:  # the flag's other spelling sets the same argument
+        args.given = (args.given - {"--no-tensorboard"}) | {"--tensorboard"}
     if args.resume is not None:
         fixed = sorted(args.given - {"--resume", *RESUME_OVERRIDES})
         if fixed:
@@ -180,4 +183,5 @@ def run(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     cli.one_line_warnings(PROG)
+    cli.configure_logging(PROG)
     sys.exit(run())

@@ -8,9 +8,11 @@ with ``num_data=None`` and read each site's *unscaled* log-density, so neither m
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from pyro import poutine
@@ -20,6 +22,46 @@ from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_int
 from pyro_vae._distributions import has_density_everywhere, is_diagonal_normal
+
+PROGRESS_SECONDS = 10.0
+"""Off a terminal, where no bar shows, a long estimate logs a line at least this often."""
+
+_progress_log = logging.getLogger("pyro_vae.progress")
+"""``pyro_vae.progress``: a long estimate's progress at INFO, every :data:`PROGRESS_SECONDS`
+while no progress bar shows (off a terminal, or ``progress=False``); the scripts print it."""
+
+_Item = TypeVar("_Item")
+_clock = time.monotonic
+
+
+def progress_bar(
+    items: Iterable[_Item], desc: str, total: int | None, progress: bool | None
+) -> Iterator[_Item]:
+    """``items`` under a tqdm bar (``progress``: shown; ``None``: only on a terminal). Where
+    no bar shows, a line ``DESC: i of n (p%), t s, about r s left`` goes to the logger
+    ``pyro_vae.progress`` at INFO whenever the next item would end more than
+    :data:`PROGRESS_SECONDS` after the last line (judged from the mean item's time so far), so
+    the gaps stay under it while the items take about alike."""
+    bar = tqdm(items, desc=desc, total=total, disable=None if progress is None else not progress)
+    if not bar.disable:
+        yield from bar
+        return
+    started = last = _clock()
+    for done, item in enumerate(bar, start=1):
+        yield item
+        now = _clock()
+        per_item = (now - started) / done
+        if total is not None and done < total and now + per_item - last >= PROGRESS_SECONDS:
+            _progress_log.info(
+                "%s: %d of %d (%.0f%%), %.0fs, about %.0fs left",
+                desc,
+                done,
+                total,
+                100 * done / total,
+                now - started,
+                per_item * (total - done),
+            )
+            last = now
 
 
 class VAELike(Protocol):
@@ -195,6 +237,8 @@ def log_likelihood(
     decoder's weights fixed at w̄ (not a bound marginal over the weights).
 
     :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
+        Without a bar, a line at least every 10 s goes to the logger ``pyro_vae.progress``
+        (:func:`progress_bar`).
     """
     vae.validate_data(x)
     check_positive_int("num_particles", num_particles)
@@ -213,12 +257,7 @@ def log_likelihood(
     )
     results: list[Tensor] = []
     running: Tensor | None = None
-    for batch, start, count in tqdm(
-        chunks,
-        desc="log p(x)",
-        total=num_chunks,
-        disable=None if progress is None else not progress,
-    ):
+    for batch, start, count in progress_bar(chunks, "log p(x)", num_chunks, progress):
         n = batch.shape[0]
         # One pass over `count` copies of the batch: row k * n + i is particle k of example i.
         repeated = batch.repeat(count, 1)

@@ -29,6 +29,7 @@ the values stay on the device between two reads (docs/design.md, "Host reads").
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -59,6 +60,10 @@ from pyro_vae.infer.step import (
     read_outcomes,
     sigint_flag,
 )
+
+_log = logging.getLogger(__name__)
+"""``pyro_vae.infer.fit``: a line per epoch at INFO (on rank 0), for a script or a notebook's
+log where no progress bar shows; ``logging.basicConfig(level=logging.INFO)`` shows it."""
 
 
 def fit(
@@ -119,7 +124,10 @@ def fit(
     :param checkpoint: called with a :class:`TrainingState` after each epoch and at Ctrl-C.
     :param checkpoint_every: steps between checkpoints within an epoch; ``None``: epochs only.
     :param resume: a :class:`TrainingState` to continue exactly from, weights already loaded.
-    :param progress: show a progress bar; ``None`` means only on a terminal.
+    :param progress: show a progress bar; ``None`` means only on a terminal. Whatever it is,
+        each epoch's loss and time go to the ``logging`` logger ``pyro_vae.infer.fit`` at INFO
+        (rank 0 only): ``logging.basicConfig(level=logging.INFO)`` prints a line per epoch
+        off a terminal, in a script or a notebook's log.
     :param generator: random source for the shuffling and the binarization.
     :param compile: trace and compile each step (:mod:`pyro_vae.infer.compiled`).
     :param log_every: steps between reads back to the host; ``None``: 1 on a CPU, 25 on a GPU.
@@ -220,6 +228,14 @@ def fit(
             # the very same number as an uninterrupted one.
             history.loss.append(sum(history.step_loss[-num_steps:]) / num_steps)
             history.epoch_seconds.append(time.perf_counter() - started)
+            if group.is_main:
+                _log.info(
+                    "epoch %d/%d: loss %.4f nats per example, %.2fs",
+                    epoch,
+                    num_epochs,
+                    history.loss[-1],
+                    history.epoch_seconds[-1],
+                )
             first_step, order = 0, None
             # On many processes the callback must decide alike on every rank (from all-reduced
             # numbers), or the ranks would part ways.

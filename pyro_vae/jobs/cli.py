@@ -8,6 +8,7 @@ are the same in all of them, so they live here once.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -216,6 +217,50 @@ def one_line_warnings(prog: str) -> None:
         return f"{prog}: warning: {message}\n"
 
     warnings.formatwarning = one_line
+
+
+class _SayHandler(logging.Handler):
+    """A ``pyro_vae`` log record as a script's line: INFO (a long estimate's progress) on
+    stdout through :func:`say`, a warning or worse on stderr as ``PROG: warning: ...``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
+            say(record.getMessage())
+        else:
+            level = "warning" if record.levelno == logging.WARNING else "error"
+            print(f"{self.prog}: {level}: {record.getMessage()}", file=sys.stderr)
+
+
+def configure_logging(prog: str) -> None:
+    """What a script shows of the ``pyro_vae`` loggers: warnings (one line each, on stderr)
+    and ``pyro_vae.progress`` (a long evaluation's line at least every 10 s when no progress
+    bar shows, on stdout). ``fit``'s line per epoch (``pyro_vae.infer.fit``, INFO) is left
+    out: the scripts print their own, richer, epoch rows. For a script run from the shell:
+    it sets the process's handlers."""
+    package = logging.getLogger("pyro_vae")
+    package.handlers = [h for h in package.handlers if not isinstance(h, _SayHandler)]
+    package.addHandler(_SayHandler(prog))
+    package.setLevel(logging.WARNING)
+    package.propagate = False
+    logging.getLogger("pyro_vae.progress").setLevel(logging.INFO)
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started, imports included (from /proc on Linux; elsewhere
+    since this module was imported)."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
 
 
 def stage_printer() -> Callable[[str], None]:

@@ -318,7 +318,8 @@ def train(
     final["total_seconds"] = time.perf_counter() - started
     run_dir.write_json("final_metrics.json", final)
     cli.say(
-        f"done in {final['total_seconds']:.0f}s ({trained:.0f}s {setup.trained}): epoch "
+        f"done in {cli.wall_seconds():.0f}s of wall time, imports and data included "
+        f"({trained:.0f}s {setup.trained}): epoch "
         f"{chosen['epoch']} kept; {job.summary(final, args)}; results in {run_dir.path}"
     )
     return 0

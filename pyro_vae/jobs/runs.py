@@ -40,6 +40,7 @@ RESUME_OVERRIDES = (
     "--checkpoint-every",
     "--num-threads",
     "--device",
+    "--tensorboard",  # also --no-tensorboard: the logs change nothing of the training
 )
 # Flags that came after runs were first written, with the value an older run trained with:
 # runs saved before --compile trained eager, before --val-size held out no validation set,

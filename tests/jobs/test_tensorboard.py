@@ -144,3 +144,24 @@ def test_tensorboard_false_writes_nothing(tmp_path):
     )  # type: ignore[arg-type]
     board.log({"epoch": 2, "train_loss": 1.0}, 3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_flag_turns_the_logs_off_and_on_and_a_resume_may_change_it(tmp_path, capsys):
+    """--no-tensorboard writes nothing; a resume keeps the run's choice unless given either
+    spelling (RESUME_OVERRIDES), and then writes its own epochs only."""
+    out = tmp_path / "run"
+    train("--num-epochs", "1", "--no-tensorboard", "--out-dir", str(out), capsys=capsys)
+    assert not (out / DIRECTORY).exists()
+    code, _, err = call(train_script, "--resume", str(out), "--num-epochs", "2", capsys=capsys)
+    assert code == 0, err
+    assert not (out / DIRECTORY).exists()  # the run's own --no-tensorboard, kept
+    code, _, err = call(
+        train_script, "--resume", str(out), "--num-epochs", "3", "--tensorboard", capsys=capsys
+    )
+    assert code == 0, err
+    assert [event.step for event in events(out).Scalars("train_loss")] == [3]
+    code, _, err = call(
+        train_script, "--resume", str(out), "--num-epochs", "4", "--no-tensorboard", capsys=capsys
+    )
+    assert code == 0, err
+    assert [event.step for event in events(out).Scalars("train_loss")] == [3]
