@@ -378,6 +378,8 @@ def kl_decomposition(
     marginal KL high by about e^I / N; both are bounded by log N. The average KL is unbiased.
 
     :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
+        Without a bar, a line at least every 10 s goes to the logger ``pyro_vae.progress``
+        (:func:`progress_bar`).
     """
     vae.validate_data(x)
     check_positive_int("num_particles", num_particles)
@@ -397,11 +399,8 @@ def kl_decomposition(
         )
     prior = vae.prior()
     mutual, marginal = [], []
-    for start in tqdm(
-        range(0, num_data, examples_per_pass),
-        desc="I(x; z)",
-        disable=None if progress is None else not progress,
-    ):
+    starts = range(0, num_data, examples_per_pass)
+    for start in progress_bar(starts, "I(x; z)", len(starts), progress):
         own = vae.encoder(x[start : start + examples_per_pass])
         mutual_sum, marginal_sum = torch.zeros(()), torch.zeros(())
         for first in range(0, num_particles, particles_per_pass):

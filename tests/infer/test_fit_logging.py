@@ -112,3 +112,13 @@ def test_the_scripts_wall_time_counts_the_process_from_its_start():
     code = "import time; time.sleep(1.5); from pyro_vae.jobs import cli; print(cli.wall_seconds())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 1.5 <= float(done.stdout) < 60
+
+
+def test_kl_decomposition_without_a_bar_says_where_it_is_too(caplog, monkeypatch):
+    """I(x; z) of evaluate.py is N² work: its passes log as log p(x)'s chunks do."""
+    monkeypatch.setattr(estimators, "_clock", FakeClock(4.0))
+    caplog.set_level(logging.INFO, logger="pyro_vae.progress")
+    vae = pv.VAE(12, 2, hidden_dims=(8,))
+    pv.kl_decomposition(vae, binary_data(40, 12), num_particles=2, chunk_size=8, progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyro_vae.progress"]
+    assert lines and all(line.startswith("I(x; z): ") for line in lines)
