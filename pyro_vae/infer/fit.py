@@ -102,6 +102,9 @@ def fit(
     ``with pyro.plate("data", size=num_data, subsample=x):`` (or ``pyro.plate("data",
     num_data, subsample_size=len(x))``). A model or guide without ``num_data``, and a model
     whose observations carry no N/B scale on a minibatch, are refused with a ``ValueError``.
+    Under ``RenyiELBO`` (IWAE) the steps call them without ``num_data`` (the batch standing
+    for itself; the N/B scale is applied outside the log-sum-exp), so such a model's plate
+    takes ``size=num_data or len(x)``.
 
     :param module: a ``(model, guide)`` pair of functions, or an object with ``model`` and
         ``guide`` methods (a :class:`~pyro_vae.VAE`), taking a batch's tensors and
