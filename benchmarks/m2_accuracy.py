@@ -47,7 +47,7 @@ from pyro_vae.models.labels import hide_labels, labelled_subset
 from pyro_vae.models.m2 import M2, SupervisedClassifier
 
 # scripts/train.py --model m2's sizes and budget (pyro_vae/jobs/m2.py, scripts/train.py).
-DEFAULT_LATENT, DEFAULT_HIDDEN, DEFAULT_BATCH, DEFAULT_LR = 10, [400], 128, 1e-3
+DEFAULT_LATENT, DEFAULT_HIDDEN, DEFAULT_BATCH, DEFAULT_LR = 32, [400], 128, 1e-3
 
 
 def default_epochs(dataset: str) -> int:
