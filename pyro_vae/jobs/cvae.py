@@ -15,14 +15,17 @@ and the given pixels c (the grayscale condition). The run directory gets
 - ``baseline.pt``: the deterministic baseline (``"model": "cvae-baseline"``). It trains after
   the CVAE, from the seed, with the same budget (epochs, batch size, learning rate, widths),
   and without checkpoints of its own: training it is deterministic, so a resumed run that
-  trains it again gets the very same weights;
+  trains it again gets the very same weights. Like the CVAE's, its epoch is chosen on the
+  validation set (its exact −log p(missing | given) there, after each epoch) and the file
+  holds the weights of that epoch (:class:`BaselineSelection`);
 - ``metrics.json`` / ``metrics.csv``: per epoch, the training objective and the one-draw ELBO
-  terms of the missing pixels on a training subset and on the test set (cheap: the final
-  score is the importance-sampled one);
+  terms of the missing pixels on a training subset and on the validation set (cheap: the
+  final score is the importance-sampled one);
 - ``final_metrics.json``: the test negative log-likelihood of the missing pixels in nats,
   −log p(x | c), importance-sampled with ``--num-iw-particles`` draws for the CVAE and exact
-  for the baseline, their standard errors over the test images, the paired difference, and
-  the timings;
+  for the baseline, their standard errors over the test images, the paired difference, the
+  baseline's epoch kept (``baseline_epoch``) and its validation curve
+  (``baseline_val_nll_by_epoch``), and the timings;
 - ``completions.png``: test inputs (the given quadrants), the truth, the baseline's
   prediction and several CVAE completions.
 """
@@ -228,7 +231,8 @@ def finish(
     progress: bool | None,
 ) -> dict[str, Any]:
     """The test set's ELBO terms, once, of the weights the runner kept; the baseline, trained
-    after the CVAE with the same budget; both scored on the test set; the completion figure."""
+    after the CVAE with the same budget, its best epoch by validation kept; both scored once on
+    the test set; the completion figure."""
     test_terms = split_metrics(setup, "test")
     started = time.perf_counter()
     cvae, scored = setup.model, setup.scored
@@ -241,6 +245,7 @@ def finish(
     config = baseline_config(run.config)
     baseline = cast(pv.ConditionalBaseline, build_model(config)).to(args.device)
     distributed.seed_noise(args.seed)
+    selection = BaselineSelection(baseline, scored)
     try:
         baseline_history = pv.fit(
             baseline,
@@ -251,10 +256,13 @@ def finish(
             clip_norm=args.clip_norm,
             progress=progress,
             generator=torch.Generator(args.device).manual_seed(args.seed),
+            callback=selection,
         )
     except pv.TrainingDivergedError as error:
         # The CVAE is trained and checkpointed; say which model diverged.
         raise pv.TrainingDivergedError(f"the baseline: {error}") from error
+    # The test set is scored once, below, with the kept epoch's weights; baseline.pt holds them.
+    selection.restore()
     if main_rank:
         pv.save_checkpoint(
             run_dir.path / BASELINE,
@@ -266,6 +274,7 @@ def finish(
     final: dict[str, Any] = {
         **test_terms,
         "baseline_train_loss": baseline_history.loss[-1],
+        **selection.describe(),
         "baseline_train_seconds": time.perf_counter() - started,
     }
     final.update(
@@ -284,6 +293,57 @@ def finish(
     return final
 
 
+class BaselineSelection:
+    """fit's callback for the baseline: after each epoch, its exact −log p(missing | given)
+    on the validation set (``scored["val"]``, the run's ``x_val``), and a copy of the weights
+    of the best epoch so far, which :meth:`restore` puts back once training is over. Without a
+    validation set (``--val-size 0``) the last epoch is kept. Never stops training: the
+    baseline has the CVAE's budget. Alike on every rank (the same weights score the same
+    rows), so the ranks keep the same epoch."""
+
+    def __init__(self, baseline: pv.ConditionalBaseline, scored: dict[str, Tensor]) -> None:
+        self.baseline = baseline
+        self.val = (scored["val"], scored["val_given"]) if "val" in scored else None
+        self.val_nll: list[float] = []  # one per epoch, the first epoch first
+        self.epoch = self.epoch_trained = 0
+        self.best = math.inf
+        self.weights: dict[str, Tensor] | None = None
+
+    def __call__(self, epoch: int, history: pv.History) -> None:
+        self.epoch_trained = epoch
+        if self.val is None:
+            return
+        x, c = self.val
+        nll = -pv.conditional_log_likelihood(self.baseline, x, c, 1, progress=False).mean().item()
+        self.val_nll.append(nll)
+        if self.weights is None or nll < self.best:
+            self.epoch, self.best = epoch, nll
+            self.weights = {
+                key: value.detach().clone() for key, value in self.baseline.state_dict().items()
+            }
+
+    def restore(self) -> None:
+        """The kept epoch's weights back in the baseline (the last epoch's already are when
+        there is no validation set)."""
+        if self.weights is not None:
+            self.baseline.load_state_dict(self.weights)
+
+    def describe(self) -> dict[str, Any]:
+        """What final_metrics.json records of the choice: the epoch kept, how, and the
+        validation curve it was read off."""
+        if self.val is None:
+            return {
+                "baseline_epoch": self.epoch_trained,
+                "baseline_selected_by": "last epoch (no validation set)",
+            }
+        return {
+            "baseline_epoch": self.epoch,
+            "baseline_selected_by": "best validation -log p(missing | given) (exact)",
+            "baseline_val_nll": self.best,
+            "baseline_val_nll_by_epoch": self.val_nll,
+        }
+
+
 def summary(final: dict[str, Any], args: argparse.Namespace) -> str:
     text = f"test ELBO {final['test_elbo']:.2f} nats"
     if "test_nll" in final:
@@ -294,7 +354,12 @@ def summary(final: dict[str, Any], args: argparse.Namespace) -> str:
             f"baseline − CVAE {final['test_nll_difference']:.2f} ± "
             f"{final['test_nll_difference_se']:.2f} (paired)"
         )
-    return f"{text}; the baseline trained in {final['baseline_train_seconds']:.0f}s"
+    kept = f"epoch {final['baseline_epoch']} kept"
+    if "baseline_val_nll" in final:
+        kept += f", validation -log p {final['baseline_val_nll']:.2f}"
+    else:
+        kept += " (no validation set: the last)"
+    return f"{text}; the baseline trained in {final['baseline_train_seconds']:.0f}s, {kept}"
 
 
 def score(

@@ -11,6 +11,7 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
+from pyro_vae.jobs import cvae as cvae_job
 from pyro_vae.models.cvae import ConditionalVAE
 from pyro_vae.models.cvae_estimators import conditional_elbo_terms
 from pyro_vae.models.masks import quadrant_mask, split_by_mask
@@ -113,6 +114,35 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(cvae_run, tmp_
     for name in ("metrics.json", "final_metrics.json"):
         reference = json.loads((cvae_run / name).read_text())
         assert without_seconds(json.loads((out / name).read_text())) == without_seconds(reference)
+
+
+def test_the_baseline_keeps_its_best_validation_epoch_and_the_test_set_scores_it(tmp_path, capsys):
+    """The baseline's epoch is the one with the lowest validation −log p(missing | given) of
+    the curve the run records; baseline.pt holds that epoch's weights (they score the
+    validation set as recorded, and belong to the run), and the test numbers are theirs. The
+    settings give a run whose best epoch is not its last."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--given-quadrants", "1", "--num-epochs", "6", "--hidden-dims", "256,256",
+            "--batch-size", "16", "--learning-rate", "0.01", "--num-iw-particles", "1"]  # fmt: skip
+    code, stdout, err = train(*argv, "--out-dir", str(out), capsys=capsys)
+    assert code == 0, err
+    final = json.loads((out / "final_metrics.json").read_text())
+    curve = final["baseline_val_nll_by_epoch"]
+    assert len(curve) == 6
+    best = 1 + min(range(len(curve)), key=curve.__getitem__)
+    assert final["baseline_epoch"] == best != 6, curve  # else kept and last are one epoch
+    assert final["baseline_val_nll"] == curve[best - 1]
+    assert "the baseline trained in" in stdout and f"epoch {best} kept, validation" in stdout
+    run = pv.jobs.load_run(out)  # checks baseline.pt against the run (run_schema.py)
+    baseline = cvae_job.load_baseline(run)
+    mask = quadrant_mask(run.data.image_shape, 1)
+    assert run.x_val is not None and run.data.x_val is not None
+    x_val, c_val = cvae_job.split_scored(run.model, run.x_val, run.data.x_val, mask, "val")
+    x_test, c_test = cvae_job.test_parts(run)
+    val_nll = -pv.conditional_log_likelihood(baseline, x_val, c_val, 1, progress=False)
+    assert val_nll.mean().item() == pytest.approx(curve[best - 1], rel=1e-6)
+    test_nll = -pv.conditional_log_likelihood(baseline, x_test, c_test, 1, progress=False)
+    assert final["baseline_test_nll"] == pytest.approx(test_nll.mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("value", ["0", "4", "two", "1.5", "-1"])
