@@ -92,6 +92,7 @@ def run_one(num_labelled: int, seed: int, data: pv.DataSplits, args: argparse.Na
         alpha=args.alpha,
         hidden_dims=args.hidden,
         num_labels=len(data.class_names),
+        labelled_per_batch=args.labelled_per_batch,
     )
     baseline = SupervisedClassifier(copy.deepcopy(m2.classifier), m2.num_labels)
     x_test, _, x_val = evaluation_sets(m2, data, seed)
@@ -200,6 +201,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=DEFAULT_HIDDEN)
     parser.add_argument("--latent-dim", type=int, default=DEFAULT_LATENT)
     parser.add_argument("--alpha", type=float, default=None, help="default: M2.from_data's")
+    parser.add_argument("--labelled-per-batch", type=int, default=None, help="default: M2's rule")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
