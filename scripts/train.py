@@ -101,13 +101,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--num-threads",
         type=cli.num_threads,
-        help="CPU threads (default: one per core; on a busy machine 1 is often faster)",
+        help="CPU threads (default: the faster of 1 and one per core, timed on a few steps "
+        "of the run; a resumed run keeps its own)",
     )
     add(
         "--compile",
-        action="store_true",
-        help="trace the training step once and compile it (torch.compile); --elbo trace and "
-        "meanfield, iwae runs eager with a warning",
+        nargs="?",
+        choices=("auto", "on", "off"),
+        const="on",
+        default="auto",
+        help="trace the training step once and compile it (torch.compile); auto: only when "
+        "the run's steps pay back the compile, timed on its first eager steps (--compile "
+        "alone: on); --elbo trace and meanfield, iwae runs eager",
     )
     add("--no-progress", action="store_true", help="hide the progress bars")
     tensorboard_log.add_argument(parser)

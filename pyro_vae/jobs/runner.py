@@ -28,7 +28,7 @@ from pyro_vae.checkpoint import build_model
 from pyro_vae.data import is_binary
 from pyro_vae.infer import distributed
 from pyro_vae.infer.state import TrainingState
-from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run
+from pyro_vae.jobs import JOBS, RUN_FILES, cli, load_run, threads
 from pyro_vae.jobs.run_directory import BEST, RunDirectory, claim_run_directory
 from pyro_vae.jobs.runs import (
     RESUME_OVERRIDES,
@@ -95,6 +95,9 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
     # Data outside what the model takes are refused here, before any file is written.
     with _naming_the_file(args):
         setup = job.prepare(run, args)
+    # The thread count and --compile auto, from a few timed steps (pyro_vae.jobs.threads).
+    speed = threads.choose_speed(job, run, setup, args, threads_given="--num-threads" in args.given)
+    setup.description += f"; {speed}"
     mode = "overwrite" if args.overwrite else "new"
     with claim_run_directory(args.out_dir, mode=mode, files=RUN_FILES) as run_dir:
         return run_dir.guarded(prog, lambda: train(job, args, run_dir, run, setup))
@@ -164,6 +167,11 @@ def _resume(given: argparse.Namespace, prog: str) -> int:
         pyro.set_rng_seed(args.seed)
         job = JOBS[run.kind]
         setup = job.prepare(run, args)
+        # A run saved without a thread count (before they were chosen) has one chosen now.
+        speed = threads.choose_speed(
+            job, run, setup, args, threads_given="--num-threads" in given.given, resumed=True
+        )
+        setup.description += f"; {speed}"
         setup.notes = (*setup.notes, *([] if moved is None else [moved]))
         return run_dir.guarded(prog, lambda: train(job, args, run_dir, run, setup))
 

@@ -13,6 +13,9 @@ weight_uncertainty.png for a Bayesian decoder).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import pyro_vae as pv
 from pyro_vae import plots
 from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
 from pyro_vae.data import DataSplits
-from pyro_vae.infer import distributed
+from pyro_vae.infer import compiled, distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
 from pyro_vae.jobs.runs import (
@@ -179,6 +182,48 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
         scored=scored,
         notes=notes,
     )
+
+
+def compile_key(run: Run, setup: Setup, args: argparse.Namespace) -> str:
+    """What makes a compile of this run's step the same as another's (the traced graph's
+    shapes and constants): the torch version, the model's config, the batch size, the
+    number of training rows (the N/B scale), the objective and the device's kind."""
+    parts = {
+        "torch": torch.__version__,
+        "config": run.config,
+        "batch_size": args.batch_size,
+        "num_data": len(setup.training_data[0]),
+        "elbo": args.elbo,
+        "num_particles": args.num_particles,
+        "device": torch.device(args.device).type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def decide_compile(
+    run: Run,
+    setup: Setup,
+    args: argparse.Namespace,
+    steps: int,
+    eager_step_seconds: Callable[[], float],
+) -> tuple[bool, str]:
+    """``--compile auto``: whether the run's ``steps`` steps pay back the compile
+    (:func:`pyro_vae.infer.compiled.compile_pays`), from the eager step's time
+    (``eager_step_seconds()``, the run's own first steps timed) and the compile's
+    (:func:`~pyro_vae.infer.compiled.compile_estimate`: a cache hit, or the known cold
+    figure at the machine's load); and why, in words. Eager without timing anything where
+    the step cannot compile, on a GPU (the compiled CUDA path is unmeasured) and under
+    torchrun (the ranks would have to time alike)."""
+    reason = compiled.loss_eager_reason(setup.loss)
+    if reason is not None:
+        return False, f"{type(setup.loss).__name__} runs eager"
+    if torch.device(args.device).type != "cpu":
+        return False, "the compiled step on a GPU is unmeasured; --compile on tries it"
+    if distributed.launched_by_torchrun():
+        return False, "not timed under torchrun; --compile on compiles"
+    estimate, source = compiled.compile_estimate(compile_key(run, setup, args))
+    pays, why = compiled.compile_pays(eager_step_seconds(), steps, estimate)
+    return pays, f"{why}; {source}"
 
 
 def epoch_metrics(vae: pv.VAE, x: Tensor, prefix: str, num_data: int) -> dict[str, float]:
