@@ -114,13 +114,18 @@ def user_cache_dir() -> Path:
     return Path(base) / "pyro_vae"
 
 
+# The user's TORCHINDUCTOR_CACHE_DIR, read when pyro_vae is imported: importing torch._inductor
+# later sets the variable to torch's own default (under /tmp), which is not the user's choice.
+_GIVEN_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
+
+
 def use_inductor_cache_dir() -> Path:
     """Inductor's on-disk cache in the user's cache directory (``~/.cache/pyro_vae/inductor``)
     rather than torch's default under /tmp, which a reboot empties; a
     ``TORCHINDUCTOR_CACHE_DIR`` the user set is kept. Returns the directory in use."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir() / "inductor")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    wanted = _GIVEN_CACHE_DIR or str(user_cache_dir() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = wanted
+    return Path(wanted)
 
 
 class _NoCudaRuntimeFilter(logging.Filter):
@@ -161,17 +166,28 @@ def _read_records() -> dict[str, Any]:
     return records if isinstance(records, dict) else {}
 
 
-def compile_estimate(key: str | None, *, load: float | None = None) -> tuple[float, str]:
-    """The seconds a compile of ``key``'s shapes should take, and where that figure comes
-    from: a cache hit (a compile of the same key, into the Inductor cache directory in use,
-    which still exists) takes the smaller of its recorded time and the warm figure; otherwise
-    the known cold figure times the machine's :func:`load_factor` (or ``load``)."""
-    factor = load_factor() if load is None else load
+def _hit(key: str | None) -> dict[str, Any] | None:
+    """``key``'s record where its compile went into the Inductor cache directory in use,
+    which still exists (its kernels are there to be found); else ``None``."""
     record = _read_records().get(key) if key is not None else None
     cache = use_inductor_cache_dir()
     if isinstance(record, dict) and record.get("cache_dir") == str(cache) and cache.is_dir():
-        seconds = min(float(record.get("seconds", WARM_COMPILE_SECONDS)), WARM_COMPILE_SECONDS)
-        return seconds * factor, f"cache hit, about {seconds * factor:.0f}s to compile"
+        return record
+    return None
+
+
+def compile_estimate(key: str | None, *, load: float | None = None) -> tuple[float, str]:
+    """The seconds a compile of ``key``'s shapes should take, and where that figure comes
+    from: a cache hit (a compile of the same key, into the Inductor cache directory in use,
+    which still exists) takes the recorded time of a warm compile, or after a cold one the
+    known warm figure; otherwise the known cold figure. The figures are times the machine's
+    :func:`load_factor` (or ``load``)."""
+    factor = load_factor() if load is None else load
+    record = _hit(key)
+    if record is not None:
+        # A warm compile's own time, measured; after a cold one, the known warm figure.
+        seconds = float(record["seconds"]) if record.get("warm") else WARM_COMPILE_SECONDS * factor
+        return seconds, f"cache hit, about {seconds:.0f}s to compile"
     seconds = COLD_COMPILE_SECONDS * factor
     return seconds, f"cold cache, about {seconds:.0f}s to compile at load {factor:.1f}/core"
 
@@ -192,14 +208,14 @@ def compile_pays(
     )
 
 
-_record: dict[str, Any] = {"key": None, "seconds": 0.0}
+_record: dict[str, Any] = {"key": None, "seconds": 0.0, "warm": False}
 
 
 def record_compile_times(key: str | None) -> None:
     """Note the seconds this process spends compiling from now on (every graph, summed) under
     ``key`` (the shapes of a run: :func:`compile_estimate` reads them back), or stop noting
-    (``None``)."""
-    _record.update(key=key, seconds=0.0)
+    (``None``). A compile is warm when the key's earlier kernels are in the cache."""
+    _record.update(key=key, seconds=0.0, warm=_hit(key) is not None)
 
 
 def _note_compile(seconds: float) -> None:
@@ -210,6 +226,7 @@ def _note_compile(seconds: float) -> None:
     records = _read_records()
     records[_record["key"]] = {
         "seconds": _record["seconds"],
+        "warm": _record["warm"],
         "cache_dir": str(use_inductor_cache_dir()),
     }
     try:

@@ -6,6 +6,7 @@ train.py saving the decision as on or off."""
 import argparse
 import json
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -43,14 +44,20 @@ def cache_home(tmp_path, monkeypatch):
     restores the environment)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setattr(compiled, "_record", {"key": None, "seconds": 0.0})
+    monkeypatch.setattr(compiled, "_GIVEN_CACHE_DIR", None)
+    monkeypatch.setattr(compiled, "_record", {"key": None, "seconds": 0.0, "warm": False})
     return tmp_path / "cache" / "pyro_vae"
 
 
 def test_inductor_s_cache_goes_to_the_user_s_cache_directory(cache_home, monkeypatch, tmp_path):
     assert compiled.use_inductor_cache_dir() == cache_home / "inductor"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert compiled.use_inductor_cache_dir() == tmp_path / "mine"  # the user's choice kept
+    # Importing torch._inductor sets the variable to torch's default under /tmp: not the user's.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_someone")
+    assert compiled.use_inductor_cache_dir() == cache_home / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_home / "inductor")
+    # The user's own, set before pyro_vae was imported, is kept.
+    monkeypatch.setattr(compiled, "_GIVEN_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiled.use_inductor_cache_dir() == tmp_path / "mine"
 
 
 def test_the_estimate_is_the_cold_figure_at_the_load_without_a_record(cache_home):
@@ -65,11 +72,16 @@ def test_a_recorded_compile_with_its_cache_is_a_hit(cache_home):
     compiled._note_compile(5.0)  # the last, smaller batch's graph: the run's compiles summed
     records = json.loads((cache_home / "compile_seconds.json").read_text())
     assert records["key"]["seconds"] == 25.0
-    # The kernels are in the cache now: the next compile is a warm one.
+    assert records["key"]["warm"] is False  # no kernels of this key were there before
+    # The kernels are in the cache now: the next compile is a warm one, the known figure.
     (cache_home / "inductor").mkdir(parents=True)
-    seconds, source = compiled.compile_estimate("key", load=1.0)
-    assert seconds == compiled.WARM_COMPILE_SECONDS
-    assert source.startswith("cache hit")
+    seconds, source = compiled.compile_estimate("key", load=2.0)
+    assert seconds == 2 * compiled.WARM_COMPILE_SECONDS
+    assert source == "cache hit, about 3s to compile"
+    # A warm compile measured: its own time is the estimate from then on.
+    compiled.record_compile_times("key")
+    compiled._note_compile(4.0)
+    assert compiled.compile_estimate("key", load=2.0)[0] == 4.0
     # Another shape, or the cache emptied, is cold again.
     assert compiled.compile_estimate("other", load=1.0)[0] == compiled.COLD_COMPILE_SECONDS
     (cache_home / "inductor").rmdir()
@@ -137,7 +149,7 @@ def test_train_saves_auto_s_decision_and_a_resume_keeps_it(
 
 
 def test_choose_speed_saves_a_forced_compile_as_on(monkeypatch):
-    monkeypatch.setattr(compiled, "_record", {"key": None, "seconds": 0.0})
+    monkeypatch.setattr(compiled, "_record", {"key": None, "seconds": 0.0, "warm": False})
     monkeypatch.setattr(vae, "compile_key", lambda *a: "key")
     args = argparse.Namespace(num_threads=1, compile="on")
     line = threads.choose_speed(vae, None, None, args, threads_given=True)  # type: ignore[arg-type]
