@@ -17,6 +17,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pyro_vae.array_dataset import ArrayDataset
 
 DATASET_NAMES = ("digits", "fashion-mnist", "mnist")
 
@@ -60,10 +63,15 @@ class DataUnavailableError(FileNotFoundError):
 
 @dataclass
 class DataSplits:
-    """A dataset as tensors: images flattened to ``(N, data_dim)``, values in [0, 1]."""
+    """A dataset as tensors: images flattened to ``(N, data_dim)``, values in [0, 1].
+
+    The training rows of a ``.npy`` loaded with ``stream=True`` are a
+    :class:`~pyro_vae.ArrayDataset` instead: the file memory-mapped, read batch by batch by
+    :func:`~pyro_vae.fit` (scaled as they are read), never held whole; the test and validation
+    rows are tensors all the same (a run scores them whole)."""
 
     name: str
-    x_train: Tensor
+    x_train: Tensor | ArrayDataset
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
@@ -79,6 +87,8 @@ class DataSplits:
 
     @property
     def data_dim(self) -> int:
+        if isinstance(self.x_train, ArrayDataset):
+            return self.x_train.data_dim
         return self.x_train.shape[1]
 
     @property
@@ -86,11 +96,17 @@ class DataSplits:
         """How many rows are held out for validation (0 without a validation set)."""
         return 0 if self.x_val is None else len(self.x_val)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the training rows stay in their file, read batch by batch."""
+        return isinstance(self.x_train, ArrayDataset)
+
     def to(self, device: torch.device | str) -> DataSplits:
-        """The same splits on another device."""
+        """The same splits on another device; streamed training rows stay in their file
+        (:func:`~pyro_vae.fit` moves each batch to the model's device as it reads it)."""
         return dataclasses.replace(
             self,
-            x_train=self.x_train.to(device),
+            x_train=self.x_train.to(device) if isinstance(self.x_train, Tensor) else self.x_train,
             y_train=self.y_train.to(device),
             x_test=self.x_test.to(device),
             y_test=self.y_test.to(device),
@@ -98,16 +114,59 @@ class DataSplits:
             y_val=None if self.y_val is None else self.y_val.to(device),
         )
 
+    def in_memory(self) -> DataSplits:
+        """The same splits with streamed training rows read whole into a tensor (for the
+        models that train on tensors only); splits in memory already are returned as they
+        are."""
+        if isinstance(self.x_train, ArrayDataset):
+            return dataclasses.replace(self, x_train=self.x_train.read())
+        return self
+
+    def train_tensor(self) -> Tensor:
+        """The training rows as a tensor: read whole when streamed."""
+        x = self.in_memory().x_train
+        assert isinstance(x, Tensor)
+        return x
+
+    def train_head(self, count: int) -> Tensor:
+        """The first ``count`` training rows (all when fewer) as a tensor: of streamed rows,
+        only these are read."""
+        if isinstance(self.x_train, ArrayDataset):
+            return self.x_train.read(range(min(count, len(self.x_train))))
+        return self.x_train[:count]
+
+    def train_chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """The training rows a chunk at a time, each with the position of its first row: the
+        whole tensor in memory at once, streamed rows a bounded chunk at a time (a scan of
+        them never holds the file)."""
+        if isinstance(self.x_train, ArrayDataset):
+            start = 0
+            for chunk in self.x_train.chunks():
+                yield start, chunk
+                start += len(chunk)
+        else:
+            yield 0, self.x_train
+
     def hold_out(self, indices: Tensor) -> DataSplits:
         """The splits with the training rows ``indices`` held out as the validation set (and
         left out of training); ``indices`` empty: no validation set. Model choices (the epoch,
-        settings) are made on the validation set, so that the test set is scored once."""
+        settings) are made on the validation set, so that the test set is scored once.
+        Streamed training rows stay streamed: the rows left are picked by index, and only the
+        validation rows are read."""
         if self.x_val is not None:
             raise ValueError("these splits already hold a validation set")
         if len(indices) == 0:
             return self
         keep = torch.ones(len(self.x_train), dtype=torch.bool)
         keep[indices.cpu()] = False
+        if isinstance(self.x_train, ArrayDataset):
+            return dataclasses.replace(
+                self,
+                x_train=self.x_train.subset(keep.nonzero().squeeze(1)),
+                y_train=self.y_train[keep.to(self.y_train.device)],
+                x_val=self.x_train.read(indices.cpu()),
+                y_val=self.y_train[indices.to(self.y_train.device)],
+            )
         keep = keep.to(self.x_train.device)
         held = indices.to(self.x_train.device)
         return dataclasses.replace(
@@ -144,6 +203,7 @@ def load_dataset(
     test_dataset: str | os.PathLike | None = None,
     image_size: tuple[int, int] | list[int] | None = None,
     seed: int = 0,
+    stream: bool = False,
 ) -> DataSplits:
     """Load a dataset with its train/test split and labels.
 
@@ -168,6 +228,10 @@ def load_dataset(
         directory ``$XDG_CACHE_HOME/pyro_vae`` (``~/.cache/pyro_vae``).
     :param device: where the tensors go; checked before anything is read.
     :param dtype: the images' floating dtype (labels are ``torch.long``).
+    :param stream: the training rows of a ``.npy`` file as a :class:`~pyro_vae.ArrayDataset`
+        over its memory map (read batch by batch by :func:`~pyro_vae.fit`, never whole; the
+        device is then the test and validation sets' alone), instead of a tensor; for the
+        other data, which are read into memory anyway, it changes nothing.
     :raises ValueError: for an unknown device or a non-floating dtype, a name that is no
         dataset and no file or folder, and for data files that cannot be read or do not hold
         what they should; the message names the file.
@@ -184,7 +248,12 @@ def load_dataset(
             raise ValueError(f"unknown dataset {name!r}: not one of {names}, nor a file or folder")
         device = check_device(device)
         user = load_user_dataset(
-            name, test_dataset=test_dataset, image_size=image_size, seed=seed, dtype=dtype
+            name,
+            test_dataset=test_dataset,
+            image_size=image_size,
+            seed=seed,
+            dtype=dtype,
+            stream=stream,
         )
         return DataSplits(**user._asdict()).to(device)
     if test_dataset is not None or image_size is not None:
@@ -194,7 +263,7 @@ def load_dataset(
         splits = _load_digits()
     else:
         splits = _load_torchvision(name, None if data_dir is None else Path(data_dir))
-    splits.x_train = splits.x_train.to(dtype)
+    splits.x_train = splits.train_tensor().to(dtype)
     splits.x_test = splits.x_test.to(dtype)
     return splits.to(device)
 

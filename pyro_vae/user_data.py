@@ -12,11 +12,16 @@ labels that do not match the rows, mixed image sizes, an empty folder. Every ref
 A ``.npy`` file is memory-mapped (copy-on-write, so that an in-place write to the tensor can
 neither reach the file nor crash on read-only pages), and the checks read it in chunks: when it
 holds the asked dtype and its test set comes from elsewhere, the training tensor is a view of
-the mapping, read from disk only where it is used.
+the mapping, read from disk only where it is used. With ``stream=True`` (scripts/train.py) the
+training rows are a :class:`~pyro_vae.ArrayDataset` over the mapping whatever its dtype (those
+torch takes as they are): the rows left once the test rows are drawn are picked by index, not
+copied, and 8-bit values are scaled batch by batch as they are read; only the test rows are
+read into memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from pyro_vae.array_dataset import ArrayDataset
 
 TENSOR_SUFFIXES = (".npy", ".npz", ".pt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -51,6 +58,19 @@ class _Source:
     y: Tensor | None
     class_names: tuple[str, ...] | None
     num_levels: int
+    rows: Tensor | None = None
+    """The rows of ``x`` this source holds (``None``: all): a mapped ``x`` is split by index,
+    not copied."""
+    mapped: np.ndarray | None = None
+    """The memory-mapped array that ``x`` is a view of (a ``.npy`` whose dtype torch takes as
+    it is), else ``None``."""
+
+    def __len__(self) -> int:
+        return len(self.x) if self.rows is None else len(self.rows)
+
+    def held(self) -> Tensor:
+        """The rows this source holds, as a tensor in memory."""
+        return self.x if self.rows is None else self.x[self.rows]
 
 
 class UserData(NamedTuple):
@@ -59,7 +79,7 @@ class UserData(NamedTuple):
     that the two import no circle)."""
 
     name: str
-    x_train: Tensor
+    x_train: Tensor | ArrayDataset
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
@@ -75,6 +95,7 @@ def load_user_dataset(
     image_size: tuple[int, int] | list[int] | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    stream: bool = False,
 ) -> UserData:
     """The data in ``path`` as train/test splits (``name`` is the path), to be made a
     ``DataSplits`` by :func:`pyro_vae.load_dataset`, which takes the same arguments.
@@ -90,6 +111,8 @@ def load_user_dataset(
         ``x_test``, else :data:`TEST_FRACTION` of the rows drawn with ``seed``.
     :param image_size: ``(height, width)`` every image of a folder is resized to (bilinear);
         without it, images of unequal size are refused.
+    :param stream: the training rows of a ``.npy`` as a :class:`~pyro_vae.ArrayDataset` over
+        its mapping (see the module's docstring) instead of a tensor.
     :raises ValueError: one line naming the file, for anything that cannot be read or used.
     """
     path = Path(path)
@@ -108,7 +131,7 @@ def load_user_dataset(
         train_source, test_source = train.source, train.held_test
     else:
         train_source, test_source = _split_off_test(train.source, seed)
-    return _splits(path, train_source, test_source, dtype)
+    return _splits(path, train_source, test_source, dtype, stream)
 
 
 @dataclass
@@ -131,7 +154,11 @@ def _read_source(path: Path, image_size: tuple[int, int] | list[int] | None) -> 
     if image_size is not None:
         raise ValueError(f"{path}: --image-size resizes a folder's images, not a tensor file")
     if suffix == ".npy":
-        return _Read(_source(path, "the array", _open_npy(path), None, None))
+        array = _open_npy(path)
+        source = _source(path, "the array", array, None, None)
+        if source.x.data_ptr() == array.ctypes.data:  # a view: no conversion copied it
+            source.mapped = array
+        return _Read(source)
     arrays = _read_npz(path) if suffix == ".npz" else _read_pt(path)
     return _named_arrays(path, arrays)
 
@@ -398,12 +425,16 @@ def _split_off_test(source: _Source, seed: int) -> tuple[_Source, _Source]:
 
     def part(rows: Tensor) -> _Source:
         y = None if source.y is None else source.y[rows]
+        if source.mapped is not None:  # picked by index when it is used, not copied here
+            return dataclasses.replace(source, y=y, rows=rows)
         return _Source(source.path, source.x[rows], y, source.class_names, source.num_levels)
 
     return part(train_rows), part(test_rows)
 
 
-def _splits(name: Path, train: _Source, test: _Source, dtype: torch.dtype) -> UserData:
+def _splits(
+    name: Path, train: _Source, test: _Source, dtype: torch.dtype, stream: bool
+) -> UserData:
     if train.x.shape[1:] != test.x.shape[1:]:
         raise ValueError(
             f"{test.path}: test {_shape_words(test.x)}, but the training data ({train.path}) "
@@ -421,17 +452,23 @@ def _splits(name: Path, train: _Source, test: _Source, dtype: torch.dtype) -> Us
     else:
         image_shape = (1, train.x.shape[1])  # rows are drawn as strips of one pixel's height
 
-    def flat(x: Tensor) -> Tensor:
+    def flat(source: _Source) -> Tensor:
+        x = source.held()
         x = x.reshape(len(x), -1)
         if x.dtype == torch.uint8:
-            return x.to(dtype) / 255.0
+            return x.to(dtype) / 255.0  # ArrayDataset scales a streamed batch alike
         return x.to(dtype)  # the same tensor when it holds dtype already: still mapped
 
+    x_train: Tensor | ArrayDataset
+    if stream and train.mapped is not None:
+        x_train = ArrayDataset(train.mapped, dtype, rows=train.rows)
+    else:
+        x_train = flat(train)
     return UserData(
         str(name),
-        flat(train.x),
+        x_train,
         y_train,
-        flat(test.x),
+        flat(test),
         y_test,
         image_shape,
         class_names,
@@ -443,7 +480,7 @@ def _classes(train: _Source, test: _Source) -> tuple[tuple[str, ...], Tensor, Te
     """The class names and both splits' labels, on one numbering: a folder's by the names of
     its subfolders, a tensor file's by the numbers; no labels: one class."""
     if train.y is None or test.y is None:
-        return UNLABELLED_CLASSES, _zeros(train.x), _zeros(test.x)
+        return UNLABELLED_CLASSES, _zeros(len(train)), _zeros(len(test))
     if train.class_names is None and test.class_names is None:
         count = 1 + int(max(train.y.max(), test.y.max()))
         return tuple(map(str, range(count))), train.y, test.y
@@ -465,8 +502,8 @@ def _classes(train: _Source, test: _Source) -> tuple[tuple[str, ...], Tensor, Te
     return train.class_names, train.y, index[test.y]
 
 
-def _zeros(x: Tensor) -> Tensor:
-    return torch.zeros(len(x), dtype=torch.long)
+def _zeros(count: int) -> Tensor:
+    return torch.zeros(count, dtype=torch.long)
 
 
 def _shape_words(x: Tensor) -> str:

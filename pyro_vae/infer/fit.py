@@ -68,7 +68,7 @@ log where no progress bar shows; ``logging.basicConfig(level=logging.INFO)`` sho
 
 def fit(
     module: Any,
-    data: Tensor | Dataset | tuple[Tensor, ...],
+    data: Tensor | Dataset | tuple[Tensor, ...] | tuple[Dataset],
     *,
     num_epochs: int,
     batch_size: int,
@@ -113,7 +113,8 @@ def fit(
         ``TensorDataset`` (its tensors are the model's arguments, as a tuple's are; for a model
         with a ``data_dim`` it is streamed as any ``Dataset``), or a map-style ``Dataset`` of
         examples for a model with a ``data_dim``, streamed batch by batch through a
-        ``DataLoader``.
+        ``DataLoader``; a tuple holding one such ``Dataset`` is that ``Dataset`` (so that a
+        caller can hand over its data as a tuple whatever they are).
     :param num_epochs: passes over the data.
     :param batch_size: examples per step; the ELBO is scaled by N / batch_size.
     :param learning_rate: the default optimizer's (Adam's) step size.
@@ -139,6 +140,8 @@ def fit(
     :raises ValueError: on bad arguments or data, before any parameter changes.
     :raises TrainingDivergedError: at a NaN or infinite loss or gradient, before that step.
     """
+    if isinstance(data, tuple) and len(data) == 1 and isinstance(data[0], Dataset):
+        data = data[0]
     module = as_model_and_guide(module, data)
     if log_every is not None:
         check_positive_int("log_every", log_every)

@@ -59,6 +59,7 @@ from pyro_vae.jobs.runs import (
     make_loss,
     per_class,
     provenance,
+    read_whole,
     run_arguments,
 )
 from pyro_vae.models.cvae_estimators import conditional_elbo_terms
@@ -163,12 +164,16 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     ``args.device``, checked before anything is written."""
     cvae = run.model.to(args.device)
     assert isinstance(cvae, pv.ConditionalVAE)  # the registry sent a "cvae" run here
-    data = run.data.to(args.device)
+    # The CVAE trains on tensors only: rows streamed from a .npy are read whole, and it
+    # says so.
+    data, notes = read_whole(run.data, KIND)
+    data = data.to(args.device)
+    x_all = data.train_tensor()
     mask = pv.quadrant_mask(data.image_shape, args.given_quadrants)
-    x_train, c_train = pv.split_by_mask(data.x_train, mask)
+    x_train, c_train = pv.split_by_mask(x_all, mask)
     # Each evaluation set as (missing pixels as scored, given pixels of the grayscale images).
     images = {
-        "train": data.x_train[: len(run.x_train_eval)],
+        "train": x_all[: len(run.x_train_eval)],
         "val": data.x_val,
         "test": data.x_test,
     }
@@ -193,6 +198,7 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
             f"beta {args.beta}; device {args.device}; writing to {args.out_dir}"
         ),
         scored=scored,
+        notes=notes,
         trained="CVAE",
     )
 

@@ -45,6 +45,7 @@ from pyro_vae.jobs.runs import (
     explain_on,
     per_class,
     provenance,
+    read_whole,
 )
 from pyro_vae.models.labels import UNLABELLED, default_alpha, hide_labels, labelled_subset
 from pyro_vae.models.m2 import M2
@@ -217,10 +218,13 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     ``args.device``, checked before anything is written."""
     m2 = run.model.to(args.device)
     assert isinstance(m2, M2)  # the registry sent an "m2" run here
-    data = run.data.to(args.device)
+    # M2 trains on tensors only: rows streamed from a .npy are read whole, and it says so.
+    data, notes = read_whole(run.data, KIND)
+    data = data.to(args.device)
+    x_all = data.train_tensor()
     labelled, rows = labelled_rows(run, vars(args))
     y_all = hide_labels(data.y_train.cpu(), labelled)
-    x, y = data.x_train[rows.to(data.x_train.device)], y_all[rows].to(args.device)
+    x, y = x_all[rows.to(x_all.device)], y_all[rows].to(args.device)
     binarized = run.scored_sets(args.device, m2.dtype)
     # Data outside what M2 trains on, and labels it cannot take, are refused here, before
     # any file is written.
@@ -256,6 +260,7 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
         ),
         checkpoint_extra={"labelled_indices": labelled},
         scored=scored,
+        notes=notes,
     )
 
 

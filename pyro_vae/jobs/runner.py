@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -65,6 +66,9 @@ def train_main(args: argparse.Namespace, prog: str) -> int:
         test_dataset=args.test_dataset,
         image_size=args.image_size,
         seed=args.seed,
+        # A .npy's training rows stay in the file, memory-mapped, and fit reads them batch
+        # by batch (a job that trains on tensors alone reads them whole in its prepare).
+        stream=True,
     )
     # The validation rows go before anything else is drawn from the training set (M2's
     # labelled rows come from what is left).
@@ -115,14 +119,34 @@ def check_user_data(model: nn.Module, data: pv.DataSplits, args: argparse.Namesp
         return
     binary = getattr(getattr(model, "likelihood", None), "binary_data", False)
     dtype = next(model.parameters()).dtype
+    # Streamed training rows are checked a chunk at a time (never held whole), and judged
+    # binary or not on all of them, as rows in memory are.
+    train_binary = all(is_binary(chunk) for _, chunk in data.train_chunks())
+    what = f"{args.dataset} (training rows)"
+    for start, chunk in data.train_chunks():
+        with _counting_from(start):
+            validate(chunk.to(dtype), what, probabilities=binary and not train_binary)
     splits = [
-        (args.dataset, "training rows", data.x_train),
         (args.dataset, "validation rows", data.x_val),
         (args.test_dataset or args.dataset, "test rows", data.x_test),
     ]
     for file, split, x in splits:
         if x is not None:
             validate(x.to(dtype), f"{file} ({split})", probabilities=binary and not is_binary(x))
+
+
+@contextlib.contextmanager
+def _counting_from(start: int) -> Iterator[None]:
+    """A refusal of a chunk of rows that starts at row ``start`` names the row by its place
+    in the whole training set, as a check of all of it at once would."""
+    try:
+        yield
+    except ValueError as error:
+        found = re.search(r"first in example (\d+)", str(error))
+        if not start or found is None:
+            raise
+        whole = f"first in example {start + int(found[1])}"
+        raise ValueError(str(error).replace(found[0], whole, 1)) from error
 
 
 @contextlib.contextmanager

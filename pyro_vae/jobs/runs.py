@@ -22,6 +22,7 @@ import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor, nn
 
+from pyro_vae.array_dataset import ArrayDataset
 from pyro_vae.checkpoint import built_on_meta, load_checkpoint
 from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset, validation_indices
 from pyro_vae.explain import explain
@@ -118,7 +119,8 @@ def evaluation_sets(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The test set, a training subset (the first :data:`MAX_TRAIN_EVAL` examples) and the
     validation set (``None`` without one) as a run scores them, on the CPU in the data's
-    dtype.
+    dtype. Of streamed training rows only the subset is held (the binary check scans the
+    rest a chunk at a time).
 
     A likelihood that declares ``binary_data`` (Bernoulli) needs binary data: training
     binarizes afresh every step, and evaluation uses one fixed binarization. It is drawn on
@@ -127,16 +129,29 @@ def evaluation_sets(
     rebuilt on another one, and a stream of its own keeps it apart from the training noise
     drawn from ``seed``.
     """
-    x_test, x_train = data.x_test.cpu(), data.x_train[:MAX_TRAIN_EVAL].cpu()
+    x_test, x_train = data.x_test.cpu(), data.train_head(MAX_TRAIN_EVAL).cpu()
     x_val = None if data.x_val is None else data.x_val.cpu()
     binary_data = getattr(getattr(model, "likelihood", None), "binary_data", False)
-    if not binary_data or is_binary(data.x_train):
+    if not binary_data or all(is_binary(chunk) for _, chunk in data.train_chunks()):
         return x_test, x_train, x_val
     (state,) = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)
     generator = torch.Generator().manual_seed(int(state))
     # In this order: the test set's draw does not depend on the other two.
     x_test, x_train = binarize(x_test, generator), binarize(x_train, generator)
     return x_test, x_train, None if x_val is None else binarize(x_val, generator)
+
+
+def read_whole(data: DataSplits, model: str) -> tuple[DataSplits, tuple[str, ...]]:
+    """``data`` with streamed training rows read whole, for a job that trains on tensors
+    alone (M2, the CVAE), and the note that says so (none for data in memory already)."""
+    if not data.streamed:
+        return data, ()
+    note = (
+        f"note: --model {model} trains on tensors: the {len(data.x_train)} training rows of "
+        f"{data.name} are read whole into memory (only --model vae streams a .npy batch by "
+        "batch)"
+    )
+    return data.in_memory(), (note,)
 
 
 def digest(x: Tensor) -> str:
@@ -220,6 +235,7 @@ def read_run(
         test_dataset=args["test_dataset"],
         image_size=args["image_size"],
         seed=args["seed"],
+        stream=True,  # as the run trained: a .npy's training rows stay in the file
     )
     held_out = validation_indices(len(data.x_train), args["val_size"], args["seed"])
     recorded = payload.get("validation_indices", held_out[:0])
@@ -391,8 +407,10 @@ class Setup:
 
     model: nn.Module
     """The run's model, on the run's device."""
-    training_data: tuple[Tensor, ...]
-    """fit's data: the rows and what goes with them (M2's labels, the CVAE's given pixels)."""
+    training_data: tuple[Tensor, ...] | tuple[ArrayDataset]
+    """fit's data: the rows and what goes with them (M2's labels, the CVAE's given pixels);
+    a VAE's rows streamed from a ``.npy`` are an :class:`~pyro_vae.ArrayDataset` alone, which
+    fit reads batch by batch."""
     loss: ELBO
     description: str
     """The first line a run prints: data, model, objective, device."""

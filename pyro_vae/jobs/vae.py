@@ -155,7 +155,9 @@ def check_run(run: Run) -> None:
 
 def prepare(run: Run, args: argparse.Namespace) -> Setup:
     """The run on ``args.device``: the training rows and the evaluation sets, checked
-    against the likelihood's support before anything is written."""
+    against the likelihood's support before anything is written. Training rows streamed from
+    a ``.npy`` stay there: fit reads them batch by batch (with the DataLoader's workers,
+    ``--num-workers``), each rank its own shard under torchrun."""
     vae = run.model.to(args.device)
     assert isinstance(vae, pv.VAE)  # the registry sent a "vae" run here
     data = run.data.to(args.device)
@@ -168,9 +170,12 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     if args.kl_warmup_epochs > args.num_epochs:
         reached = args.beta * args.num_epochs / args.kl_warmup_epochs
         notes = (f"note: the KL warm-up outlasts training: beta reaches only {reached:.3g}",)
+    # Rows in memory, or the rows left in the .npy (data.train_tensor() would read them).
+    streamed = data.x_train if isinstance(data.x_train, pv.ArrayDataset) else None
+    training_data = (data.train_tensor(),) if streamed is None else (streamed,)
     return Setup(
         model=vae,
-        training_data=(data.x_train,),
+        training_data=training_data,
         loss=loss,
         description=(
             f"{args.dataset}: {len(data.x_train)} train / {data.num_val} validation / "
