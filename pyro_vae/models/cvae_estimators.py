@@ -13,10 +13,10 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_int
 from pyro_vae.components.networks import check_image_shape
+from pyro_vae.infer.estimators import progress_bar
 from pyro_vae.models import contract
 from pyro_vae.models.cvae import ConditionalBaseline, ConditionalVAE
 from pyro_vae.models.masks import check_mask, merge_by_mask, split_by_mask
@@ -71,6 +71,8 @@ def conditional_log_likelihood(
         for a Bernoulli likelihood).
     :param c: the condition ``(N, condition_dim)``.
     :param progress: show a progress bar over the chunks; ``None``: only on a terminal.
+        Without a bar, a line at least every 10 s goes to the logger ``pyro_vae.progress``
+        (:func:`~pyro_vae.infer.estimators.progress_bar`).
     """
     _check_module(module)
     x = module.validate_data(x, "x")
@@ -79,17 +81,21 @@ def conditional_log_likelihood(
     check_positive_int("chunk_size", chunk_size)
     examples_per_chunk = max(1, min(len(x), chunk_size))
     particles_per_chunk = max(1, chunk_size // examples_per_chunk)
-    chunks = [
+    # The chunks are made as they are needed, not listed up front: a list would hold one entry
+    # per pass, unbounded in K.
+    chunks = (
         (start_row, min(particles_per_chunk, num_particles - start))
         for start_row in range(0, len(x), examples_per_chunk)
         for start in range(0, num_particles, particles_per_chunk)
-    ]
+    )
+    num_chunks = math.ceil(len(x) / examples_per_chunk) * math.ceil(
+        num_particles / particles_per_chunk
+    )
     results: list[Tensor] = []
     running: Tensor | None = None
     done = 0
-    for start_row, count in tqdm(
-        chunks, desc="log p(x|c)", disable=None if progress is None else not progress
-    ):
+    # Off a terminal, where no bar shows, a progress line at least every 10 s, as log p(x)'s.
+    for start_row, count in progress_bar(chunks, "log p(x|c)", num_chunks, progress):
         rows = slice(start_row, start_row + examples_per_chunk)
         xb, cb = x[rows], c[rows]
         # One pass over `count` copies of the batch: row k * n + i is particle k of example i.

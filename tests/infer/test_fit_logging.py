@@ -4,19 +4,23 @@ not fit's epoch lines (they print their own rows)."""
 
 from __future__ import annotations
 
+import ast
 import itertools
 import logging
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import tqdm.auto
 from conftest import binary_data
 
 import pyro_vae as pv
 from pyro_vae.infer import estimators
+from pyro_vae.infer import fit as fit_module
 from pyro_vae.jobs import cli
 
 
@@ -52,16 +56,37 @@ def test_log_likelihood_without_a_bar_says_where_it_is_at_least_every_10_seconds
     vae = pv.VAE(12, 2, hidden_dims=(8,))
     # 20 examples per pass, one particle each: 60 passes.
     pv.log_likelihood(vae, binary_data(20, 12), num_particles=60, chunk_size=20, progress=False)
+    assert_a_line_at_least_every_10_seconds(caplog, clock, "log p(x): ")
+
+
+def assert_a_line_at_least_every_10_seconds(caplog, clock: FakeClock, prefix: str) -> None:
+    """The progress lines all start with ``prefix``, no two (nor the start and the first, nor
+    the last and the end) more than 10 s apart on ``clock``, and not one per chunk."""
     lines = [r.getMessage() for r in caplog.records if r.name == "pyro_vae.progress"]
-    assert lines and all(line.startswith("log p(x): ") for line in lines)
+    assert lines and all(line.startswith(prefix) for line in lines)
     # The clock's reading at each line, from its "Ns" (rounded to the second), and the end.
     said = [float(re.search(r", (\d+)s, about", line).group(1)) for line in lines]
-    total = clock.now - seconds_per_chunk  # the first read started the clock
+    total = clock.now - clock.step  # the first read started the clock
     times = [0.0, *said, total]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) <= estimators.PROGRESS_SECONDS + 0.5, (gaps, lines)
     # Not one per chunk: a line about every 10 s.
-    assert len(lines) <= total / (estimators.PROGRESS_SECONDS - seconds_per_chunk) + 1
+    assert len(lines) <= total / (estimators.PROGRESS_SECONDS - clock.step) + 1
+
+
+@pytest.mark.parametrize("seconds_per_chunk", [3.0, 0.4, 9.0])
+def test_the_cvaes_log_likelihood_without_a_bar_says_where_it_is_too(
+    caplog, monkeypatch, seconds_per_chunk
+):
+    """The CVAE's final score, log p(missing | given), logs its chunks as log p(x) does."""
+    clock = FakeClock(seconds_per_chunk)
+    monkeypatch.setattr(estimators, "_clock", clock)
+    caplog.set_level(logging.INFO, logger="pyro_vae.progress")
+    cvae = pv.ConditionalVAE(12, 4, 2, hidden_dims=(8,))
+    # 20 examples per pass, one particle each: 60 passes.
+    x, c = binary_data(20, 12), torch.rand(20, 4)
+    pv.conditional_log_likelihood(cvae, x, c, num_particles=60, chunk_size=20, progress=False)
+    assert_a_line_at_least_every_10_seconds(caplog, clock, "log p(x|c): ")
 
 
 def test_with_a_bar_there_are_no_progress_lines(caplog, monkeypatch):
@@ -122,3 +147,23 @@ def test_kl_decomposition_without_a_bar_says_where_it_is_too(caplog, monkeypatch
     pv.kl_decomposition(vae, binary_data(40, 12), num_particles=2, chunk_size=8, progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "pyro_vae.progress"]
     assert lines and all(line.startswith("I(x; z): ") for line in lines)
+
+
+def test_every_progress_bar_is_tqdm_auto_so_that_it_renders_in_a_notebook():
+    """fit's bar and the estimators' (issue 24, item 6): tqdm.auto picks the notebook widget
+    in Jupyter and the plain bar elsewhere; tqdm's own module prints raw text in a notebook."""
+    package = Path(pv.__file__).parent
+    plain = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tqdm"):
+                if node.module != "tqdm.auto":
+                    plain.append(f"{path.relative_to(package)}: from {node.module} import")
+            elif isinstance(node, ast.Import):
+                plain += [
+                    f"{path.relative_to(package)}: import {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("tqdm") and alias.name != "tqdm.auto"
+                ]
+    assert not plain
+    assert fit_module.tqdm is tqdm.auto.tqdm
