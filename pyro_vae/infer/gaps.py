@@ -402,15 +402,18 @@ def _fit_block(
     earlier = _Average((loc0, scale0))
     final = (loc0, scale0)
     store = pyro.get_param_store()
+    rows = x.repeat(settings.svi_particles, 1)
     try:
         # Gradients on even under a caller's no_grad (the explain report runs under one).
-        with torch.enable_grad(), _frozen(vae), _unit_beta(vae):
+        # Validation off, as in training's steps: x was validated once, and q*'s parameters
+        # are checked below.
+        with torch.enable_grad(), _frozen(vae), _unit_beta(vae), pyro.validation_enabled(False):
             for step in tqdm(
                 range(num_steps),
                 desc="q* by SVI",
                 disable=None if settings.progress is None else not settings.progress,
             ):
-                svi.step(x.repeat(settings.svi_particles, 1))
+                svi.step(rows)
                 optimizer.step()
                 if half - window <= step < half:
                     earlier.add(fitted())
@@ -419,9 +422,14 @@ def _fit_block(
     finally:
         for name in [name for name in store.keys() if name.startswith(f"{prefix}.")]:
             del store[name]
+    if not all(bool(torch.isfinite(value).all()) for value in final):
+        raise ValueError(
+            "inference_gaps: q* left the finite numbers during SVI (a step size too large "
+            "for this model?); try a smaller learning_rate"
+        )
     snapshot = earlier.value()
     num_particles, chunk_size = settings.num_particles, settings.chunk_size
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(False):
         # One seed for the three ELBOs: the same draws of ε (common random numbers).
         seed = int(torch.randint(2**62, ()))
         encoder = _elbo_draws(FixedWeights(vae, vae.guide), x, num_particles, chunk_size, seed)

@@ -75,11 +75,19 @@ class LocalGaussian:
     ) -> None:
         self.examples, self.params, self.full, self.sticking = examples, params, full, sticking
         self.site, self.plate = names
+        # The rows last found to be copies of the examples, and their version then: SVI calls
+        # the guide on one tensor at every step, compared once (until it is written to).
+        self._checked: tuple[Tensor, int] | None = None
 
     def __call__(self, x: Tensor, num_data: int | None = None) -> Tensor:
         copies, rest = divmod(len(x), len(self.examples))
-        if rest or not torch.equal(x, self.examples.repeat(copies, 1)):
-            raise RuntimeError("a local guide was called on rows other than its examples")
+        if self._checked is None or self._checked[0] is not x or self._checked[1] != x._version:
+            # Each copy compared with the examples in place (no stacked copy of them is made).
+            if rest or not all(
+                torch.equal(block, self.examples) for block in x.split(len(self.examples))
+            ):
+                raise RuntimeError("a local guide was called on rows other than its examples")
+            self._checked = (x, x._version)
         loc, scale = self.params()
         loc, scale = loc.repeat(copies, 1), scale.repeat(copies, *(1,) * (scale.dim() - 1))
         q = gaussian(loc, scale)

@@ -22,6 +22,7 @@ from torch.distributions import kl_divergence
 import pyro_vae as pv
 from pyro_vae import explain_plots
 from pyro_vae.infer.gaps import InferenceGaps, inference_gaps
+from pyro_vae.infer.local_gaussian import LocalGaussian
 
 NUM_EXAMPLES = 50
 
@@ -266,3 +267,20 @@ def test_an_encoder_without_sigma_is_refused():
     x = torch.bernoulli(torch.full((4, 6), 0.5))
     with pytest.raises(ValueError, match="σ"):
         inference_gaps(vae, x)
+
+
+def test_a_local_guide_refuses_rows_other_than_copies_of_its_examples():
+    examples = torch.arange(6.0).reshape(3, 2)
+    guide = LocalGaussian(
+        examples, lambda: (torch.zeros(3, 2), torch.ones(3, 2)), False, ("z", "data")
+    )
+    rows = examples.repeat(2, 1)
+    assert guide(rows).shape == (6, 2)
+    assert guide(rows).shape == (6, 2)  # the same rows again: checked once, still accepted
+    for wrong in (examples.flip(0), examples[:2], examples.repeat(2, 1)[:5]):
+        with pytest.raises(RuntimeError, match="other than its examples"):
+            guide(wrong)
+    # Rows accepted once and then written to are compared again.
+    rows[4, 1] = -1.0
+    with pytest.raises(RuntimeError, match="other than its examples"):
+        guide(rows)
