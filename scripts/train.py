@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{', '.join(theirs)} is for --model {name}")
     user_data = args.dataset not in pv.DATASET_NAMES
     if not user_data:
-        for flag in sorted(args.given & {"--test-dataset", "--image-size"}):
+        for flag in sorted(args.given & {"--test-dataset", "--image-size", "--num-workers"}):
             parser.error(f"{flag} is for a --dataset given as a path, not {args.dataset}")
     # A path's run is named by its file or folder (runs/<name>), never by the path itself.
     data_name = Path(args.dataset).stem if user_data else args.dataset

@@ -276,7 +276,8 @@ def stage_printer() -> Callable[[str], None]:
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """scripts/train.py's flags that say what data a run trains on: a dataset's name or your
-    own data's path, its test set, an image size, the directory of the IDX files."""
+    own data's path, its test set, an image size, the directory of the IDX files, and the
+    workers that read a streamed .npy."""
     from pyro_vae.data import DATASET_NAMES
     from pyro_vae.user_data import TEST_FRACTION
 
@@ -312,4 +313,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="directory with the dataset's IDX files (default: Debian's files, then the cache "
         "~/.cache/pyro_vae)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=non_negative_int,
+        default=0,
+        help="DataLoader worker processes that read a --model vae's batches from a .npy, "
+        "which streams from its memory map (default 0: read in the training process; the "
+        "numbers are the same either way). Other data are in memory",
     )

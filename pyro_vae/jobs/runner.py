@@ -306,6 +306,7 @@ def train(
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         loss=setup.loss,
+        binarize=setup.binarize,
         kl_warmup_epochs=args.kl_warmup_epochs,
         clip_norm=args.clip_norm,
         callback=after_epoch,
@@ -324,6 +325,8 @@ def train(
         progress=progress,
         generator=torch.Generator(args.device).manual_seed(args.seed),
         compile=args.compile,
+        # Used by a streamed .npy only (the VAE's): rows in memory are indexed in place.
+        num_workers=args.num_workers,
     )
     trained = time.perf_counter() - started
     board.close()

@@ -42,16 +42,21 @@ RESUME_OVERRIDES = (
     "--num-threads",
     "--device",
     "--tensorboard",  # also --no-tensorboard: the logs change nothing of the training
+    # The loader's workers fetch the very rows fit's shuffle asks for, in its order, and draw
+    # nothing from the run's random streams: the numbers are the same for any count.
+    "--num-workers",
 )
 # Flags that came after runs were first written, with the value an older run trained with:
 # runs saved before --compile trained eager, before --val-size held out no validation set,
-# before --test-dataset and --image-size trained on named datasets only.
+# before --test-dataset and --image-size trained on named datasets only, before --num-workers
+# read every batch in the training process.
 FLAGS_ADDED_SINCE: dict[str, Any] = {
     "compile": False,
     "val_size": 0,
     "patience": None,
     "test_dataset": None,
     "image_size": None,
+    "num_workers": 0,
 }
 # Validation rows when --val-size is not given: Pyro's ss_vae_M2 example holds out 10,000 of
 # MNIST's training images; a smaller dataset gives a tenth of its training rows.
@@ -422,6 +427,9 @@ class Setup:
     """Lines said after the first one."""
     kept_epoch: int | None = None
     """The epoch whose weights the runner kept and the test set scores (set after training)."""
+    binarize: bool | None = None
+    """fit's ``binarize``: ``None`` lets fit judge the data (all of them in memory, the first
+    batch of a streamed set); a job that streams decides on all of its rows."""
     trained: str = "training"
     """What the training time in the last line is of (the CVAE's job trains a baseline too,
     and times it apart)."""

@@ -26,7 +26,7 @@ from torch import Tensor
 import pyro_vae as pv
 from pyro_vae import plots
 from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
-from pyro_vae.data import DataSplits
+from pyro_vae.data import DataSplits, is_binary
 from pyro_vae.infer import compiled, distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
@@ -173,6 +173,12 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     # Rows in memory, or the rows left in the .npy (data.train_tensor() would read them).
     streamed = data.x_train if isinstance(data.x_train, pv.ArrayDataset) else None
     training_data = (data.train_tensor(),) if streamed is None else (streamed,)
+    binarize = None  # fit judges rows in memory on all of them
+    if streamed is not None:
+        # fit would judge streamed rows on their first batch; all of them decide, as in
+        # memory (a scan a chunk at a time, which stops at the first grayscale chunk).
+        binary = bool(getattr(vae.likelihood, "binary_data", False))
+        binarize = binary and not all(is_binary(chunk) for chunk in streamed.chunks())
     return Setup(
         model=vae,
         training_data=training_data,
@@ -186,6 +192,7 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
         ),
         scored=scored,
         notes=notes,
+        binarize=binarize,
     )
 
 

@@ -66,6 +66,7 @@ JOB_FLAGS = {
     # (tests/jobs/test_own_data.py checks them with files of its own).
     "--test-dataset",
     "--image-size",
+    "--num-workers",
 }
 
 
