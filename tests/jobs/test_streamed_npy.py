@@ -7,6 +7,7 @@ a file of 200 MB checks what the process holds."""
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -272,3 +273,16 @@ def test_num_workers_is_for_a_dataset_given_as_a_path(tmp_path, capsys):
                         capsys=capsys)  # fmt: skip
     assert code == 2 and "--num-workers is for a --dataset given as a path" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_pickled_dataset_maps_the_file_again(tmp_path):
+    """A worker started by spawn gets the dataset pickled: it carries the file's name and the
+    rows, and maps the file again, instead of a copy of the whole array."""
+    np.save(tmp_path / "d.npy", pixels(6000))
+    data = pv.load_dataset(str(tmp_path / "d.npy"), seed=3, stream=True)
+    assert isinstance(data.x_train, pv.ArrayDataset)
+    blob = pickle.dumps(data.x_train)
+    assert len(blob) < data.x_train.array.nbytes / 4  # the rows' indices, not the pixels
+    again = pickle.loads(blob)
+    assert isinstance(again.array, np.memmap)
+    assert torch.equal(again.read(), data.x_train.read())
