@@ -322,3 +322,27 @@ def test_sparse_data_in_a_tuple_and_a_model_on_the_meta_device_are_refused_namin
     meta = pv.VAE(12, 2, hidden_dims=(8,)).to("meta")
     with pytest.raises(ValueError, match="the model is on the meta device"):
         pv.fit(meta, x, num_epochs=1, batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["tensor", "dataset"])
+def test_a_batch_larger_than_the_data_is_all_of_it_however_large(stream):
+    # 2**64 is an int argparse and fit accept; torch's index arithmetic overflows on it.
+    x = binary_data(30, 16, 0.5)
+    data = TensorDataset(x) if stream else x
+    histories = []
+    for batch_size in (30, 2**64):
+        torch.manual_seed(0)  # the same initial weights for both
+        vae = pv.build_vae(16, 2, hidden_dims=(8,))
+        histories.append(
+            pv.fit(
+                vae,
+                data,
+                num_epochs=2,
+                batch_size=batch_size,
+                progress=False,
+                generator=torch.Generator().manual_seed(1),
+            )
+        )
+    whole, huge = histories
+    assert len(huge.step_loss) == 2  # one step per epoch
+    assert huge.step_loss == whole.step_loss

@@ -20,6 +20,7 @@ from scripts_in_process import load_script
 
 import pyro_vae as pv
 from pyro_vae.jobs import cli
+from pyro_vae.jobs import threads as speed_probe
 
 MAX_EXAMPLES = 600  # ~20 s on a shared 2-core machine
 
@@ -252,6 +253,11 @@ def test_train_script_reaches_fit_only_with_valid_arguments_else_one_line_and_ex
 ):
     argv, values_valid, given_flags = case
     monkeypatch.setattr(pv, "fit", _fake_fit)
+    # The speed probe (jobs/threads.py: the thread count, --compile auto) trains a copy of the
+    # model for a few steps before the run's fit; its timings are stood in for, so that the
+    # run's fit is the first to train and the arguments alone decide what reaches it. The
+    # probe has its own tests (test_threads.py, test_compile_auto.py).
+    monkeypatch.setattr(speed_probe, "time_steps", lambda setup, args, count, steps: [1e-3] * steps)
     threads = torch.get_num_threads()  # --num-threads sets it for the whole process
     capsys.readouterr()
     with tempfile.TemporaryDirectory() as scratch:
