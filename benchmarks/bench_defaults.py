@@ -7,6 +7,7 @@ throughput against a training epoch's.
     python benchmarks/bench_defaults.py compile-digits     # digits default, auto vs off
     python benchmarks/bench_defaults.py compile-fashion    # Fashion-MNIST 20 epochs, auto vs off
     python benchmarks/bench_defaults.py flops              # GFLOP/s: training epoch vs log p(x)
+    python benchmarks/bench_defaults.py threads --only default "--num-threads 1" --repeats 5
 
 The first three run `scripts/train.py` as a user does, each run a process of its own, the
 settings taking turns (`--repeats` rounds) so that a change of the machine's load weighs on
@@ -101,10 +102,16 @@ def one_run(extra: list[str], out_dir: Path, env: dict[str, str]) -> dict[str, A
     }
 
 
-def run_part(part: str, repeats: int, out: Path) -> dict[str, Any]:
+def run_part(part: str, repeats: int, out: Path, only: list[str] | None = None) -> dict[str, Any]:
     """The part's settings taking turns, ``repeats`` rounds; ``out`` is rewritten after every
-    run, so that a part stopped early keeps what it measured."""
+    run, so that a part stopped early keeps what it measured. ``only`` keeps the settings so
+    named (more rounds of a pair, without the slow ones)."""
     settings, common = PARTS[part]
+    if only:
+        unknown = set(only) - {name for name, _ in settings}
+        if unknown:
+            raise SystemExit(f"--only: no setting {sorted(unknown)} in {part}")
+        settings = [(name, flags) for name, flags in settings if name in only]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in settings}
     result: dict[str, Any] = {
@@ -214,12 +221,13 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=10_000, help="flops: test rows")
     parser.add_argument("--num-particles", type=int, default=100, help="flops: K")
     parser.add_argument("--out", type=Path, help="JSON results (default under results/)")
+    parser.add_argument("--only", nargs="+", help="run only the settings so named")
     args = parser.parse_args()
     out = args.out or RESULTS / f"defaults-{args.part}.json"
     result = (
         run_flops(args.num_test, args.num_particles)
         if args.part == "flops"
-        else run_part(args.part, args.repeats, out)
+        else run_part(args.part, args.repeats, out, args.only)
     )
     result["loadavg_at_end"] = Path("/proc/loadavg").read_text().strip()
     out.write_text(json.dumps(result, indent=1) + "\n")
