@@ -13,6 +13,7 @@ index rather than copied.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -115,9 +116,12 @@ class ArrayDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         """A worker started by spawn (not fork) maps the file again: a pickled ``np.memmap``
-        would carry a copy of the whole array."""
+        would carry a copy of the whole array. Only a whole map is mapped again: a view of one
+        (``mm[50:]``, ``mm[:, :2]``) keeps its parent's filename and offset, so mapping those
+        again would give the parent's first rows; a view pickles as its values."""
         state = dict(self.__dict__)
-        if isinstance(self.array, np.memmap) and self.array.filename is not None:
+        whole_map = isinstance(self.array, np.memmap) and isinstance(self.array.base, mmap.mmap)
+        if whole_map and self.array.filename is not None:
             state["array"] = (
                 self.array.filename,
                 self.array.offset,

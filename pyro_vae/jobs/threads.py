@@ -134,6 +134,10 @@ def time_steps(setup: Setup, args: argparse.Namespace, num_threads: int, steps: 
                 batch_size=args.batch_size,
                 learning_rate=args.learning_rate,
                 loss=copy.deepcopy(setup.loss),
+                # As the run's fit will: a streamed set's binarization is decided on all its
+                # rows by the job (fit alone would judge the first batch), and its workers.
+                binarize=setup.binarize,
+                num_workers=getattr(args, "num_workers", 0),
                 checkpoint=mark,
                 checkpoint_every=1,
                 progress=False,

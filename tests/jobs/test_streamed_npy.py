@@ -152,6 +152,26 @@ def test_a_streamed_npy_trains_to_the_numbers_of_the_same_data_in_memory(
         assert torch.equal(streamed[2][name], tensor), name
 
 
+def test_the_speed_probe_trains_a_streamed_npy_as_the_run_does(tmp_path, capsys, monkeypatch):
+    """At the speed defaults (the thread count timed, --compile auto) the probe's fit is given
+    the job's binarization, decided on all the rows: black and white first rows and gray ones
+    after them train, as they do in memory, where fit alone would judge the first batch binary
+    and refuse the first gray one."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # where set, nothing is timed
+    images = np.where(pixels() > 127, 255, 0).astype(np.uint8)
+    images[300:, 0, 0] = 100
+    np.save(tmp_path / "d.npy", images)
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = call(train_script, *TINY, "--dataset", str(tmp_path / "d.npy"),
+                              "--out-dir", str(tmp_path / "run"), "--num-epochs", "1",
+                              "--compile", "auto", capsys=capsys)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert "timed" in out  # the probe ran
+
+
 def test_a_streamed_run_resumed_ends_as_an_uninterrupted_one(tmp_path, capsys, fits):
     """One epoch, then --resume to two: the run reads the .npy back streamed, checks its
     validation rows and test digest, and ends where two epochs in one go end."""
@@ -286,3 +306,14 @@ def test_a_pickled_dataset_maps_the_file_again(tmp_path):
     again = pickle.loads(blob)
     assert isinstance(again.array, np.memmap)
     assert torch.equal(again.read(), data.x_train.read())
+
+
+def test_a_pickled_view_of_a_map_keeps_its_own_rows(tmp_path):
+    """A view of a map (rows or columns cut from it) pickles as its values: mapped again from
+    its filename and offset, which are its parent's, it would read the parent's first rows."""
+    np.save(tmp_path / "d.npy", pixels(100))
+    mapped = np.load(tmp_path / "d.npy", mmap_mode="r")
+    for view in (mapped[50:], mapped[:, :2]):
+        data = pv.ArrayDataset(view)
+        again = pickle.loads(pickle.dumps(data))
+        assert torch.equal(again.read(), data.read())
