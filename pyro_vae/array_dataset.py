@@ -120,8 +120,11 @@ class ArrayDataset(Dataset):
         (``mm[50:]``, ``mm[:, :2]``) keeps its parent's filename and offset, so mapping those
         again would give the parent's first rows; a view pickles as its values."""
         state = dict(self.__dict__)
-        whole_map = isinstance(self.array, np.memmap) and isinstance(self.array.base, mmap.mmap)
-        if whole_map and self.array.filename is not None:
+        if (
+            isinstance(self.array, np.memmap)
+            and isinstance(self.array.base, mmap.mmap)
+            and self.array.filename is not None
+        ):
             state["array"] = (
                 self.array.filename,
                 self.array.offset,
