@@ -2,10 +2,13 @@
 
 For each label count and each seed of the labelled subset:
 
-- the validation rows are held out of the training set as ``scripts/train.py`` holds them
-  out (``validation_indices`` with ``default_val_size``: 10,000 for MNIST and Fashion-MNIST,
-  10% for digits); the labelled rows are ``labelled_subset(y_train, n, seed)`` of the rest,
-  and the unlabelled rows are the first ``--num-unlabelled`` of the others (default: all);
+- the validation rows are held out of the training set by ``validation_indices`` with
+  ``default_val_size`` (10,000 for MNIST and Fashion-MNIST, 10% for digits), drawn with seed 0
+  for every seed: one validation set serves all seeds, so that they differ in the labelled
+  subset, the initial weights and the draws alone (``scripts/train.py`` draws them with
+  ``--seed``, so its runs of seeds other than 0 hold out other rows); the labelled rows are
+  ``labelled_subset(y_train, n, seed)`` of the rest, and the unlabelled rows are the first
+  ``--num-unlabelled`` of the others (default: all);
 - M2 is ``M2.from_data`` at its defaults (α, the labelled rows in every batch), with the
   sizes and budget of ``scripts/train.py --model m2`` unless flags say otherwise, trained by
   ``pv.fit`` on dynamically binarized images;
@@ -160,8 +163,13 @@ def run_one(num_labelled: int, seed: int, data: pv.DataSplits, args: argparse.Na
     return row
 
 
-def sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else float("nan")
+def sd(values: list[float]) -> float | None:
+    """The standard deviation over seeds; ``None`` (JSON's null) for one seed."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def spread(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -172,6 +180,7 @@ def summary(rows: list[dict]) -> list[dict]:
         m2 = [r["m2_test_accuracy"] for r in mine]
         base = [r["baseline_test_accuracy"] for r in mine]
         diff = [a - b for a, b in zip(m2, base, strict=True)]
+        diff_sd = sd(diff)
         out.append(
             {
                 "num_labelled": n,
@@ -181,7 +190,7 @@ def summary(rows: list[dict]) -> list[dict]:
                 "baseline_mean": statistics.fmean(base),
                 "baseline_sd": sd(base),
                 "diff_mean": statistics.fmean(diff),
-                "diff_se": sd(diff) / math.sqrt(len(diff)),
+                "diff_se": None if diff_sd is None else diff_sd / math.sqrt(len(diff)),
                 "m2_seconds": statistics.fmean(r["m2_seconds"] for r in mine),
             }
         )
@@ -236,9 +245,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in table:
         print(
-            f"| {r['num_labelled']} | {r['seeds']} | {r['m2_mean']:.4f} ± {r['m2_sd']:.4f} | "
-            f"{r['baseline_mean']:.4f} ± {r['baseline_sd']:.4f} | "
-            f"{r['diff_mean']:+.4f} ± {r['diff_se']:.4f} | {r['m2_seconds']:.0f} s |"
+            f"| {r['num_labelled']} | {r['seeds']} | {r['m2_mean']:.4f} ± {spread(r['m2_sd'])} | "
+            f"{r['baseline_mean']:.4f} ± {spread(r['baseline_sd'])} | "
+            f"{r['diff_mean']:+.4f} ± {spread(r['diff_se'])} | {r['m2_seconds']:.0f} s |"
         )
     print(f"\ntotal {total:.0f} s; results in {out}")
 

@@ -1,6 +1,6 @@
-"""Where the unlabelled rows pull q(y|x) on image data (issue 22; docs/design.md, "Why M2
-fell"): per epoch of M2 at its defaults, the classes the generative model itself prefers,
-against the labels and against q(y|x).
+"""Where the unlabelled rows pull q(y|x) on image data (issue 22; docs/design.md, "Where M2
+still loses"): per epoch of M2 at its defaults, the classes the generative model itself
+prefers, against the labels and against q(y|x).
 
 The unlabelled rows' bound is Σ_y q(y|x) ELBO(x, y) + H(q(y|x)): it rewards q(y|x) for putting
 its mass on the classes under which the generative model explains x best. So q(y|x) is
@@ -52,7 +52,7 @@ from pyro_vae.models.m2 import M2
 class LabelledWeighted(M2):
     """M2 whose labelled rows' bound is multiplied by ``labelled_weight`` (module docstring)."""
 
-    labelled_weight = 1.0
+    labelled_weight: float = 1.0  # set on the instance (below)
 
     def _scales(self, labelled: Tensor, num_data: int | None) -> tuple[float, float]:
         scale_labelled, scale_unlabelled = super()._scales(labelled, num_data)
@@ -115,8 +115,7 @@ def main() -> None:
     rows = torch.cat([labelled, unlabelled])
     x = data.x_train[rows]
     y = hide_labels(data.y_train[rows], torch.arange(args.num_labelled))
-    alpha = args.alpha or default_alpha(len(x), args.num_labelled)
-    LabelledWeighted.labelled_weight = args.labelled_weight
+    alpha = default_alpha(len(x), args.num_labelled) if args.alpha is None else args.alpha
     m2 = LabelledWeighted.from_data(
         x,
         y,
@@ -125,6 +124,7 @@ def main() -> None:
         hidden_dims=DEFAULT_HIDDEN,
         num_labels=len(data.class_names),
     )
+    m2.labelled_weight = args.labelled_weight
     x_test, _, x_val = evaluation_sets(m2, data, args.seed)
     assert x_val is not None and data.y_val is not None
     y_val = data.y_val
