@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import warnings
+import weakref
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ _FASHION_CLASSES = (
 
 class DataUnavailableError(FileNotFoundError):
     """A dataset's files are not on this machine and could not be downloaded."""
+
+
+# Per streamed dataset (a read-only view of its file, shared by the DataSplits made from one
+# another): whether all its values are 0 or 1 (DataSplits.train_rows_binary).
+_STREAMED_ROWS_BINARY: weakref.WeakKeyDictionary[ArrayDataset, bool] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -146,6 +152,18 @@ class DataSplits:
                 start += len(chunk)
         else:
             yield 0, self.x_train
+
+    def train_rows_binary(self) -> bool:
+        """Whether every training value is exactly 0 or 1. A streamed file is scanned once, a
+        chunk at a time: the runner's checks, the evaluation sets and the job's binarization
+        all ask, and each scan of a file larger than memory reads all of it from disk."""
+        if not isinstance(self.x_train, ArrayDataset):
+            return is_binary(self.x_train)
+        known = _STREAMED_ROWS_BINARY.get(self.x_train)
+        if known is None:
+            known = all(is_binary(chunk) for chunk in self.x_train.chunks())
+            _STREAMED_ROWS_BINARY[self.x_train] = known
+        return known
 
     def hold_out(self, indices: Tensor) -> DataSplits:
         """The splits with the training rows ``indices`` held out as the validation set (and

@@ -121,7 +121,7 @@ def check_user_data(model: nn.Module, data: pv.DataSplits, args: argparse.Namesp
     dtype = next(model.parameters()).dtype
     # Streamed training rows are checked a chunk at a time (never held whole), and judged
     # binary or not on all of them, as rows in memory are.
-    train_binary = all(is_binary(chunk) for _, chunk in data.train_chunks())
+    train_binary = data.train_rows_binary()
     what = f"{args.dataset} (training rows)"
     for start, chunk in data.train_chunks():
         with _counting_from(start):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pyro_vae.array_dataset import ArrayDataset
 from pyro_vae.checkpoint import built_on_meta, load_checkpoint
-from pyro_vae.data import DataSplits, binarize, is_binary, load_dataset, validation_indices
+from pyro_vae.data import DataSplits, binarize, load_dataset, validation_indices
 from pyro_vae.explain import explain
 from pyro_vae.jobs.run_directory import BEST, checkpoint_path
 from pyro_vae.jobs.run_schema import check_companion_payload, check_run_payload
@@ -137,7 +137,7 @@ def evaluation_sets(
     x_test, x_train = data.x_test.cpu(), data.train_head(MAX_TRAIN_EVAL).cpu()
     x_val = None if data.x_val is None else data.x_val.cpu()
     binary_data = getattr(getattr(model, "likelihood", None), "binary_data", False)
-    if not binary_data or all(is_binary(chunk) for _, chunk in data.train_chunks()):
+    if not binary_data or data.train_rows_binary():
         return x_test, x_train, x_val
     (state,) = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)
     generator = torch.Generator().manual_seed(int(state))

@@ -26,7 +26,7 @@ from torch import Tensor
 import pyro_vae as pv
 from pyro_vae import plots
 from pyro_vae.components.networks import DEFAULT_HIDDEN_DIMS
-from pyro_vae.data import DataSplits, is_binary
+from pyro_vae.data import DataSplits
 from pyro_vae.infer import compiled, distributed
 from pyro_vae.jobs import cli
 from pyro_vae.jobs.run_directory import RunDirectory
@@ -176,9 +176,9 @@ def prepare(run: Run, args: argparse.Namespace) -> Setup:
     binarize = None  # fit judges rows in memory on all of them
     if streamed is not None:
         # fit would judge streamed rows on their first batch; all of them decide, as in
-        # memory (a scan a chunk at a time, which stops at the first grayscale chunk).
+        # memory (the scan the runner's checks made already).
         binary = bool(getattr(vae.likelihood, "binary_data", False))
-        binarize = binary and not all(is_binary(chunk) for chunk in streamed.chunks())
+        binarize = binary and not data.train_rows_binary()
     return Setup(
         model=vae,
         training_data=training_data,

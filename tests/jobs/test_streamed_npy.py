@@ -317,3 +317,23 @@ def test_a_pickled_view_of_a_map_keeps_its_own_rows(tmp_path):
         data = pv.ArrayDataset(view)
         again = pickle.loads(pickle.dumps(data))
         assert torch.equal(again.read(), data.read())
+
+
+def test_a_streamed_file_is_scanned_twice_before_training(tmp_path, capsys, monkeypatch):
+    """Each scan of a file larger than memory reads all of it from disk: whether its rows
+    are binary is found once (the runner's checks, the evaluation sets and the job's
+    binarization share it), and the values' support is checked once."""
+    np.save(tmp_path / "d.npy", np.where(pixels() > 127, 255, 0).astype(np.uint8))
+    scans = []
+    real = pv.ArrayDataset.chunks
+
+    def chunks(self):
+        scans.append(len(self))
+        return real(self)
+
+    monkeypatch.setattr(pv.ArrayDataset, "chunks", chunks)
+    code, _, err = call(train_script, *TINY, "--dataset", str(tmp_path / "d.npy"),
+                        "--out-dir", str(tmp_path / "run"), "--num-epochs", "1",
+                        capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    assert len(scans) == 2, scans
