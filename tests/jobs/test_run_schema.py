@@ -184,7 +184,10 @@ CASES = {
     "args-nested": (_set("args", "hidden_dims", value=[[8]]), r"'hidden_dims' holds a list at 0"),
     "args-seed-a-bool": (_set("args", "seed", value=True), r"'seed' is True, not a seed"),
     "args-no-dataset": (_delete("args", "dataset"), r"'args' entry has no 'dataset'"),
-    "args-not-a-device": (_set("args", "device", value="gpu!"), r"'device' is 'gpu!', not a device"),
+    "args-not-a-device": (
+        _set("args", "device", value="gpu!"),
+        r"'device' is 'gpu!', not a device",
+    ),
     "args-other-model": (_set("args", "model", value="vae"), r"'model' is 'vae', and the config"),
     "args-a-tensor": (
         _set("args", "beta", value=torch.ones(3, dtype=torch.float64)),
