@@ -30,6 +30,7 @@ M2_CONFIG = {
     "num_labels": 3,
     "latent_dim": 2,
     "alpha": 0.7,
+    "num_labelled": 6,  # m2_data's labelled rows: the scale of their sites in batches
     "hidden_dims": [8],
 }
 M2_IMAGE_CONFIG = {
@@ -366,7 +367,7 @@ MISMATCHES = [
 def test_save_refuses_a_config_that_does_not_describe_the_model(tmp_path, changes, message):
     config = dict(M2_CONFIG, **changes)
     if changes.get("model") == "cvae":
-        del config["alpha"], config["num_labels"]
+        del config["alpha"], config["num_labels"], config["num_labelled"]
     with pytest.raises(ValueError, match=message) as error:
         pv.save_checkpoint(tmp_path / "c.pt", build(M2_CONFIG), config)
     assert str(error.value).startswith(f"{tmp_path / 'c.pt'}: checkpoint not written: ")

@@ -38,6 +38,7 @@ import torch
 from pyro_vae.infer import distributed
 from pyro_vae.infer.compiled import record_compile_times
 from pyro_vae.infer.fit import fit
+from pyro_vae.infer.state import TrainingDivergedError
 from pyro_vae.jobs.runs import Setup
 
 PROBE_STEPS = 5
@@ -145,6 +146,10 @@ def time_steps(setup: Setup, args: argparse.Namespace, num_threads: int, steps: 
             )
     except _Enough:
         pass
+    except TrainingDivergedError:
+        # The model diverges within its first steps: the run's own fit meets it and says
+        # where, with its checkpoint; the probe keeps what it timed, perhaps nothing.
+        pass
     finally:
         for name in set(store.keys()) - before:
             del store[name]
@@ -188,6 +193,8 @@ def _default_choice(setup: Setup, args: argparse.Namespace) -> Choice:
     if cores == 1:
         return Choice(1, "one core")
     timings = probe(setup, args, [1, cores])
+    if any(len(times) < 1 for times in timings.values()):
+        return Choice(1, "untimed: the first training steps diverged")
     chosen, reason = choose(timings)
     return Choice(chosen, reason, min(timings[chosen]))
 
@@ -199,7 +206,14 @@ def step_seconds(setup: Setup, args: argparse.Namespace, choice: Choice) -> floa
     alike."""
     if choice.step_seconds is not None:
         return choice.step_seconds
-    return min(time_steps(setup, args, choice.threads, PROBE_STEPS))
+    times = time_steps(setup, args, choice.threads, PROBE_STEPS)
+    if not times:
+        raise Untimed
+    return min(times)
+
+
+class Untimed(Exception):
+    """No step could be timed: the model's first training steps diverged."""
 
 
 def choose_speed(
@@ -229,9 +243,12 @@ def choose_speed(
         said = f"--compile {wanted}"
     if wanted == "auto":
         steps = args.num_epochs * -(-len(setup.training_data[0]) // args.batch_size)
-        args.compile, why = decide(
-            run, setup, args, steps, lambda: step_seconds(setup, args, choice)
-        )
+        try:
+            args.compile, why = decide(
+                run, setup, args, steps, lambda: step_seconds(setup, args, choice)
+            )
+        except Untimed:
+            args.compile, why = False, "untimed: the first training steps diverged"
         said = f"auto: {why}"
     # Each compile's seconds, noted for a later run's estimate (compiled.compile_estimate).
     record_compile_times(job.compile_key(run, setup, args) if args.compile else None)

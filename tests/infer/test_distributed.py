@@ -5,6 +5,7 @@ The tests that launch torchrun start real processes (gloo on the CPU) and are ma
 """
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -352,6 +353,15 @@ def _files(run_dir: Path) -> set[str]:
     return {p.name for p in run_dir.iterdir()}
 
 
+def _board(run_dir: Path) -> set[str]:
+    """The TensorBoard log a run writes where the package is installed (the dev extra has it):
+    by rank 0 alone, so one event file."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return set()
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1
+    return {"tensorboard"}
+
+
 # With one seed, two ranks of batch 64 see the very batches of one process of batch 128 (the
 # same shuffle, dealt alternately), and differ from it only in their noise (ε, binarization).
 # Over seeds 0-9 (2 digits epochs, default model, one thread per process) the test ELBO of the
@@ -380,7 +390,7 @@ def test_torchrun_trains_one_run_within_noise_of_one_process(tmp_path):
         "samples.png",
         "latent_space.png",
         "loss_curves.png",
-    }
+    } | _board(two)
     assert len(torch.load(two / "checkpoint.pt", weights_only=True)["training"]["rank_states"]) == 2
     single = subprocess.run(
         [sys.executable, str(TRAIN), *common, "--num-threads", "1", "--out-dir", str(one)],
@@ -428,7 +438,7 @@ def test_m2_and_the_cvae_train_under_torchrun_too(model, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done in") == 1
     common = {".pyro_vae.lock", "checkpoint.pt", "best.pt", "metrics.json", "metrics.csv"}
-    assert _files(run_dir) == common | {"final_metrics.json"} | figures
+    assert _files(run_dir) == common | {"final_metrics.json"} | figures | _board(run_dir)
     payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert payload["epoch"] == 2 and len(payload["training"]["rank_states"]) == 2
 

@@ -129,3 +129,23 @@ def test_train_saves_the_chosen_count_and_a_resume_keeps_it(
     assert "threads: 1 (the run's own)" in stdout.splitlines()[0]
     assert torch.get_num_threads() == 1
     assert json.loads((out / "final_metrics.json").read_text())["epochs_trained"] == 3
+
+
+def test_a_model_that_diverges_at_once_is_left_to_the_run_to_report(
+    probe_environment, tmp_path, capsys
+):
+    """The probe's copy diverges within its first steps (a learning rate of 1e12): it times
+    nothing, keeps 1 thread and does not compile, and the run's own fit meets the divergence
+    and reports it in one line, with its checkpoint (exit 1), not a traceback from the probe."""
+    out = tmp_path / "run"
+    code, stdout, err = call(train_script, *TINY, "--learning-rate", "1e12",
+                             "--checkpoint-every", "1", "--out-dir", str(out),
+                             capsys=capsys)  # fmt: skip
+    assert code == 1, err
+    first = stdout.splitlines()[0]
+    assert first.endswith(
+        "threads: 1 (untimed: the first training steps diverged); "
+        "compile: off (auto: untimed: the first training steps diverged)"
+    ), first
+    assert "loss is nan" in err and "Traceback" not in err
+    assert (out / "checkpoint.pt").exists()
