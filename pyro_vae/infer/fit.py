@@ -157,12 +157,12 @@ def fit(
         generator,
         optimizer,
     )
-    # A batch larger than the data is all of it. Clamped before torch sees the size: a size
-    # past 2**63 - 1 overflows torch's index arithmetic (Tensor.split, DataLoader).
-    batch_size = min(batch_size, _num_rows(data))
     # A Dataset streams through a DataLoader; tensors are indexed in memory (batches.py).
     streamed = isinstance(data, Dataset) and not isinstance(data, Tensor)
     rows, binarize = prepare_rows(module, data, binarize, batch_size, streamed, num_workers)
+    # A batch larger than the data is all of it. Clamped before the steps see the size: a
+    # size past 2**63 - 1 overflows torch's index arithmetic (Tensor.split, DataLoader).
+    batch_size = min(batch_size, rows.num_data)
     group = distributed.ranks()
     device = device_and_dtype(module)[0]
     num_data = rows.num_data
@@ -258,16 +258,6 @@ def fit(
             if enough:
                 break
     return history
-
-
-def _num_rows(data: Any) -> int:
-    """The rows of fit's data (the first tensor's, for a tuple), or at least 1 where it has no
-    length (prepare_rows then names what is wrong with it)."""
-    first = data[0] if isinstance(data, tuple) and data else data
-    try:
-        return max(1, len(first))
-    except TypeError:
-        return 1
 
 
 def _epoch_order(module: Any, rows: Rows, batch_size: int) -> EpochOrder:
