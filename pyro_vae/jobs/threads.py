@@ -197,8 +197,8 @@ def _default_choice(setup: Setup, args: argparse.Namespace) -> Choice:
     if cores == 1:
         return Choice(1, "one core")
     timings = probe(setup, args, [1, cores])
-    if any(len(times) < 1 for times in timings.values()):
-        return Choice(1, "untimed: the first training steps diverged")
+    if not all(timings.values()):
+        return Choice(1, UNTIMED)
     chosen, reason = choose(timings)
     return Choice(chosen, reason, min(timings[chosen]))
 
@@ -210,6 +210,8 @@ def step_seconds(setup: Setup, args: argparse.Namespace, choice: Choice) -> floa
     alike."""
     if choice.step_seconds is not None:
         return choice.step_seconds
+    if choice.reason == UNTIMED:  # the probe's steps diverged already: not run again
+        raise Untimed
     times = time_steps(setup, args, choice.threads, PROBE_STEPS)
     if not times:
         raise Untimed
@@ -218,6 +220,10 @@ def step_seconds(setup: Setup, args: argparse.Namespace, choice: Choice) -> floa
 
 class Untimed(Exception):
     """No step could be timed: the model's first training steps diverged."""
+
+
+UNTIMED = "untimed: the first training steps diverged"
+"""What the first line says of a choice made without a timed step."""
 
 
 def choose_speed(
@@ -252,7 +258,7 @@ def choose_speed(
                 run, setup, args, steps, lambda: step_seconds(setup, args, choice)
             )
         except Untimed:
-            args.compile, why = False, "untimed: the first training steps diverged"
+            args.compile, why = False, UNTIMED
         said = f"auto: {why}"
     # Each compile's seconds, noted for a later run's estimate (compiled.compile_estimate).
     record_compile_times(job.compile_key(run, setup, args) if args.compile else None)
