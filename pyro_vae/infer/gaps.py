@@ -60,6 +60,11 @@ BETA2 = 0.95
 # with a full-covariance encoder, q* fitted with 2 draws a step fell 0.034 nats short of the one
 # fitted with 8 (or 3000 steps); the diagonal family's, 0.005.
 SVI_PARTICLES = {False: 2, True: 8}
+# Rows per forward pass (and examples per block) by default. Passes of about a thousand rows
+# keep a pass's activations and per-pixel log-probabilities within the cores' caches: on a
+# Fashion-MNIST VAE (784 pixels), 500 inputs took 15.1 s in passes of 4096 rows and 12.4 s in
+# passes of 1024 or 2048, the same estimates to the digit (benchmarks/README.md).
+CHUNK_SIZE = 1024
 
 
 class GapsModel(VAELike, Protocol):
@@ -261,7 +266,7 @@ def inference_gaps(
     iw_particles: int = 1000,
     tolerance: float = 1e-3,
     full_covariance: bool | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = CHUNK_SIZE,
     progress: bool | None = None,
 ) -> InferenceGaps:
     """Fit a Gaussian q*(z) to each example of ``x`` by SVI and measure how far the encoder's
