@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import re
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -124,8 +123,7 @@ def check_user_data(model: nn.Module, data: pv.DataSplits, args: argparse.Namesp
     train_binary = data.train_rows_binary()
     what = f"{args.dataset} (training rows)"
     for start, chunk in data.train_chunks():
-        with _counting_from(start):
-            validate(chunk.to(dtype), what, probabilities=binary and not train_binary)
+        validate(chunk.to(dtype), what, probabilities=binary and not train_binary, first_row=start)
     splits = [
         (args.dataset, "validation rows", data.x_val),
         (args.test_dataset or args.dataset, "test rows", data.x_test),
@@ -133,20 +131,6 @@ def check_user_data(model: nn.Module, data: pv.DataSplits, args: argparse.Namesp
     for file, split, x in splits:
         if x is not None:
             validate(x.to(dtype), f"{file} ({split})", probabilities=binary and not is_binary(x))
-
-
-@contextlib.contextmanager
-def _counting_from(start: int) -> Iterator[None]:
-    """A refusal of a chunk of rows that starts at row ``start`` names the row by its place
-    in the whole training set, as a check of all of it at once would."""
-    try:
-        yield
-    except ValueError as error:
-        found = re.search(r"first in example (\d+)", str(error))
-        if not start or found is None:
-            raise
-        whole = f"first in example {start + int(found[1])}"
-        raise ValueError(str(error).replace(found[0], whole, 1)) from error
 
 
 @contextlib.contextmanager

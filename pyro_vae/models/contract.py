@@ -89,14 +89,18 @@ def check_form(x: object, what: str, data_dim: int) -> Tensor:
     return x
 
 
-def check_finite(x: Tensor, what: str) -> None:
+def check_finite(x: Tensor, what: str, first_row: int = 0) -> None:
+    """Every value of ``x`` must be finite; the error names the first example that is not,
+    counting ``x``'s rows from ``first_row``."""
     # One sum is finite only if every value is (NaN and inf propagate), so the elementwise
     # check runs only when the cheap one fails.
     if not bool(torch.isfinite(x.sum())):
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             row = int((~finite).any(dim=1).nonzero()[0])
-            raise ValueError(f"{what} has NaN or infinite values (first in example {row})")
+            raise ValueError(
+                f"{what} has NaN or infinite values (first in example {first_row + row})"
+            )
 
 
 def check_dtype_and_device(x: Tensor, what: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -108,15 +112,20 @@ def check_dtype_and_device(x: Tensor, what: str, dtype: torch.dtype, device: tor
 
 
 def check_support(
-    x: Tensor, what: str, support: constraints.Constraint, expected: str, hint: str = ""
+    x: Tensor,
+    what: str,
+    support: constraints.Constraint,
+    expected: str,
+    hint: str = "",
+    first_row: int = 0,
 ) -> None:
     """Every example of ``x`` must lie in ``support``; the error names the first that does not
-    and its first offending feature."""
+    (counting ``x``'s rows from ``first_row``) and its first offending feature."""
     inside = support.check(x)
     if not bool(inside.all()):
         row = int((~inside).nonzero()[0])
         raise ValueError(
-            f"{what} has values outside {expected}, first in example {row}: "
+            f"{what} has values outside {expected}, first in example {first_row + row}: "
             f"{_offending_value(x[row], support)}{hint}"
         )
 
@@ -189,7 +198,7 @@ class DataChecks:
         return x
 
     def validate_data(
-        self, x: object, what: str = "data", *, probabilities: bool = False
+        self, x: object, what: str = "data", *, probabilities: bool = False, first_row: int = 0
     ) -> Tensor:
         """Raise a ``ValueError`` naming the problem unless ``x`` is a finite floating tensor
         ``(N, data_dim)`` inside the likelihood's support, of the model's dtype and device;
@@ -198,11 +207,13 @@ class DataChecks:
         :param what: how the error message names ``x``.
         :param probabilities: check for values in [0, 1] instead of the likelihood's support:
             data that will be binarized dynamically.
+        :param first_row: the place of ``x``'s first row in a larger set that is checked a
+            chunk at a time: the error names a row by its place in the whole set.
         """
         x = check_form(x, what, self.data_dim)
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: it has no examples")
-        check_finite(x, what)
+        check_finite(x, what, first_row)
         support: constraints.Constraint
         if probabilities:
             support = constraints.independent(constraints.unit_interval, 1)
@@ -216,6 +227,6 @@ class DataChecks:
             if isinstance(self.likelihood, BernoulliLikelihood) and not probabilities
             else ""
         )
-        check_support(x, what, support, expected, hint)
+        check_support(x, what, support, expected, hint, first_row)
         check_dtype_and_device(x, what, self.dtype, self.device)
         return x

@@ -197,3 +197,17 @@ def test_bad_data_is_rejected_naming_the_problem(data, message):
     vae = pv.VAE(3, 2, hidden_dims=(4,))
     with pytest.raises(ValueError, match=message):
         vae.validate_data(data)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(float("nan"), r"NaN or infinite values \(first in example 1002\)"),
+     (0.5, r"outside the support .*first in example 1002: feature 2 = 0.5")],
+)  # fmt: skip
+def test_a_chunk_of_a_larger_set_names_its_bad_row_by_its_place_in_the_whole_set(bad, message):
+    # A set checked a chunk at a time (a streamed training file) counts rows from first_row.
+    chunk = torch.zeros(5, 3)
+    chunk[2, 2] = bad
+    vae = pv.VAE(3, 2, hidden_dims=(4,))
+    with pytest.raises(ValueError, match=message):
+        vae.validate_data(chunk, first_row=1000)
