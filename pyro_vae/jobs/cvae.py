@@ -408,14 +408,18 @@ SPREAD_SAMPLES, SPREAD_CHUNK = 100, 100
 
 
 def load_baseline(run: Run) -> pv.ConditionalBaseline:
-    """The run's baseline (``baseline.pt``), or a ValueError saying why there is none."""
+    """The run's baseline (``baseline.pt``): as :func:`~pyro_vae.jobs.load_run` loaded and
+    checked it, or read now for a run read without its companions; a ValueError saying why
+    there is none."""
     path = run.directory / BASELINE
-    if not path.is_file():
-        raise ValueError(
-            f"{run.directory}: no {BASELINE} there: the run stopped before its baseline was "
-            "trained (finish it with scripts/train.py --resume)"
-        )
-    baseline, _ = pv.load_checkpoint(path)
+    baseline = run.companions.get(BASELINE)
+    if baseline is None:
+        if not path.is_file():
+            raise ValueError(
+                f"{run.directory}: no {BASELINE} there: the run stopped before its baseline "
+                "was trained (finish it with scripts/train.py --resume)"
+            )
+        baseline, _ = pv.load_checkpoint(path)
     if not isinstance(baseline, pv.ConditionalBaseline):
         raise ValueError(f"{path}: not the CVAE's baseline")
     return baseline

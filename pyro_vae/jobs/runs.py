@@ -195,6 +195,10 @@ class Run:
     selection: dict[str, Any] | None = None
     """For a run read back with its best weights: which epoch they are of, and the validation
     metric that chose it (``best.pt``'s ``"selection"``); ``None`` for the last weights."""
+    companions: dict[str, nn.Module] = field(default_factory=dict)
+    """For a run read back with its best weights: the models of its job's other checkpoints
+    (the CVAE's ``baseline.pt``) by file name, as loaded and checked against the run, so that
+    what is used is what was checked, read once."""
 
     def scored_sets(self, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
         """The evaluation sets as the run scores them, by split (``"train"`` (the subset),
@@ -257,12 +261,13 @@ def read_run(
             "scored (have the data files changed?)"
         )
     selection = None
+    companions = {}
     if best:
         # The run's other checkpoints, checked against it: a copy from another run is refused
-        # (the CVAE's baseline.pt too, which evaluate.py reads).
+        # (the CVAE's baseline.pt too, which evaluate.py then uses as loaded here).
         for name in kinds[kind]:
             if name.endswith(".pt") and (directory / name).is_file():
-                load_companion(directory, name, payload, args)
+                companions[name], _ = load_companion(directory, name, payload, args)
         if (directory / BEST).is_file():
             model, kept = load_companion(directory, BEST, payload, args)
             selection = kept.get("selection")
@@ -280,6 +285,7 @@ def read_run(
         x_val=None if x_val is None else x_val.to(dtype),
         validation_indices=held_out,
         selection=selection,
+        companions=companions,
     )
 
 

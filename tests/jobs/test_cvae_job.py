@@ -98,6 +98,25 @@ def test_the_test_scores_are_those_of_the_runs_own_missing_pixels(cvae_run):
     assert final["num_iw_particles"] == 10
 
 
+def test_the_baseline_checked_when_the_run_is_read_is_the_one_used_and_read_once(
+    cvae_run, monkeypatch
+):
+    """load_run checks baseline.pt against the run; evaluate.py's load_baseline then uses
+    that very model, not a second read of the file (which could have changed meanwhile)."""
+    reads: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return pv.checkpoint.load_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(pv.jobs.runs, "load_checkpoint", counting)
+    monkeypatch.setattr(pv, "load_checkpoint", counting)
+    run = pv.jobs.load_run(cvae_run)
+    baseline = cvae_job.load_baseline(run)
+    assert baseline is run.companions["baseline.pt"]
+    assert reads.count("baseline.pt") == 1, reads
+
+
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(cvae_run, tmp_path, capsys):
     out = tmp_path / "resumed"
     argv = [*TINY, "--given-quadrants", "1", "--num-iw-particles", "10", "--out-dir", str(out)]
