@@ -12,7 +12,7 @@ with log p(x) the importance-weighted bound of :func:`~pyro_vae.infer.estimators
 at K draws from q* (its proposal is q*, which fits each example at least as well as the
 encoder). Both gaps are ≥ 0 in expectation, up to the optimizer's convergence; the IW bound is
 below log p(x) by a bias that shrinks with K, so the approximation gap is, if anything,
-understated.
+understated (by 0.01–0.05 nats at K = 1000 on Fashion-MNIST and MNIST VAEs: docs/design.md).
 
 The maths is Pyro's: q* is a guide of ``pyro.param``s (one set per example, in the model's data
 plate, so the examples are fitted independently and all at once), fitted by ``SVI`` with
