@@ -182,8 +182,15 @@ def load_checkpoint(
         it should not, or does not fit the model its config describes; the message names
         the file and says which.
     """
+    return checkpoint_from_bytes(files.read_regular_file(path), path, map_location)
+
+
+def checkpoint_from_bytes(
+    data: bytes, path: str | os.PathLike, map_location: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_checkpoint` of the bytes ``data`` already read from ``path`` (which the
+    errors name): a caller that also hashes them knows its digest is of what it loaded."""
     device = check_device(map_location)
-    data = files.read_regular_file(path)
     try:
         files.check_archive(data)
         payload = files.unpickle(data, device)

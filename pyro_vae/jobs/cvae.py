@@ -55,7 +55,7 @@ from pyro_vae.jobs.runs import (
     default_num_particles,
     elbo_line,
     explain_on,
-    file_digest,
+    load_companion,
     make_loss,
     per_class,
     provenance,
@@ -409,8 +409,8 @@ SPREAD_SAMPLES, SPREAD_CHUNK = 100, 100
 
 def load_baseline(run: Run) -> pv.ConditionalBaseline:
     """The run's baseline (``baseline.pt``): as :func:`~pyro_vae.jobs.load_run` loaded and
-    checked it, or read now for a run read without its companions; a ValueError saying why
-    there is none."""
+    checked it, or, for a run read without its companions, loaded and checked against the
+    run now (its digest kept in ``run.digests``); a ValueError saying why there is none."""
     path = run.directory / BASELINE
     baseline = run.companions.get(BASELINE)
     if baseline is None:
@@ -419,7 +419,8 @@ def load_baseline(run: Run) -> pv.ConditionalBaseline:
                 f"{run.directory}: no {BASELINE} there: the run stopped before its baseline "
                 "was trained (finish it with scripts/train.py --resume)"
             )
-        baseline, _ = pv.load_checkpoint(path)
+        baseline, _, read = load_companion(run.directory, BASELINE, run.checkpoint, run.args)
+        run.digests.update(read)
     if not isinstance(baseline, pv.ConditionalBaseline):
         raise ValueError(f"{path}: not the CVAE's baseline")
     return baseline
@@ -450,7 +451,7 @@ def evaluate(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     stage = cli.stage_printer()
     result = provenance(run, describe(run.config), args.seed)
     result.update(
-        baseline_sha256=file_digest(run.directory / BASELINE),
+        baseline_sha256=run.file_sha256(BASELINE),
         given_quadrants=run.args["given_quadrants"],
         num_examples=len(x),
         num_missing_pixels=x.shape[1],

@@ -22,8 +22,9 @@ import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor, nn
 
+from pyro_vae._checkpoint_files import read_regular_file
 from pyro_vae.array_dataset import ArrayDataset
-from pyro_vae.checkpoint import built_on_meta, load_checkpoint
+from pyro_vae.checkpoint import built_on_meta, checkpoint_from_bytes
 from pyro_vae.data import DataSplits, binarize, load_dataset, validation_indices
 from pyro_vae.explain import explain
 from pyro_vae.jobs.run_directory import BEST, checkpoint_path
@@ -198,7 +199,17 @@ class Run:
     companions: dict[str, nn.Module] = field(default_factory=dict)
     """For a run read back with its best weights: the models of its job's other checkpoints
     (the CVAE's ``baseline.pt``) by file name, as loaded and checked against the run, so that
-    what is used is what was checked, read once."""
+    what is used is what was checked, loaded once."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """The SHA-256 of each checkpoint file the run was read from (``checkpoint.pt``,
+    ``best.pt``, the companions), by file name: of the very bytes that were loaded."""
+
+    def file_sha256(self, name: str) -> str:
+        """The SHA-256 of the run's file ``name``: of the bytes loaded when the run was read,
+        so that a report's digest is of the weights it used, even if the file changed since;
+        of the file as it is now for a file the run was read without."""
+        known = self.digests.get(name)
+        return known if known is not None else file_digest(self.directory / name)
 
     def scored_sets(self, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
         """The evaluation sets as the run scores them, by split (``"train"`` (the subset),
@@ -231,7 +242,7 @@ def read_run(
     """
     directory = Path(directory)
     path = checkpoint_path(directory)
-    model, payload = load_checkpoint(path)
+    model, payload, digests = read_checkpoint(path)
     kind = str(payload["config"].get("model", "vae"))
     if kind not in kinds:
         raise ValueError(f"{path}: a {kind} model, not a run of scripts/train.py")
@@ -267,9 +278,11 @@ def read_run(
         # (the CVAE's baseline.pt too, which evaluate.py then uses as loaded here).
         for name in kinds[kind]:
             if name.endswith(".pt") and (directory / name).is_file():
-                companions[name], _ = load_companion(directory, name, payload, args)
+                companions[name], _, read = load_companion(directory, name, payload, args)
+                digests.update(read)
         if (directory / BEST).is_file():
-            model, kept = load_companion(directory, BEST, payload, args)
+            model, kept, read = load_companion(directory, BEST, payload, args)
+            digests.update(read)
             selection = kept.get("selection")
     dtype = next(model.parameters()).dtype
     return Run(
@@ -286,18 +299,28 @@ def read_run(
         validation_indices=held_out,
         selection=selection,
         companions=companions,
+        digests=digests,
     )
+
+
+def read_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
+    """:func:`~pyro_vae.load_checkpoint` of ``path``, with ``{file name: SHA-256}`` of the
+    very bytes it loaded (one read: no other version of the file can slip in between)."""
+    data = read_regular_file(path)
+    model, payload = checkpoint_from_bytes(data, path)
+    return model, payload, {path.name: hashlib.sha256(data).hexdigest()}
 
 
 def load_companion(
     directory: Path, name: str, payload: dict[str, Any], args: dict[str, Any]
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
     """The checkpoint ``name`` beside the run's ``checkpoint.pt`` in ``directory``
     (``best.pt``, the CVAE's ``baseline.pt``), loaded and checked against the run (its
-    checkpoint ``payload`` and arguments ``args``): one from another run is refused.
+    checkpoint ``payload`` and arguments ``args``): one from another run is refused. With
+    the model and its checkpoint, ``{name: SHA-256}`` of the bytes loaded.
 
     :raises ValueError: naming the file and what does not match."""
-    model, kept = load_checkpoint(directory / name)
+    model, kept, digests = read_checkpoint(directory / name)
     ignored = [flag.removeprefix("--").replace("-", "_") for flag in RESUME_OVERRIDES]
     check_companion_payload(
         kept,
@@ -307,7 +330,7 @@ def load_companion(
         ignored=[*ignored, "out_dir"],
         defaults=FLAGS_ADDED_SINCE,
     )
-    return model, kept
+    return model, kept, digests
 
 
 def run_arguments(args: Any) -> dict[str, Any]:
@@ -489,7 +512,7 @@ def provenance(run: Run, model: str, seed: int) -> dict[str, Any]:
         "run": str(run.directory),
         "dataset": run.args["dataset"],
         "weights": weights.name,
-        "checkpoint_sha256": file_digest(weights),
+        "checkpoint_sha256": run.file_sha256(weights.name),
         "test_set_sha256": run.checkpoint["evaluation_digest"],
         "epoch": epoch,
         "step": step,

@@ -104,13 +104,14 @@ def test_the_baseline_checked_when_the_run_is_read_is_the_one_used_and_read_once
     """load_run checks baseline.pt against the run; evaluate.py's load_baseline then uses
     that very model, not a second read of the file (which could have changed meanwhile)."""
     reads: list[str] = []
+    read = pv.jobs.runs.read_regular_file
 
-    def counting(path, *args, **kwargs):
+    def counting(path):
         reads.append(Path(path).name)
-        return pv.checkpoint.load_checkpoint(path, *args, **kwargs)
+        return read(path)
 
-    monkeypatch.setattr(pv.jobs.runs, "load_checkpoint", counting)
-    monkeypatch.setattr(pv, "load_checkpoint", counting)
+    monkeypatch.setattr(pv.jobs.runs, "read_regular_file", counting)
+    monkeypatch.setattr(pv.checkpoint.files, "read_regular_file", counting)  # load_checkpoint
     run = pv.jobs.load_run(cvae_run)
     baseline = cvae_job.load_baseline(run)
     assert baseline is run.companions["baseline.pt"]

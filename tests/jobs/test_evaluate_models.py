@@ -14,6 +14,7 @@ import torch
 from scripts_in_process import call, load_script
 
 import pyro_vae as pv
+from pyro_vae.jobs import cvae as cvae_job
 from pyro_vae.jobs import load_run
 from pyro_vae.models.cvae import ConditionalBaseline
 from pyro_vae.models.cvae_estimators import conditional_log_likelihood, sample_spread
@@ -133,6 +134,32 @@ def test_load_run_gives_back_the_cvae_run(cvae_run):
     run = load_run(cvae_run)
     assert run.kind == "cvae" and run.config["model"] == "cvae"
     assert run.checkpoint["evaluation_digest"] == pv.jobs.runs.digest(run.x_test)
+
+
+def test_the_digests_reported_are_of_the_bytes_loaded_not_a_second_read(
+    cvae_run, capsys, monkeypatch
+):
+    """evaluation.json's checkpoint_sha256 and baseline_sha256 hash the very bytes the run's
+    weights were loaded from when it was read: no file is read again to hash it (a file
+    changed in between would otherwise be named for weights it did not give)."""
+    files = {name: (cvae_run / name).read_bytes() for name in ("best.pt", "baseline.pt")}
+
+    def read_again(path):
+        raise AssertionError(f"{path} was read a second time to hash it")
+
+    monkeypatch.setattr(pv.jobs.runs, "file_digest", read_again)
+    result = evaluate(cvae_run, "--num-iw-particles", "2", "--max-examples", "5", capsys=capsys)
+    assert result["checkpoint_sha256"] == hashlib.sha256(files["best.pt"]).hexdigest()
+    assert result["baseline_sha256"] == hashlib.sha256(files["baseline.pt"]).hexdigest()
+
+
+def test_a_run_read_without_its_companions_still_checks_and_hashes_its_baseline(cvae_run):
+    run = load_run(cvae_run, best=False)
+    assert run.companions == {} and "baseline.pt" not in run.digests
+    baseline = cvae_job.load_baseline(run)
+    assert isinstance(baseline, ConditionalBaseline)
+    sha = hashlib.sha256((cvae_run / "baseline.pt").read_bytes()).hexdigest()
+    assert run.file_sha256("baseline.pt") == run.digests["baseline.pt"] == sha
 
 
 def test_evaluate_cvae_reports_both_likelihoods_and_the_spread(cvae_run, capsys):
