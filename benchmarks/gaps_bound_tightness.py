@@ -37,6 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = load_run(args.run)
+    if run.kind != "vae":
+        parser.error(f"{args.run} is a {run.kind} run; this script reads VAE runs")
     model: Any = run.model  # a VAE (M2 and the CVAE need the explain report's views)
     x = run.x_test[-args.num_inputs :].float()
     pyro.set_rng_seed(0)

@@ -12,7 +12,7 @@ with log p(x) the importance-weighted bound of :func:`~pyro_vae.infer.estimators
 at K draws from q* (its proposal is q*, which fits each example at least as well as the
 encoder). Both gaps are ≥ 0 in expectation, up to the optimizer's convergence; the IW bound is
 below log p(x) by a bias that shrinks with K, so the approximation gap is, if anything,
-understated (by 0.01–0.05 nats at K = 1000 on Fashion-MNIST and MNIST VAEs: docs/design.md).
+understated (by about 0.03 nats at K = 1000 on Fashion-MNIST and MNIST VAEs: docs/design.md).
 
 The maths is Pyro's: q* is a guide of ``pyro.param``s (one set per example, in the model's data
 plate, so the examples are fitted independently and all at once), fitted by ``SVI`` with
@@ -62,8 +62,8 @@ BETA2 = 0.95
 SVI_PARTICLES = {False: 2, True: 8}
 # Rows per forward pass (and examples per block) by default. Passes of about a thousand rows
 # keep a pass's activations and per-pixel log-probabilities within the cores' caches: on a
-# Fashion-MNIST VAE (784 pixels), 500 inputs took 15.1 s in passes of 4096 rows and 12.4 s in
-# passes of 1024 or 2048, the same estimates to the digit (benchmarks/README.md).
+# Fashion-MNIST VAE (784 pixels), 500 inputs took 14.8 s in passes of 4096 rows and 12.1-12.6 s
+# in passes of 1024, the same estimates to the digit (benchmarks/README.md).
 CHUNK_SIZE = 1024
 
 
