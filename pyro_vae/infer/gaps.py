@@ -36,11 +36,10 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from pyro_vae._checks import check_positive_float, check_positive_int
 from pyro_vae._distributions import describe, is_diagonal_normal
-from pyro_vae.infer.estimators import VAELike, elbo, log_likelihood
+from pyro_vae.infer.estimators import VAELike, elbo, log_likelihood, progress_bar
 from pyro_vae.infer.local_gaussian import FixedWeights, LocalGaussian
 
 # Each call's local parameters get names of their own in Pyro's param store (and leave it when
@@ -299,6 +298,10 @@ def inference_gaps(
 
     Work goes in blocks of at most ``chunk_size`` examples, each fitted on its own, and passes
     of at most about ``chunk_size`` rows; ``x`` must be in the likelihood's support.
+
+    ``progress``: bars over the SVI steps and the bound's passes (``None``: only on a
+    terminal); where no bar shows, a line at least every 10 s goes to the logger
+    ``pyro_vae.progress``, as for :func:`~pyro_vae.infer.estimators.log_likelihood`.
     """
     vae.validate_data(x)
     check_positive_int("num_steps", num_steps)
@@ -413,11 +416,7 @@ def _fit_block(
         # Validation off, as in training's steps: x was validated once, and q*'s parameters
         # are checked below.
         with torch.enable_grad(), _frozen(vae), _unit_beta(vae), pyro.validation_enabled(False):
-            for step in tqdm(
-                range(num_steps),
-                desc="q* by SVI",
-                disable=None if settings.progress is None else not settings.progress,
-            ):
+            for step in progress_bar(range(num_steps), "q* by SVI", num_steps, settings.progress):
                 svi.step(rows)
                 optimizer.step()
                 if half - window <= step < half:
@@ -442,7 +441,9 @@ def _fit_block(
         before, _ = _elbo_draws(previous, x, num_particles, chunk_size, seed)
         optimized = FixedWeights(vae, LocalGaussian(x, lambda: final, full, names))
         after = _elbo_draws(optimized, x, num_particles, chunk_size, seed)
-        bound = log_likelihood(optimized, x, settings.iw_particles, chunk_size, progress=False)
+        bound = log_likelihood(
+            optimized, x, settings.iw_particles, chunk_size, progress=settings.progress
+        )
     return {
         "encoder_elbo": encoder[0],
         "optimized_elbo": after[0],

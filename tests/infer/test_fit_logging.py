@@ -21,6 +21,7 @@ from conftest import binary_data
 import pyro_vae as pv
 from pyro_vae.infer import estimators
 from pyro_vae.infer import fit as fit_module
+from pyro_vae.infer.gaps import inference_gaps
 from pyro_vae.jobs import cli
 
 
@@ -167,3 +168,24 @@ def test_every_progress_bar_is_tqdm_auto_so_that_it_renders_in_a_notebook():
                 ]
     assert not plain
     assert fit_module.tqdm is tqdm.auto.tqdm
+
+
+def test_the_inference_gaps_without_a_bar_say_where_they_are_at_least_every_10_seconds(
+    caplog, monkeypatch
+):
+    """Both long parts of inference_gaps, the SVI steps and the bound's passes, log a line at
+    least every 10 s where no bar shows (each read of the clock 3 s after the last)."""
+    clock = FakeClock(3.0)
+    monkeypatch.setattr(estimators, "_clock", clock)
+    caplog.set_level(logging.INFO, logger="pyro_vae.progress")
+    vae = pv.VAE(12, 2, hidden_dims=(8,))
+    x = binary_data(20, 12)
+    inference_gaps(vae, x, num_steps=40, num_particles=2, iw_particles=40, chunk_size=20,
+                   progress=False)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyro_vae.progress"]
+    for prefix, total in (("q* by SVI: ", 40), ("log p(x): ", 40)):
+        mine = [line for line in lines if line.startswith(prefix)]
+        done = [int(re.match(rf"{re.escape(prefix)}(\d+) of {total} ", line)[1]) for line in mine]
+        # A pass every 3 s: no more than 3 passes between two lines, from the first to the last.
+        steps = [0, *done, total]
+        assert mine and max(b - a for a, b in itertools.pairwise(steps)) <= 4, (prefix, lines)
