@@ -38,6 +38,16 @@ def test_a_long_run_pays_back_the_compile():
     assert not compiled.compile_pays(0.011, 20 * 391, 120.0)[0]
 
 
+def test_a_saving_within_the_estimates_errors_does_not_compile():
+    # The idle Fashion-MNIST run: 7820 steps at 6.2 ms would save about 14.5 s against a 12 s
+    # cold compile; compiling on that ended 10% slower than eager (COMPILE_MARGIN).
+    pays, why = compiled.compile_pays(0.0062, 7820, 12.0)
+    assert not pays
+    assert why == "7820 steps at 6.2 ms would save about 15s, not 30% more than 12s to compile"
+    # 17 s against 12 (busy neighbours, where the compile paid): compiles.
+    assert compiled.compile_pays(0.0072, 7820, 12.0)[0]
+
+
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
     """The user's cache directory in tmp_path, no TORCHINDUCTOR_CACHE_DIR set (the test
