@@ -182,6 +182,7 @@ def load_checkpoint(
         it should not, or does not fit the model its config describes; the message names
         the file and says which.
     """
+    check_device(map_location)  # a device this machine lacks is refused before any read
     return checkpoint_from_bytes(files.read_regular_file(path), path, map_location)
 
 

@@ -609,3 +609,10 @@ def test_save_builds_the_configs_model_on_meta_when_it_can_and_draws_no_random_n
     loaded, _ = pv.load_checkpoint(tmp_path / "c.pt")
     for name, value in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="a machine with a cuda:7")
+def test_a_device_this_machine_lacks_is_refused_before_the_file_is_read(tmp_path):
+    # The device is the first thing wrong, whether or not the file is there.
+    with pytest.raises(ValueError, match="cuda:7"):
+        pv.load_checkpoint(tmp_path / "missing.pt", map_location="cuda:7")

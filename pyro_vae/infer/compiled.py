@@ -56,8 +56,10 @@ When compiling pays
 Compiling costs seconds up front (about 12 s cold for a 784-400-50 VAE at B = 128 on an idle
 CPU, 1.0-1.6 s with Inductor's on-disk cache warm; over 100 s on a busy machine) and saves
 about 30% of each eager step afterwards (benchmarks/README.md, "The compiled step").
-:func:`compile_pays` weighs the two for the steps a run has left, from the eager step's time
-measured on the run's own first steps and a compile time from :func:`compile_estimate`: a
+:func:`compile_pays` weighs the two for the steps a run has left, and compiles only when the
+saving is more than :data:`COMPILE_MARGIN` times the compile (both are estimates, and err by a
+third and more), from the eager step's time measured on the run's own first steps and a
+compile time from :func:`compile_estimate`: a
 compile of the same shapes this user made before (:func:`record_compile_times` notes each
 compile's seconds under a key, in ``~/.cache/pyro_vae/compile_seconds.json``), else the known
 cold figure scaled by the machine's load. Inductor's cache is kept in the user's cache
@@ -210,16 +212,27 @@ def compile_pays(
     """Whether compiling pays back its ``compile_seconds`` over ``remaining_steps`` steps
     that take ``eager_step_seconds`` eager and ``ratio`` of that compiled, with ``margin`` to
     spare (:data:`COMPILE_MARGIN`); and why, in words."""
+    if margin < 1:
+        raise ValueError(f"compile_pays: margin must be at least 1, got {margin}")
     saving = remaining_steps * eager_step_seconds * (1 - ratio)
     pays = saving > margin * compile_seconds
-    if pays or saving <= compile_seconds:
-        than = f"{'more' if pays else 'less'} than {compile_seconds:.0f}s to compile"
+    cost = _seconds(compile_seconds)
+    if pays:
+        than = f"more than {margin:g} × the {cost} to compile"
+    elif saving <= compile_seconds:
+        than = f"less than the {cost} to compile"
     else:  # more than the compile's estimate, but within the estimates' errors
-        than = f"not {100 * (margin - 1):.0f}% more than {compile_seconds:.0f}s to compile"
+        than = f"more than the {cost} to compile, but not {margin:g} times as much"
     return pays, (
         f"{remaining_steps} steps at {1e3 * eager_step_seconds:.1f} ms would save about "
-        f"{saving:.0f}s, {than}"
+        f"{_seconds(saving)}, {than}"
     )
+
+
+def _seconds(value: float) -> str:
+    """Seconds as the first line says them: whole from 10 s up, else to a tenth (a warm
+    compile's 1.5 s is not shown as 2)."""
+    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
 
 
 _record: dict[str, Any] = {"key": None, "seconds": 0.0, "warm": False}

@@ -162,6 +162,16 @@ def test_a_run_read_without_its_companions_still_checks_and_hashes_its_baseline(
     assert run.file_sha256("baseline.pt") == run.digests["baseline.pt"] == sha
 
 
+def test_a_best_pt_without_its_selection_is_refused(cvae_run, tmp_path):
+    """Another checkpoint of the run copied over best.pt (the baseline's: of the same run and
+    arguments) would be taken for the kept epoch's weights and reported as checkpoint.pt."""
+    copy = tmp_path / "run"
+    shutil.copytree(cvae_run, copy)
+    shutil.copy(copy / "baseline.pt", copy / "best.pt")
+    with pytest.raises(ValueError, match=r"best\.pt: holds no selection"):
+        load_run(copy)
+
+
 def test_evaluate_cvae_reports_both_likelihoods_and_the_spread(cvae_run, capsys):
     k = 20
     result = evaluate(cvae_run, "--num-iw-particles", str(k), "--seed", "7", capsys=capsys)
