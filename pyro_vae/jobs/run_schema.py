@@ -429,6 +429,7 @@ def check_companion_payload(
     *,
     ignored: Iterable[str],
     defaults: dict[str, Any],
+    selected: bool = False,
 ) -> None:
     """Refuse, with one ``ValueError`` naming ``path`` and the mismatch, a checkpoint written
     beside a run's ``checkpoint.pt`` (``best.pt``, the CVAE's ``baseline.pt``: ``payload``,
@@ -440,7 +441,14 @@ def check_companion_payload(
     ``best.pt`` of another config or of an epoch whose metric the run's rows do not hold.
 
     A ``best.pt`` written before it recorded the run's arguments is checked by its selection
-    alone."""
+    alone. ``selected``: the file must hold a selection (``best.pt``, whose weights are taken
+    for the kept epoch's: another checkpoint of the run copied over it would pass the rest).
+    """
+    if selected and "selection" not in payload:
+        raise ValueError(
+            f"{path}: holds no selection (which epoch it is, chosen how): not a {path.name} "
+            "that scripts/train.py wrote"
+        )
     try:
         _check_companion(payload, run, run_args, set(ignored), defaults)
     except ValueError as error:

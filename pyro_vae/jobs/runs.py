@@ -321,12 +321,6 @@ def load_companion(
 
     :raises ValueError: naming the file and what does not match."""
     model, kept, digests = read_checkpoint(directory / name)
-    if name == BEST and "selection" not in kept:
-        # Its weights would be used as the kept epoch's, and reports would name the wrong file.
-        raise ValueError(
-            f"{directory / name}: holds no selection (which epoch it is, chosen how): not a "
-            f"{BEST} that scripts/train.py wrote"
-        )
     ignored = [flag.removeprefix("--").replace("-", "_") for flag in RESUME_OVERRIDES]
     check_companion_payload(
         kept,
@@ -335,6 +329,7 @@ def load_companion(
         args,
         ignored=[*ignored, "out_dir"],
         defaults=FLAGS_ADDED_SINCE,
+        selected=name == BEST,
     )
     return model, kept, digests
 
